@@ -1,0 +1,52 @@
+# fer-service: `make serve` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FER2013_DIR ?= ../shared/datasets/fer2013
+export FER2013_DIR
+
+.PHONY: install serve test lint format train evaluate plots bench docker clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The stamp re-runs the install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(BIN)/python -m app
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check models training app tests benchmarks
+	$(BIN)/ruff format --check models training app tests benchmarks
+	$(BIN)/mypy
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format models training app tests benchmarks
+	$(BIN)/ruff check --fix models training app tests benchmarks
+
+train: $(VENV)/.installed
+	$(BIN)/python -m training.train --recipe default --run-dir runs/default --output models/checkpoint.pth
+
+evaluate: $(VENV)/.installed
+	$(BIN)/python -m training.evaluate --checkpoint models/checkpoint.pth --json docs/val-metrics.json
+
+plots: $(VENV)/.installed
+	$(BIN)/python -m training.plots --checkpoint models/checkpoint.pth --metrics docs/val-metrics.json --out-dir docs/images
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.infer
+
+docker:
+	docker build -t fer-service .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

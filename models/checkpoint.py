@@ -1,0 +1,185 @@
+"""The checkpoint format: one plain dict, saved with `torch.save`, read with `weights_only=True`.
+
+Keys (format_version 1):
+    format_version  int, this module's FORMAT_VERSION
+    architecture    str, a key of `models.network.ARCHITECTURES`
+    state_dict      the unwrapped module's tensors
+    classes         list[str], class names in logit order
+    preprocessing   `PreprocessingSpec` as a dict (size, grayscale, mean, std, interpolation)
+    metrics         dict measured by `training.evaluate` on the val split ({} until evaluated)
+    training        dict: recipe, the TrainConfig, the epoch chosen, the per-epoch history
+    created_at      ISO-8601 UTC time of saving
+    torch_version   the torch that wrote it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.errors import CheckpointError
+from models.network import ARCHITECTURES, build_network
+from models.preprocessing import PreprocessingSpec
+
+FORMAT_VERSION = 1
+CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+REQUIRED_KEYS = ("format_version", "architecture", "state_dict", "classes", "preprocessing", "metrics", "training")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the network in eval mode and everything needed to use it."""
+
+    path: Path
+    network: nn.Module
+    architecture: str
+    classes: tuple[str, ...]
+    preprocessing: PreprocessingSpec
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    sha256: str = ""
+
+    @property
+    def version(self) -> str:
+        """A short, stable model version: the architecture and the first 12 hex digits of the file hash."""
+        return f"{self.architecture}-{self.sha256[:12]}"
+
+
+def save_checkpoint(
+    path: Path,
+    network: nn.Module,
+    *,
+    classes: tuple[str, ...] | list[str] = CLASSES,
+    preprocessing: PreprocessingSpec | None = None,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically (temp file, then `os.replace`), so a crash never leaves half a file."""
+    module = getattr(network, "_orig_mod", network)  # unwrap torch.compile
+    architecture = type(module).__name__
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"cannot save {architecture}: it is not a known architecture")
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "state_dict": {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()},
+        "classes": list(classes),
+        "preprocessing": (preprocessing or PreprocessingSpec()).to_dict(),
+        "metrics": metrics or {},
+        "training": training or {},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+    }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload: Any, path: Path) -> None:
+    """`torch.save` to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint_dict(path: Path) -> dict[str, Any]:
+    """Read and validate a checkpoint's raw dict (no network built).
+
+    Raises:
+        CheckpointError: missing, unreadable, not a checkpoint, or an unsupported version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = _one_line_reason(exc)
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable weights-only torch file ({reason[:200]})"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(payload).__name__}, not a checkpoint dict")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: not a fer-service checkpoint (missing keys: {', '.join(missing)})")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format_version {payload['format_version']!r}, this code reads {FORMAT_VERSION}"
+        )
+    return payload  # type: ignore[no-any-return]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint with `weights_only=True` and build its network in eval mode.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    payload = read_checkpoint_dict(path)
+    architecture = payload["architecture"]
+    if architecture not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise CheckpointError(f"checkpoint {path}: unknown architecture {architecture!r} (this code knows {known})")
+    classes = tuple(payload["classes"])
+    if not classes or not all(isinstance(name, str) for name in classes) or len(set(classes)) != len(classes):
+        raise CheckpointError(f"checkpoint {path}: classes must be distinct names, got {list(classes)!r}")
+    try:
+        preprocessing = PreprocessingSpec.from_dict(dict(payload["preprocessing"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad preprocessing entry ({exc})") from None
+    network = build_network(architecture, num_classes=len(classes))
+    try:
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).replace("\n", " ").replace("\t", "")
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit {architecture} with {len(classes)} classes ({first[:300]})"
+        ) from None
+    network.eval()
+    return Checkpoint(
+        path=path,
+        network=network,
+        architecture=architecture,
+        classes=classes,
+        preprocessing=preprocessing,
+        metrics=dict(payload["metrics"]),
+        training=dict(payload["training"]),
+        created_at=str(payload.get("created_at", "")),
+        sha256=file_sha256(path),
+    )
+
+
+def _one_line_reason(exc: BaseException) -> str:
+    """The informative line of a `torch.load` failure (its first lines are generic advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,39 @@
+"""Domain errors raised by the inference core.
+
+The tree::
+
+    FerError
+    ├── InvalidImageError       the bytes are not a decodable image (empty, truncated, junk)
+    ├── UnsupportedImageError   a real file, but not an image type we accept (SVG, PDF, animated)
+    ├── ImageTooLargeError      over the byte or pixel limit (decompression bombs included)
+    ├── NoFaceError             a face was required and none was found
+    └── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
+
+Each message says what was wrong and what the caller can do about it.
+"""
+
+from __future__ import annotations
+
+
+class FerError(Exception):
+    """Base class of every error the inference core raises on purpose."""
+
+
+class InvalidImageError(FerError):
+    """The data could not be decoded as an image."""
+
+
+class UnsupportedImageError(FerError):
+    """The data is a file of a type or shape the service does not accept."""
+
+
+class ImageTooLargeError(FerError):
+    """The image exceeds the configured byte or pixel limit."""
+
+
+class NoFaceError(FerError):
+    """A face was required and the detector found none."""
+
+
+class CheckpointError(FerError):
+    """A checkpoint file is missing, unreadable or does not match the code."""

@@ -1,0 +1,104 @@
+"""The predictor: a loaded checkpoint that turns faces into class probabilities.
+
+`training.evaluate` measures through `predict_tensors` and the service answers through it, with
+the same precision and the same test-time augmentation, so `/metrics` describes what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.preprocessing import preprocess
+from models.runtime import autocast, resolve_bf16
+
+logger = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One face's answer: the probabilities in checkpoint class order, and their argmax."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class Predictor:
+    """Holds the network in eval mode, on the CPU, and predicts batches of faces."""
+
+    def __init__(self, checkpoint: Checkpoint, *, precision: str = "auto", tta: str | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.device = torch.device("cpu")
+        self.use_bf16 = resolve_bf16(precision, self.device)
+        # The checkpoint says which TTA its stored metrics were measured with; serve the same.
+        self.tta = tta if tta is not None else str(checkpoint.metrics.get("tta", "none"))
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
+        # channels_last: bf16 convolutions in oneDNN run about 2× faster in NHWC (benchmarks/infer.py).
+        self.network = checkpoint.network.to(self.device, memory_format=torch.channels_last).eval()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, *, precision: str = "auto", tta: str | None = None) -> Predictor:
+        """Load a checkpoint (weights only) and build its predictor; raises `CheckpointError`."""
+        return cls(load_checkpoint(path), precision=precision, tta=tta)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in logit order."""
+        return self.checkpoint.classes
+
+    @property
+    def precision(self) -> str:
+        """"bf16" or "fp32": what the forward pass actually runs in."""
+        return "bf16" if self.use_bf16 else "fp32"
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> None:
+        """Run a few forward passes so oneDNN builds its kernels before the first request."""
+        size = self.checkpoint.preprocessing.size
+        for batch_size in batch_sizes:
+            self.predict_tensors(torch.zeros(batch_size, 1, size, size))
+
+    def predict_tensors(self, inputs: torch.Tensor) -> np.ndarray:
+        """Normalised faces (N, 1, 48, 48) float32 → probabilities (N, classes) float64."""
+        inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.inference_mode(), autocast(self.device, self.use_bf16):
+            logits = self.network(inputs).float()
+            probabilities = torch.softmax(logits, dim=1)
+            if self.tta == "flip":
+                flipped = self.network(inputs.flip(-1)).float()
+                probabilities = (probabilities + torch.softmax(flipped, dim=1)) / 2
+        result = probabilities.double().numpy()
+        return result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip
+
+    def to_predictions(self, probabilities: np.ndarray) -> list[Prediction]:
+        """Rows of probabilities → `Prediction`s."""
+        predictions = []
+        for row in probabilities:
+            best = int(row.argmax())
+            predictions.append(
+                Prediction(
+                    label=self.classes[best],
+                    confidence=float(row[best]),
+                    probabilities={name: float(p) for name, p in zip(self.classes, row, strict=True)},
+                )
+            )
+        return predictions
+
+    def predict(self, faces: list[Image.Image]) -> list[Prediction]:
+        """Decoded face images (any mode, any size) → one `Prediction` each."""
+        if not faces:
+            return []
+        spec = self.checkpoint.preprocessing
+        batch = torch.stack([preprocess(face, spec) for face in faces])
+        return self.to_predictions(self.predict_tensors(batch))

@@ -1,0 +1,158 @@
+"""The one preprocessing path: image bytes or a PIL image → the normalised (1, 48, 48) tensor.
+
+Training caches `face_pixels` of every file, evaluation and serving call `preprocess`, and both
+end in `normalise`, so what is measured is what is served. The parameters travel in the
+checkpoint as a `PreprocessingSpec`, never as repeated constants.
+
+Steps: decode (with byte and pixel limits checked before the pixels are read) → EXIF
+orientation → 8-bit grayscale (ITU-R 601-2 luma; 16-bit samples keep their high byte;
+transparency is composited over white) → resize to 48×48 with Pillow's BILINEAR filter, which
+Pillow antialiases when shrinking → scale to [0, 1] → (x - mean) / std.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
+
+# Formats a camera, a browser or an image library writes for a photo; anything else is refused
+# before its pixels are read (Pillow would also open EPS, PSD, ICO and others we never test).
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+
+RESAMPLING_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessingSpec:
+    """How a face becomes model input; saved in and read from every checkpoint."""
+
+    size: int = 48
+    grayscale: bool = True
+    mean: float = 0.5
+    std: float = 0.5
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessingSpec:
+        """Rebuild from a checkpoint's `preprocessing` dict, rejecting unknown filters."""
+        spec = cls(**data)
+        if spec.interpolation not in RESAMPLING_FILTERS:
+            raise ValueError(f"unknown interpolation {spec.interpolation!r}")
+        return spec
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes into a loaded, upright PIL image.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a tiny file
+    that claims 60000×60000 costs nothing. Animated images give their first frame.
+
+    Raises:
+        InvalidImageError: empty, truncated or not an image at all.
+        UnsupportedImageError: an image format we do not accept.
+        ImageTooLargeError: more than `max_pixels` pixels.
+    """
+    if not data:
+        raise InvalidImageError("the upload is empty: send a JPEG, PNG, GIF, WebP, BMP or TIFF image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            "the data is not a recognisable image: send a JPEG, PNG, GIF, WebP, BMP or TIFF file"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}") from None
+    except Exception as exc:  # Pillow's plugins raise many types for malformed headers
+        raise InvalidImageError(f"the image header could not be read ({exc}): the file is damaged") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise UnsupportedImageError(
+            f"{image.format} images are not accepted: send a JPEG, PNG, GIF, WebP, BMP or TIFF image"
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"the image claims a size of {width}×{height} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}: downscale it before sending"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}") from None
+    except Exception as exc:  # truncated data surfaces as OSError, SyntaxError, ValueError …
+        raise InvalidImageError(f"the image data is truncated or corrupt ({exc})") from None
+    return image
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit grayscale ("L")."""
+    if image.mode == "L":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples: keep the high byte, so v·257 (the lossless 8→16-bit widening) maps back to v.
+        array = np.asarray(image, dtype=np.int64)
+        array = (array >> 8) if image.mode.startswith("I;16") or array.max(initial=0) > 255 else array
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "1":
+        return image.convert("L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    if image.mode not in ("RGB", "P"):
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+    return image.convert("L")
+
+
+def face_pixels(image: Image.Image, spec: PreprocessingSpec) -> np.ndarray:
+    """Grayscale and resize a face: → (size, size) uint8 array, before normalisation."""
+    gray = to_grayscale(image)
+    if gray.size != (spec.size, spec.size):
+        gray = gray.resize((spec.size, spec.size), RESAMPLING_FILTERS[spec.interpolation])
+    return np.asarray(gray, dtype=np.uint8).copy()
+
+
+def normalise(pixels: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
+    """uint8 pixels of any shape → float32 (x/255 - mean) / std."""
+    return (pixels.to(torch.float32) / 255.0 - spec.mean) / spec.std
+
+
+def preprocess(image: Image.Image, spec: PreprocessingSpec) -> torch.Tensor:
+    """A decoded face → the normalised model input, (1, size, size) float32."""
+    return normalise(torch.from_numpy(face_pixels(image, spec)), spec).unsqueeze(0)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessingSpec, max_pixels: int | None = None) -> torch.Tensor:
+    """Image bytes → the normalised model input, (1, size, size) float32; see `decode_image`."""
+    return preprocess(decode_image(data, max_pixels=max_pixels), spec)

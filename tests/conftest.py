@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny generated dataset, a tiny trained checkpoint, the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.checkpoint import CLASSES
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CHECKPOINT = ROOT / "models" / "checkpoint.pth"
+
+
+def make_face(seed: int, size: int = 48) -> Image.Image:
+    """A deterministic grayscale 'face': a bright ellipse with dark eyes and a mouth, plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    face = 60 + 140 * (((xx - 0.5) / 0.35) ** 2 + ((yy - 0.5) / 0.45) ** 2 < 1)
+    for cx in (0.35, 0.65):
+        face = np.where(((xx - cx) ** 2 + (yy - 0.4) ** 2) < 0.004, 30, face)
+    mouth_y = 0.7 + 0.05 * rng.uniform(-1, 1)
+    face = np.where((abs(yy - mouth_y) < 0.03) & (abs(xx - 0.5) < 0.15 + 0.1 * rng.uniform()), 40, face)
+    face = face + rng.normal(0, 12, face.shape)
+    return Image.fromarray(np.clip(face, 0, 255).astype(np.uint8), mode="L")
+
+
+def write_dataset(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """A folder layout root/<class>/<n>.png with the given number of generated faces per class."""
+    for index, name in enumerate(sorted(per_class)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class[name]):
+            make_face(seed * 1000 + index * 100 + n).save(folder / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and val/ with a few generated faces in each of the seven classes."""
+    root = tmp_path_factory.mktemp("fer-tiny")
+    write_dataset(root / "train", {name: 20 for name in CLASSES}, seed=1)
+    write_dataset(root / "val", {name: 4 for name in CLASSES}, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fer2013_dir() -> Path:
+    """The real FER2013 folder from $FER2013_DIR; skips the test when it is not there."""
+    value = os.environ.get("FER2013_DIR")
+    if not value:
+        pytest.skip("FER2013_DIR is not set: the full-val checks need the real dataset")
+    path = Path(value)
+    if not (path / "val").is_dir():
+        pytest.skip(f"FER2013_DIR={value} has no val/ folder: the full-val checks need the real dataset")
+    return path

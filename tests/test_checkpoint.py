@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import CLASSES, load_checkpoint, read_checkpoint_dict, save_checkpoint
+from models.errors import CheckpointError
+from models.network import EmotionRecognitionModelPyTorch
+from models.preprocessing import PreprocessingSpec
+
+
+@pytest.fixture()
+def checkpoint_path(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, EmotionRecognitionModelPyTorch(), metrics={"accuracy": 0.5}, training={"recipe": "test"})
+    return path
+
+
+def test_checkpoint_round_trips_through_weights_only_load(checkpoint_path: Path) -> None:
+    raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert raw["architecture"] == "EmotionRecognitionModelPyTorch"
+    assert raw["classes"] == list(CLASSES)
+    assert raw["preprocessing"] == {"size": 48, "grayscale": True, "mean": 0.5, "std": 0.5, "interpolation": "bilinear"}
+    loaded = load_checkpoint(checkpoint_path)
+    assert loaded.classes == CLASSES
+    assert loaded.preprocessing == PreprocessingSpec()
+    assert loaded.metrics == {"accuracy": 0.5}
+    assert not loaded.network.training
+    assert len(loaded.sha256) == 64
+
+
+def test_missing_checkpoint_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nothere\.pth: no such file"):
+        load_checkpoint(tmp_path / "nothere.pth")
+
+
+def test_truncated_checkpoint_is_refused(checkpoint_path: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(checkpoint_path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"truncated\.pth: not a readable weights-only torch file"):
+        load_checkpoint(truncated)
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a readable"):
+        load_checkpoint(path)
+
+
+def test_plain_tensor_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match=r"tensor\.pth: holds a Tensor, not a checkpoint dict"):
+        load_checkpoint(path)
+
+
+def test_bare_state_dict_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "state.pth"
+    torch.save(EmotionRecognitionModelPyTorch().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"state\.pth: not a fer-service checkpoint \(missing keys"):
+        load_checkpoint(path)
+
+
+def test_unknown_architecture_is_refused(checkpoint_path: Path) -> None:
+    raw = read_checkpoint_dict(checkpoint_path)
+    raw["architecture"] = "ResNet9000"
+    torch.save(raw, checkpoint_path)
+    with pytest.raises(CheckpointError, match=r"unknown architecture 'ResNet9000'"):
+        load_checkpoint(checkpoint_path)
+
+
+def test_weights_of_the_wrong_shape_are_refused(checkpoint_path: Path) -> None:
+    raw = read_checkpoint_dict(checkpoint_path)
+    raw["state_dict"]["features.0.0.weight"] = torch.zeros(32, 1, 3, 3)
+    torch.save(raw, checkpoint_path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit EmotionRecognitionModelPyTorch"):
+        load_checkpoint(checkpoint_path)
+
+
+def test_class_list_that_does_not_fit_the_head_is_refused(checkpoint_path: Path) -> None:
+    raw = read_checkpoint_dict(checkpoint_path)
+    raw["classes"] = ["happy", "sad"]
+    torch.save(raw, checkpoint_path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit .* with 2 classes"):
+        load_checkpoint(checkpoint_path)
+
+
+def test_wrong_format_version_is_refused(checkpoint_path: Path) -> None:
+    raw = read_checkpoint_dict(checkpoint_path)
+    raw["format_version"] = 99
+    torch.save(raw, checkpoint_path)
+    with pytest.raises(CheckpointError, match=r"format_version 99"):
+        load_checkpoint(checkpoint_path)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.marker), "pwned"))  # type: ignore[return-value]
+
+
+def test_pickle_that_carries_code_is_refused_and_inert(tmp_path: Path) -> None:
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as handle:
+        pickle.dump({"format_version": 1, "payload": _RunsCode(marker)}, handle)
+    with pytest.raises(CheckpointError, match=r"evil\.pth: not a readable weights-only torch file"):
+        load_checkpoint(path)
+    assert not marker.exists()

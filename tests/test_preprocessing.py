@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
+from models.preprocessing import PreprocessingSpec, decode_image, preprocess, preprocess_bytes
+from tests.conftest import make_face
+
+SPEC = PreprocessingSpec()
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def as_mode(face: Image.Image, mode: str) -> Image.Image:
+    if mode == "I;16":
+        wide = np.asarray(face, dtype=np.uint16) * 257  # the lossless 8 → 16-bit widening
+        return Image.fromarray(wide)  # uint16 → mode I;16
+    if mode == "LA":
+        return Image.merge("LA", (face, Image.new("L", face.size, 255)))
+    if mode == "P":
+        return face.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    return face.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "LA"])
+def test_same_face_in_any_lossless_mode_gives_the_same_tensor(mode: str) -> None:
+    face = make_face(7, size=40)
+    expected = preprocess_bytes(encode(face), SPEC)
+    converted = as_mode(face, mode)
+    if mode == "P":  # a 256-colour palette holds every grey level of the face exactly
+        assert np.array_equal(np.asarray(converted.convert("L")), np.asarray(face))
+    assert torch.equal(preprocess_bytes(encode(converted), SPEC), expected)
+
+
+def test_output_is_normalised_single_channel_48x48() -> None:
+    tensor = preprocess(Image.new("L", (100, 80), 255), SPEC)
+    assert tensor.shape == (1, 48, 48)
+    assert tensor.dtype == torch.float32
+    assert torch.allclose(tensor, torch.ones_like(tensor))
+
+
+def test_exif_orientation_is_applied() -> None:
+    face = make_face(3, size=48).crop((0, 0, 48, 40))  # not square, so a wrong rotation shows
+    expected = preprocess_bytes(encode(face), SPEC)
+    rotated = face.transpose(Image.Transpose.ROTATE_90)  # stored sideways …
+    exif = Image.Exif()
+    exif[0x0112] = 6  # … with the tag that says "rotate 90° clockwise to display"
+    assert torch.equal(preprocess_bytes(encode(rotated, exif=exif), SPEC), expected)
+    jpeg = preprocess_bytes(encode(rotated, "JPEG", exif=exif, quality=95), SPEC)
+    assert (jpeg - expected).abs().mean() < 0.05  # within JPEG's loss (2% of the [-1, 1] range)
+
+
+def test_cmyk_jpeg_decodes_to_grayscale() -> None:
+    tensor = preprocess_bytes(encode(make_face(1).convert("CMYK"), "JPEG"), SPEC)
+    assert tensor.shape == (1, 48, 48)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (b"", InvalidImageError, "empty"),
+        (b"hello, world", InvalidImageError, "not a recognisable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"junk" * 10, InvalidImageError, "image"),
+        (b"%PDF-1.4\n" + b"0" * 200, InvalidImageError, "not a recognisable image"),
+    ],
+)
+def test_bad_bytes_raise_a_domain_error(data: bytes, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        decode_image(data)
+
+
+def test_truncated_png_is_invalid() -> None:
+    data = encode(make_face(2, size=200))
+    with pytest.raises(InvalidImageError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    data = encode(Image.new("1", (3000, 3000)))  # a few KB that decode to 9 megapixels
+    with pytest.raises(ImageTooLargeError, match="over the limit of 1,000,000"):
+        decode_image(data, max_pixels=1_000_000)
+
+
+def test_unsupported_format_is_refused() -> None:
+    with pytest.raises(UnsupportedImageError, match="ICO images are not accepted"):
+        decode_image(encode(make_face(1), "ICO"))

@@ -1,0 +1,71 @@
+"""Batch augmentation on tensors: flips, affine, erasing and noise for a whole batch at once.
+
+Doing it per batch (one `affine_grid`/`grid_sample` call) instead of per PIL image keeps the
+2-core machine busy with the model, not with Python loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from training.config import TrainConfig
+
+
+def augment_batch(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Augment normalised faces (N, 1, H, W) float32 in the [-1, 1] range; returns a new tensor."""
+    n = images.shape[0]
+    device = images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+    if config.hflip:
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if config.rotate_degrees or config.translate_fraction or config.scale_range:
+        angle = uniform(-config.rotate_degrees, config.rotate_degrees) * (math.pi / 180.0)
+        scale = uniform(1.0 - config.scale_range, 1.0 + config.scale_range)
+        # affine_grid works in [-1, 1] coordinates: a translation of t·width is 2t there.
+        tx = uniform(-config.translate_fraction, config.translate_fraction) * 2.0
+        ty = uniform(-config.translate_fraction, config.translate_fraction) * 2.0
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
+        )  # (N, 2, 3): output → input sampling coordinates
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        # Pixels moved in from outside are black (-1 after normalisation), as torchvision's RandomAffine fills 0.
+        images = F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+    if config.erase_probability > 0:
+        images = _random_erase(images, config.erase_probability, generator)
+    if config.noise_std > 0:
+        noise = torch.randn(images.shape, generator=generator, device=device) * config.noise_std
+        images = images + noise
+    return images
+
+
+def _random_erase(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Fill one random rectangle (2–20% of the area, aspect 0.3–3.3) with noise, per image with `probability`."""
+    n, _, height, width = images.shape
+    device = images.device
+    area = torch.empty(n, device=device).uniform_(0.02, 0.2, generator=generator) * height * width
+    log_ratio = torch.empty(n, device=device).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    erase_h = torch.sqrt(area * ratio).clamp(1, height).floor()
+    erase_w = torch.sqrt(area / ratio).clamp(1, width).floor()
+    top = (torch.rand(n, generator=generator, device=device) * (height - erase_h + 1)).floor()
+    left = (torch.rand(n, generator=generator, device=device) * (width - erase_w + 1)).floor()
+    rows = torch.arange(height, device=device)[None, :, None]
+    cols = torch.arange(width, device=device)[None, None, :]
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < (top + erase_h)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + erase_w)[:, None, None])
+    )
+    chosen = torch.rand(n, generator=generator, device=device) < probability
+    mask = (inside & chosen[:, None, None])[:, None]  # (N, 1, H, W)
+    fill = torch.randn(images.shape, generator=generator, device=device).clamp(-1, 1)
+    return torch.where(mask, fill, images)

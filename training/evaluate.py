@@ -1,0 +1,114 @@
+"""Evaluate a checkpoint on a split folder through the shared preprocessing path and predictor.
+
+    python -m training.evaluate --checkpoint models/checkpoint.pth --json val-metrics.json --write-metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.checkpoint import atomic_torch_save, read_checkpoint_dict
+from models.errors import FerError
+from models.predictor import TTA_MODES, Predictor
+from models.preprocessing import normalise
+from training.data import Split, default_data_dir, load_split
+from training.metrics import classification_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256) -> dict[str, Any]:
+    """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, per class, confusion matrix."""
+    if split.classes != predictor.classes:
+        raise ValueError(f"the split's classes {split.classes} differ from the checkpoint's {predictor.classes}")
+    spec = predictor.checkpoint.preprocessing
+    chunks = []
+    for start in range(0, len(split), batch_size):
+        pixels = torch.from_numpy(split.pixels[start : start + batch_size])
+        chunks.append(predictor.predict_tensors(normalise(pixels, spec).unsqueeze(1)))
+    probabilities = np.concatenate(chunks)
+    picked = probabilities[np.arange(len(split)), split.labels]
+    metrics = classification_metrics(split.labels, probabilities.argmax(1), split.classes)
+    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    metrics["precision"] = predictor.precision
+    metrics["tta"] = predictor.tta
+    metrics["preprocessing"] = predictor.checkpoint.preprocessing.to_dict()
+    return metrics
+
+
+def write_metrics(checkpoint_path: Path, metrics: dict[str, Any]) -> None:
+    """Store `metrics` in the checkpoint file, leaving everything else as it was."""
+    payload = read_checkpoint_dict(checkpoint_path)
+    payload["metrics"] = metrics
+    atomic_torch_save(payload, checkpoint_path)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A per-class table with the overall figures under it."""
+    lines = [f"{'class':<10} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8d}")
+    lines.append(
+        f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+        f"on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Evaluate a checkpoint on a split folder (one sub-folder per class).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/checkpoint.pth"), help="checkpoint to evaluate")
+    parser.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $FER2013_DIR or ../shared/datasets/fer2013)")
+    parser.add_argument("--split", default="val", help="sub-folder of --data-dir to evaluate")
+    parser.add_argument("--split-dir", type=Path, default=None, help="evaluate this folder instead of --data-dir/--split")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="forward-pass precision; auto = bf16 where the CPU supports it, as the service does")
+    parser.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation (default: what the checkpoint's metrics say, else none)")
+    parser.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--write-metrics", action="store_true", help="store the metrics in the checkpoint (what GET /metrics serves)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decode cache folder (default: none, decode every file)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    split_dir = args.split_dir or (args.data_dir or default_data_dir()) / args.split
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=args.tta)
+        split = load_split(split_dir, predictor.checkpoint.preprocessing, cache_dir=args.cache_dir)
+        metrics = evaluate_predictor(predictor, split)
+    except (FerError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics["split"] = split_dir.name
+    print(format_table(metrics))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=1))
+    if args.write_metrics:
+        write_metrics(args.checkpoint, metrics)
+        logger.info("stored the metrics in %s", args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

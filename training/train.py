@@ -1,0 +1,119 @@
+"""Train the seed architecture on FER2013 and write a checkpoint with its val metrics.
+
+    python -m training.train --run-dir runs/default --output models/checkpoint.pth
+    python -m training.train --run-dir runs/default --output models/checkpoint.pth --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.checkpoint import save_checkpoint
+from models.network import EmotionRecognitionModelPyTorch
+from models.predictor import Predictor
+from models.preprocessing import PreprocessingSpec
+from training.config import RECIPES, config_for
+from training.data import default_data_dir, load_split
+from training.evaluate import evaluate_predictor, format_table, write_metrics
+from training.loop import train
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags; unset recipe flags take the recipe's values (training/config.py)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train EmotionRecognitionModelPyTorch on a FER2013 folder layout (train/ and val/).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="'seed' reproduces the seed notebook; 'default' trains the shipped model")
+    parser.add_argument("--data-dir", type=Path, default=None, help="dataset root with train/ and val/ (default: $FER2013_DIR or ../shared/datasets/fer2013)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="folder for state.pt (resumable state) and history.json")
+    parser.add_argument("--output", type=Path, default=None, help="checkpoint to write at the end (default: RUN_DIR/checkpoint.pth)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its state.pt, with the same flags")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/fer2013"), help="decoded uint8 cache, rebuilt when the folder changes")
+    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (recipe default: seed 1000 with early stopping, default 40)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (seed 64, default 128)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (seed 1e-4, default 2e-3)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (seed 0, default 0.05 decoupled)")
+    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="optimiser (sgd uses Nesterov momentum 0.9)")
+    parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (seed 0, default 0.1)")
+    parser.add_argument("--erase-probability", type=float, default=None, help="probability of random erasing per image (seed 0, default 0.5)")
+    parser.add_argument("--noise-std", type=float, default=None, help="Gaussian noise std on the normalised input (seed 0.05, default 0)")
+    parser.add_argument("--selection", choices=("final", "val_loss", "val_accuracy"), default=None, help="which epoch's weights become the checkpoint (seed val_loss, default final)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation, shuffling and augmentation")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None, help="auto = bf16 autocast on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = all cores")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_for(
+        args.recipe,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        label_smoothing=args.label_smoothing,
+        erase_probability=args.erase_probability,
+        noise_std=args.noise_std,
+        selection=args.selection,
+        seed=args.seed,
+        precision=args.precision,
+        num_threads=args.threads,
+    )
+    data_dir = args.data_dir or default_data_dir()
+    spec = PreprocessingSpec()
+    output = args.output or args.run_dir / "checkpoint.pth"
+    try:
+        train_split = load_split(data_dir / "train", spec, cache_dir=args.cache_dir)
+        val_split = load_split(data_dir / "val", spec, cache_dir=args.cache_dir)
+        if train_split.classes != val_split.classes:
+            raise ValueError(f"train/ classes {train_split.classes} differ from val/ classes {val_split.classes}")
+        logger.info("train %d images, val %d images, classes %s", len(train_split), len(val_split), train_split.classes)
+        result = train(config, train_split, val_split, args.run_dir, resume=args.resume, spec=spec)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: resume with --resume --run-dir {args.run_dir}", file=sys.stderr)
+        return 130
+    network = EmotionRecognitionModelPyTorch(num_classes=len(train_split.classes))
+    network.load_state_dict(result.state_dict)
+    save_checkpoint(
+        output,
+        network,
+        classes=train_split.classes,
+        preprocessing=spec,
+        training={
+            "recipe": config.recipe,
+            "config": config.to_dict(),
+            "chosen_epoch": result.chosen_epoch,
+            "selection": config.selection,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+        },
+    )
+    # The stored metrics are measured the way `training.evaluate` measures them, through the predictor.
+    metrics = evaluate_predictor(Predictor.from_checkpoint(output), val_split)
+    metrics["split"] = "val"
+    write_metrics(output, metrics)
+    (args.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(format_table(metrics))
+    print(f"wrote {output} (epoch {result.chosen_epoch} of {len(result.history)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
