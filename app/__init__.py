@@ -1,0 +1,1 @@
+"""The HTTP layer of fer-service: a thin FastAPI app over the `models` inference core."""

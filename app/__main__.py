@@ -1,0 +1,46 @@
+"""`python -m app`: validate the settings, load the checkpoint, then serve with uvicorn.
+
+Both checks happen before the socket opens, so a bad setting or checkpoint stops the process
+with one line and a non-zero status instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.main import create_app, engine_config
+from app.settings import Settings, settings_error_line
+from models.engine import Engine
+from models.errors import CheckpointError
+
+
+def main() -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"fer-service: {settings_error_line(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = Engine.load(settings.checkpoint, engine_config(settings))
+    except CheckpointError as exc:
+        print(f"fer-service: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # RequestGuard writes one line per request with the id and batch size
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""One pure-ASGI middleware around every request: id, upload limit, stall timeout, log line, metrics.
+
+Pure ASGI rather than BaseHTTPMiddleware: it can refuse an oversized body from its
+Content-Length before reading a byte, count a chunked body as it streams, and costs less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import RequestProblem
+from app.telemetry import Telemetry
+
+logger = logging.getLogger("app.access")
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _too_large_detail(limit: int) -> str:
+    return f"the upload is larger than {limit:,} bytes: send a smaller image (downscale or recompress it)"
+
+
+class RequestGuard:
+    """Wraps the app: request ids, byte limit, body timeout, one access-log line, Prometheus counts."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_upload_bytes: int,
+        body_timeout_s: float,
+        telemetry: Telemetry,
+        route_of: Callable[[str], str],
+    ) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.body_timeout_s = body_timeout_s
+        self.telemetry = telemetry
+        self.route_of = route_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given_id if _SAFE_REQUEST_ID.match(given_id) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
+                await self._refuse(send_with_id, 413, _too_large_detail(self.max_upload_bytes))
+                return
+            await self.app(scope, self._guarded_receive(receive), send_with_id)
+        finally:
+            elapsed_s = time.perf_counter() - started
+            route = self.route_of(scope.get("path", ""))
+            self.telemetry.requests.labels(route, str(status)).inc()
+            self.telemetry.latency.labels(route).observe(elapsed_s)
+            if isinstance(state.get("batch_size"), int) and state["batch_size"] > 0:
+                self.telemetry.batch_size.observe(state["batch_size"])
+            logger.info(
+                "%s %s %d %.1fms batch=%s id=%s",
+                scope.get("method"), scope.get("path"), status, elapsed_s * 1000, state.get("batch_size", "-"), request_id,
+            )  # fmt: skip
+
+    def _guarded_receive(self, receive: Receive) -> Receive:
+        received = 0
+        body_done = False
+
+        async def guarded() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.body_timeout_s)
+            except TimeoutError:
+                raise RequestProblem(
+                    408, f"the upload stalled for {self.body_timeout_s:g} s: send the whole body without pausing"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                if received > self.max_upload_bytes:
+                    raise RequestProblem(413, _too_large_detail(self.max_upload_bytes))
+            return message
+
+        return guarded
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),  # the unread body cannot be skipped safely
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,177 @@
+"""The HTTP routes: read the request, call the engine, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import EngineDep, SettingsDep, TelemetryDep
+from app.errors import status_for
+from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
+from app.uploads import read_form, read_image, uploaded_files
+from models.engine import Engine, FaceInput
+from models.errors import FerError
+
+router = APIRouter()
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
+                }
+            }
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        400: "empty, undecodable or truncated image",
+        408: "the upload stalled",
+        413: "upload over max_upload_bytes, image over max_pixels, or too many files",
+        415: "not an image type we accept, or not an image upload",
+        422: "no file, bad query value, or no face with require_face=true",
+        503: "at capacity: retry after the Retry-After seconds",
+    }.items()
+}
+FacesQuery = Query("largest", description="'largest' classifies the largest face; 'all' adds every face, largest first")
+RequireFaceQuery = Query(False, description="answer 422 instead of classifying the whole image when no face is found")
+
+
+def model_info(engine: Engine) -> dict[str, str]:
+    """Which model answers."""
+    checkpoint = engine.predictor.checkpoint
+    return {"version": checkpoint.version, "sha256": checkpoint.sha256}
+
+
+async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
+    """Send the faces through the micro-batcher; returns one result dict each and the largest batch size."""
+    results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
+    answers = []
+    for face, result in zip(faces, results, strict=True):
+        prediction = engine.prediction(result)
+        answers.append(
+            {
+                "label": prediction.label,
+                "confidence": prediction.confidence,
+                "probabilities": prediction.probabilities,
+                "face": {"box": face.box.as_list()} if face.box else None,
+            }
+        )
+    return answers, max(result.batch_size for result in results)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionOut,
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+    summary="Classify the emotion of the face in one image",
+)
+async def predict(
+    request: Request,
+    engine: EngineDep,
+    faces: Literal["largest", "all"] = FacesQuery,
+    require_face: bool = RequireFaceQuery,
+) -> JSONResponse:
+    """Upload one image (multipart field `file`, or the raw body as image/*); photos go through face detection."""
+    data = await read_image(request)
+    inputs = await run_in_threadpool(engine.prepare, data, all_faces=faces == "all", require_face=require_face)
+    answers, batch_size = await classify(engine, inputs)
+    request.state.batch_size = batch_size
+    body = {**answers[0], "model": model_info(engine)}
+    if faces == "all":
+        body["faces"] = answers
+    return JSONResponse(body)
+
+
+async def _one_of_batch(engine: Engine, data: bytes, require_face: bool) -> tuple[dict[str, Any], int]:
+    try:
+        inputs = await run_in_threadpool(engine.prepare, data, require_face=require_face)
+        answers, batch_size = await classify(engine, inputs)
+    except FerError as exc:
+        return {"error": {"status": status_for(exc), "detail": str(exc)}}, 0
+    return answers[0], batch_size
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchOut,
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+    summary="Classify several images; a bad one gets an error in its place",
+)
+async def predict_batch(
+    request: Request, engine: EngineDep, settings: SettingsDep, require_face: bool = RequireFaceQuery
+) -> JSONResponse:
+    """Upload images in the repeated multipart field `files`; results come back in upload order."""
+    form = await read_form(request, max_files=settings.max_batch_files)
+    try:
+        uploads = uploaded_files(form)
+        blobs = [(upload.filename, await upload.read()) for upload in uploads]
+    finally:
+        await form.close()
+    outcomes = await asyncio.gather(*(_one_of_batch(engine, data, require_face) for _, data in blobs))
+    request.state.batch_size = max(size for _, size in outcomes)
+    results = [{**answer, "filename": name} for (name, _), (answer, _) in zip(blobs, outcomes, strict=True)]
+    return JSONResponse({"results": results, "model": model_info(engine)})
+
+
+@router.get("/metrics", response_model=MetricsOut, summary="The model's evaluation metrics on the val split")
+async def metrics(engine: EngineDep) -> dict[str, Any]:
+    """Accuracy, loss, macro-F1, per class and the confusion matrix, as measured by training.evaluate."""
+    checkpoint = engine.predictor.checkpoint
+    stored = dict(checkpoint.metrics)
+    known = set(MetricsOut.model_fields)
+    return {
+        **{key: value for key, value in stored.items() if key in known},
+        "extra": {key: value for key, value in stored.items() if key not in known},
+        "model": model_info(engine),
+        "classes": list(checkpoint.classes),
+        "served_precision": engine.predictor.precision,
+    }
+
+
+@router.get("/metrics/prometheus", summary="Operational metrics in the Prometheus text format")
+async def prometheus(telemetry: TelemetryDep) -> Response:
+    """Requests by route and status, latency and batch-size histograms, queue depth."""
+    return Response(telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/health", response_model=StatusOut, summary="Liveness: answers while the process lives")
+async def health() -> dict[str, str]:
+    """Always ok while the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    response_model=StatusOut,
+    responses={503: {"model": StatusOut, "description": "still loading or warming up"}},
+    summary="Readiness: 200 once the model is loaded and warmed up",
+)
+async def ready(engine: EngineDep) -> JSONResponse:
+    """200 when the engine has warmed up, 503 before."""
+    if engine.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})

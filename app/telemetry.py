@@ -1,0 +1,38 @@
+"""Operational metrics for Prometheus (GET /metrics/prometheus), one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """The service's counters and histograms."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    batch_size: Histogram
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
+
+
+def make_telemetry(queue_depth: Callable[[], float]) -> Telemetry:
+    """A fresh registry with the request counter, latency and batch-size histograms, queue depth gauge."""
+    registry = CollectorRegistry()
+    requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
+    latency = Histogram(
+        "fer_request_duration_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS_S, registry=registry
+    )
+    batch_size = Histogram("fer_batch_size", "images per forward pass, per face served", buckets=BATCH_BUCKETS, registry=registry)
+    depth = Gauge("fer_queue_depth", "faces waiting for a forward pass", registry=registry)
+    depth.set_function(queue_depth)
+    return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)

@@ -1,0 +1,121 @@
+"""Micro-batching: gather concurrent requests into one forward pass.
+
+`MicroBatcher.submit` puts one face tensor on a bounded queue and returns a Future at once; a
+single worker thread takes up to `max_batch` items, waiting at most `max_wait_ms` after the
+first, runs the predictor once and resolves every Future. When the queue is full, `submit`
+raises `QueueFullError` immediately instead of letting latency grow without bound. An
+exception in a forward pass fails only the Futures of that batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.errors import FerError
+from models.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(FerError):
+    """The batching queue is full: the service is over capacity for now."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One item's probabilities and the size of the batch it was computed in."""
+
+    probabilities: np.ndarray  # (classes,) float64
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    inputs: torch.Tensor  # (1, 48, 48) float32
+    future: Future[BatchResult]
+
+
+class MicroBatcher:
+    """Owns the worker thread and the bounded queue in front of a `Predictor`."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 256) -> None:
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and queue_size must be ≥ 1 and max_wait_ms ≥ 0")
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="fer-batcher", daemon=True)
+        self._stopped = threading.Event()
+        self.batches_run = 0
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a forward pass."""
+        return self._queue.qsize()
+
+    def submit(self, inputs: torch.Tensor) -> Future[BatchResult]:
+        """Queue one normalised face (1, 48, 48); raises `QueueFullError` when the queue is full."""
+        if self._stopped.is_set():
+            raise RuntimeError("the batcher is stopped")
+        future: Future[BatchResult] = Future()
+        try:
+            self._queue.put_nowait(_Item(inputs, future))
+        except queue.Full:
+            raise QueueFullError(
+                f"the service is at capacity ({self._queue.maxsize} images queued): retry in a moment"
+            ) from None
+        return future
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued, then stop the worker."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._queue.put(None)
+            self._thread.join(timeout_s)
+
+    def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+        items, stop = [first], False
+        deadline = time.monotonic() + self.max_wait_s
+        while len(items) < self.max_batch:
+            try:
+                # Take what is already there without waiting; wait only until the deadline.
+                remaining = deadline - time.monotonic()
+                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            items.append(item)
+        return items, stop
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            items, stop = self._gather(first)
+            items = [item for item in items if item.future.set_running_or_notify_cancel()]
+            if not items:
+                continue
+            try:
+                probabilities = self.predictor.predict_tensors(torch.stack([item.inputs for item in items]))
+            except Exception as exc:  # fail this batch's requests, keep serving the next ones
+                logger.exception("forward pass failed for a batch of %d", len(items))
+                for item in items:
+                    item.future.set_exception(exc)
+                continue
+            self.batches_run += 1
+            for item, row in zip(items, probabilities, strict=True):
+                item.future.set_result(BatchResult(probabilities=row, batch_size=len(items)))

@@ -1,0 +1,98 @@
+"""The serving engine: predictor + face detector + micro-batcher, behind two calls.
+
+`prepare` (CPU-bound, run it in a worker thread) turns upload bytes into model inputs, one per
+face; `submit` queues one input for the next batched forward pass. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.batching import BatchResult, MicroBatcher
+from models.errors import NoFaceError
+from models.faces import FaceBox, FaceDetector
+from models.predictor import Prediction, Predictor
+from models.preprocessing import decode_image, preprocess
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FaceInput:
+    """One face ready for the network: (1, 48, 48) float32, and where it was found."""
+
+    inputs: torch.Tensor
+    box: FaceBox | None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs; the service fills them from its settings."""
+
+    precision: str = "auto"
+    threads: int = 2
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    queue_size: int = 256
+    max_pixels: int = 40_000_000
+
+
+class Engine:
+    """Loads once at start-up; `ready` turns true after the warm-up."""
+
+    def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.detector = FaceDetector()
+        self.batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
+        self._ready = threading.Event()
+
+    @classmethod
+    def load(cls, checkpoint: Path, config: EngineConfig) -> Engine:
+        """Load the checkpoint (weights only); raises `CheckpointError` with a one-line reason."""
+        torch.set_num_threads(config.threads)
+        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision), config)
+
+    @property
+    def ready(self) -> bool:
+        """True once the warm-up has run."""
+        return self._ready.is_set()
+
+    def warm_up(self) -> None:
+        """Build oneDNN kernels for the batch sizes the batcher forms, then declare readiness."""
+        self.predictor.warm_up((1, 2, 4, 8, min(32, self.config.max_batch), self.config.max_batch))
+        self._ready.set()
+
+    def prepare(self, data: bytes, *, all_faces: bool = False, require_face: bool = False) -> list[FaceInput]:
+        """Decode, find the face(s) and preprocess; the whole image when no face is found.
+
+        Raises:
+            InvalidImageError, UnsupportedImageError, ImageTooLargeError: bad image data.
+            NoFaceError: `require_face` and no face was found.
+        """
+        image = decode_image(data, max_pixels=self.config.max_pixels)
+        spec = self.predictor.checkpoint.preprocessing
+        faces = self.detector.find_faces(image, all_faces=all_faces)
+        if faces:
+            return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
+        if require_face:
+            raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
+        return [FaceInput(preprocess(image, spec), None)]
+
+    def submit(self, face: FaceInput) -> Future[BatchResult]:
+        """Queue one face for the next forward pass; raises `QueueFullError` when over capacity."""
+        return self.batcher.submit(face.inputs)
+
+    def prediction(self, result: BatchResult) -> Prediction:
+        """A batch row → a `Prediction`."""
+        return self.predictor.to_predictions(result.probabilities[None, :])[0]
+
+    def close(self) -> None:
+        """Finish queued work and stop the batching thread."""
+        self.batcher.close()

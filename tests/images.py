@@ -1,0 +1,43 @@
+"""Image bytes for the tests, generated or from tests/data."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import make_face
+
+DATA = Path(__file__).resolve().parent / "data"
+ASTRONAUT = DATA / "astronaut.jpg"  # NASA portrait of Eileen Collins, public domain, as shipped by scikit-image
+ASTRONAUT_FACE = (174, 64, 101, 101)  # the face box the detector finds in it
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def face_png(seed: int = 0) -> bytes:
+    return encode(make_face(seed))
+
+
+def face_jpeg(seed: int = 0) -> bytes:
+    return encode(make_face(seed), "JPEG", quality=95)
+
+
+def scene_with_face(left: int, top: int, side: int) -> tuple[bytes, tuple[int, int, int, int]]:
+    """The astronaut scaled so her face box is about `side` wide, pasted into a 640×480 grey scene.
+
+    Returns the JPEG and where the face box should be found.
+    """
+    photo = Image.open(ASTRONAUT).convert("RGB")
+    scale = side / ASTRONAUT_FACE[2]
+    photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
+    fx, fy = round(ASTRONAUT_FACE[0] * scale), round(ASTRONAUT_FACE[1] * scale)
+    head = photo.crop((fx - side // 2, fy - side // 2, fx + side + side // 2, fy + side + side // 2))
+    scene = Image.new("RGB", (640, 480), (120, 130, 140))
+    scene.paste(head, (left - side // 2, top - side // 2))
+    return encode(scene, "JPEG", quality=92), (left, top, side, side)

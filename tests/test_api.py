@@ -1,0 +1,275 @@
+"""The HTTP API against a real server: every route, every row of the error table."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from models.checkpoint import CLASSES
+from tests.conftest import SHIPPED_CHECKPOINT
+from tests.images import encode, face_jpeg, face_png, scene_with_face
+from tests.server import ROOT, Server
+
+TEN_MIB = 10 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("server") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def post_file(server: Server, data: bytes, name: str = "face.png", params: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", files={"file": (name, data, "application/octet-stream")}, params=params, timeout=30)
+
+
+def assert_prediction(body: dict[str, object]) -> None:
+    probabilities = body["probabilities"]
+    assert isinstance(probabilities, dict)
+    assert list(probabilities) == list(CLASSES)
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert body["label"] == max(probabilities, key=probabilities.__getitem__)
+    assert body["confidence"] == pytest.approx(probabilities[body["label"]])
+
+
+def test_health_and_ready_answer(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+
+
+def test_predict_multipart_face_crop(server: Server) -> None:
+    response = post_file(server, face_png(1))
+    assert response.status_code == 200
+    body = response.json()
+    assert_prediction(body)
+    assert body["face"] is None  # a 48×48 upload is a face crop: nothing to detect
+    assert len(body["model"]["sha256"]) == 64
+    assert response.headers["x-request-id"]
+
+
+def test_raw_body_and_multipart_give_the_same_probabilities(server: Server) -> None:
+    data = face_jpeg(2)
+    raw = httpx.post(f"{server.url}/predict", content=data, headers={"content-type": "image/jpeg"})
+    multipart = post_file(server, data, "face.jpg")
+    assert raw.status_code == multipart.status_code == 200
+    assert raw.json()["probabilities"] == pytest.approx(multipart.json()["probabilities"], abs=1e-6)
+
+
+def test_face_in_a_photo_is_found_and_boxed(server: Server) -> None:
+    data, (x, y, w, h) = scene_with_face(left=380, top=150, side=110)
+    body = post_file(server, data, "scene.jpg", params={"require_face": "true"}).json()
+    assert_prediction(body)
+    bx, by, bw, bh = body["face"]["box"]
+    assert abs(bx - x) <= 0.15 * w and abs(by - y) <= 0.15 * h
+    assert abs(bw - w) <= 0.2 * w and abs(bh - h) <= 0.2 * h
+
+
+def test_faces_all_returns_every_face_largest_first(server: Server) -> None:
+    small, _ = scene_with_face(left=100, top=120, side=70)
+    scene = Image.open(__import__("io").BytesIO(small))
+    big, _ = scene_with_face(left=400, top=200, side=120)
+    scene.paste(Image.open(__import__("io").BytesIO(big)).crop((300, 100, 600, 400)), (300, 100))
+    body = post_file(server, encode(scene, "JPEG"), "two.jpg", params={"faces": "all"}).json()
+    widths = [face["face"]["box"][2] for face in body["faces"]]
+    assert len(widths) == 2 and widths[0] > widths[1]
+    assert body["face"] == body["faces"][0]["face"]
+
+
+def test_photo_without_a_face_is_classified_whole(server: Server) -> None:
+    blank = encode(Image.new("RGB", (640, 480), (200, 180, 160)), "JPEG")
+    body = post_file(server, blank, "wall.jpg").json()
+    assert_prediction(body)
+    assert body["face"] is None
+
+
+def test_batch_keeps_order_and_fails_only_the_bad_item(server: Server) -> None:
+    files = [("files", ("a.png", face_png(3))), ("files", ("bad.png", b"not an image")), ("files", ("c.jpg", face_jpeg(4)))]
+    response = httpx.post(f"{server.url}/predict/batch", files=files, timeout=30)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [item["filename"] for item in results] == ["a.png", "bad.png", "c.jpg"]
+    assert_prediction(results[0])
+    assert_prediction(results[2])
+    assert results[1]["error"]["status"] == 400
+    assert "not a recognisable image" in results[1]["error"]["detail"]
+    single = post_file(server, face_png(3)).json()
+    assert results[0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-3)
+
+
+def test_metrics_describe_the_served_model(server: Server) -> None:
+    body = httpx.get(f"{server.url}/metrics").json()
+    assert body["classes"] == list(CLASSES)
+    assert body["model"]["sha256"] == post_file(server, face_png(1)).json()["model"]["sha256"]
+    stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
+    for key in ("accuracy", "loss", "macro_f1", "per_class", "confusion_matrix", "split", "num_images"):
+        assert body[key] == stored.get(key)
+
+
+def test_prometheus_metrics_count_requests(server: Server) -> None:
+    post_file(server, face_png(5))
+    text = httpx.get(f"{server.url}/metrics/prometheus").text
+    assert 'fer_requests_total{route="/predict",status="200"}' in text
+    assert "fer_request_duration_seconds_bucket" in text
+    assert "fer_batch_size_bucket" in text
+    assert "fer_queue_depth" in text
+
+
+def test_openapi_has_an_example_for_every_route(server: Server) -> None:
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    text = json.dumps(schema)
+    for path in ("/predict", "/predict/batch", "/metrics", "/metrics/prometheus", "/health", "/ready"):
+        assert path in schema["paths"]
+    assert '"examples"' in text
+
+
+def truncated_png() -> bytes:
+    data = encode(Image.effect_noise((300, 300), 40).convert("L"))
+    return data[: len(data) // 2]
+
+
+ERROR_ROWS = [
+    # (case, request kwargs, status, fragment of the detail)
+    ("empty file", {"files": {"file": ("e.png", b"")}}, 400, "empty"),
+    ("text as an image", {"files": {"file": ("t.png", b"hello")}}, 400, "not a recognisable image"),
+    ("truncated png", {"files": {"file": ("t.png", truncated_png())}}, 400, "truncated or corrupt"),
+    ("ico file", {"files": {"file": ("i.ico", encode(Image.new("RGB", (32, 32)), "ICO"))}}, 415, "ICO images are not accepted"),
+    ("json body", {"json": {"image": "x"}}, 415, "not an image upload"),
+    ("no body", {}, 422, "no file"),
+    ("wrong field name", {"files": {"image": ("f.png", face_png())}}, 422, "field 'file' is missing"),
+    ("form field without a file", {"data": {"file": "just text"}, "files": {"other": ("x", b"x")}}, 422, "holds text"),
+    ("bad faces value", {"files": {"file": ("f.png", face_png())}, "params": {"faces": "some"}}, 422, "faces"),
+    ("bad require_face", {"files": {"file": ("f.png", face_png())}, "params": {"require_face": "maybe"}}, 422, "require_face"),
+    ("no face required", {"files": {"file": ("w.png", encode(Image.new("L", (300, 300), 90)))}, "params": {"require_face": "true"}}, 422, "no face"),
+    ("over max_pixels", {"files": {"file": ("b.png", encode(Image.new("1", (8000, 6000))))}}, 413, "over the limit of 40,000,000"),
+    ("over max_upload_bytes", {"content": b"\xff" * (TEN_MIB + 1), "headers": {"content-type": "image/jpeg"}}, 413, "larger than 10,485,760 bytes"),
+]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "status", "fragment"), ERROR_ROWS, ids=[row[0] for row in ERROR_ROWS])
+def test_error_table(server: Server, case: str, kwargs: dict[str, object], status: int, fragment: str) -> None:
+    response = httpx.post(f"{server.url}/predict", timeout=30, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+
+
+def test_two_files_in_one_predict_are_refused(server: Server) -> None:
+    files = [("file", ("a.png", face_png())), ("file", ("b.png", face_png()))]
+    response = httpx.post(f"{server.url}/predict", files=files)
+    assert response.status_code == 422
+    assert "exactly one file" in response.json()["detail"]
+
+
+def test_batch_over_max_batch_files_is_refused(server: Server) -> None:
+    files = [("files", (f"{i}.png", b"x")) for i in range(65)]
+    response = httpx.post(f"{server.url}/predict/batch", files=files)
+    assert response.status_code == 413
+    assert "at most 64" in response.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_cut_off(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(12):
+            yield b"\0" * (1024 * 1024)
+
+    response = httpx.post(f"{server.url}/predict", content=chunks(), headers={"content-type": "image/png"}, timeout=30)
+    assert response.status_code == 413
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_concurrent_requests_match_sequential_ones(server: Server) -> None:
+    images = [face_png(seed) for seed in range(64)]
+    sequential = [post_file(server, data).json()["probabilities"] for data in images]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        concurrent_results = list(pool.map(lambda data: post_file(server, data), images))
+    assert all(response.status_code == 200 for response in concurrent_results)
+    for alone, together in zip(sequential, concurrent_results, strict=True):
+        assert together.json()["probabilities"] == pytest.approx(alone, abs=1e-3)
+    assert "batch=1 " in server.log() and any(f"batch={n} " in server.log() for n in range(2, 65))
+
+
+def test_queue_full_answers_503_with_retry_after(tmp_path: Path) -> None:
+    tiny = Server(tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT), queue_size="1", max_batch="1", threads="1")
+    try:
+        tiny.wait_ready()
+        scene, _ = scene_with_face(300, 200, 100)
+        with concurrent.futures.ThreadPoolExecutor(48) as pool:
+            responses = list(pool.map(lambda _: post_file(tiny, face_png()), range(96)))
+        statuses = {response.status_code for response in responses}
+        assert statuses <= {200, 503} and 503 in statuses and 200 in statuses
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1"
+        assert "at capacity" in refused.json()["detail"]
+        assert post_file(tiny, face_png()).status_code == 200  # recovers at once
+    finally:
+        tiny.stop()
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [("missing", "no such file"), ("corrupt", "not a readable weights-only torch file")],
+)
+def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str, fragment: str) -> None:
+    path = tmp_path / "model.pth"
+    if setup == "corrupt":
+        path.write_bytes(SHIPPED_CHECKPOINT.read_bytes()[:1000])
+    env = {"FER_CHECKPOINT": str(path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and str(path) in lines[0]
+
+
+def test_invalid_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    env = {"FER_MAX_BATCH": "zero", "FER_PRECISION": "fp8", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "FER_MAX_BATCH='zero'" in result.stderr and "FER_PRECISION='fp8'" in result.stderr
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    server = Server(tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT))
+    server.wait_ready()
+    scene, _ = scene_with_face(300, 200, 100)
+    first_done = threading.Event()
+    outcomes: list[str] = []
+
+    def call(_: int) -> None:
+        try:
+            response = post_file(server, scene, "scene.jpg")
+            outcomes.append(str(response.status_code))
+        except httpx.ConnectError:
+            outcomes.append("refused")  # never reached the server: not in flight
+        except httpx.HTTPError as exc:
+            outcomes.append(f"lost: {exc!r}")
+        first_done.set()
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(call, i) for i in range(24)]
+        assert first_done.wait(60)
+        server.process.send_signal(signal.SIGTERM)
+        concurrent.futures.wait(futures, timeout=60)
+    started = time.monotonic()
+    code = server.stop()
+    assert time.monotonic() - started < 30
+    # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, so -15 is a clean exit.
+    assert code in (0, -signal.SIGTERM)
+    assert "Finished server process" in server.log()
+    assert not [outcome for outcome in outcomes if outcome.startswith("lost")], outcomes
+    assert outcomes.count("200") >= 2

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import CLASSES, load_checkpoint, save_checkpoint
+from models.network import EmotionRecognitionModelPyTorch
+from tests.conftest import SHIPPED_CHECKPOINT, write_dataset
+from training import evaluate, train
+
+TINY_FLAGS = ["--batch-size", "16", "--threads", "2", "--log-level", "WARNING"]
+
+
+def test_train_cli_writes_a_weights_only_checkpoint_with_metrics(tiny_dataset: Path, tmp_path: Path) -> None:
+    run_dir, output = tmp_path / "run", tmp_path / "model.pth"
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--output", str(output)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--epochs", "2", *TINY_FLAGS]
+    assert train.main(argv) == 0
+    raw = torch.load(output, map_location="cpu", weights_only=True)
+    assert raw["training"]["recipe"] == "default"
+    assert raw["training"]["chosen_epoch"] == 2
+    assert [row["epoch"] for row in raw["training"]["history"]] == [1, 2]
+    assert raw["metrics"]["num_images"] == 28
+    assert raw["metrics"]["split"] == "val"
+    assert len(raw["metrics"]["confusion_matrix"]) == 7
+    assert load_checkpoint(output).classes == CLASSES
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["history"]) == 2
+    assert (run_dir / "state.pt").is_file()
+
+
+def test_resume_continues_the_same_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
+    assert train.main([*base, "--epochs", "1", "--recipe", "seed", *TINY_FLAGS]) == 0
+    first = torch.load(run_dir / "state.pt", weights_only=True)
+    assert train.main([*base, "--epochs", "2", "--recipe", "seed", "--resume", *TINY_FLAGS]) == 0
+    resumed = torch.load(run_dir / "state.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["history"][0] == first["history"][0]  # epoch 1 was kept, not retrained
+    assert len(resumed["history"]) == 2
+
+
+def test_resume_with_other_settings_is_refused(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    assert train.main([*base, "--epochs", "1", *TINY_FLAGS]) == 0
+    assert train.main([*base, "--epochs", "2", "--lr", "0.5", "--resume", *TINY_FLAGS]) == 2
+    assert "resume with the same flags" in capsys.readouterr().err
+
+
+def test_train_without_data_says_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(["--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "none/train: no such folder" in capsys.readouterr().err
+
+
+def constant_checkpoint(path: Path, probabilities: list[float]) -> None:
+    """A checkpoint whose network ignores its input and always outputs these probabilities."""
+    network = EmotionRecognitionModelPyTorch()
+    head = network.classifier[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.log(torch.tensor(probabilities)))
+    save_checkpoint(path, network)
+
+
+def test_evaluate_reproduces_a_known_confusion_matrix(tmp_path: Path) -> None:
+    split = write_dataset(tmp_path / "val", {"angry": 2, "happy": 3, "sad": 1})
+    for name in CLASSES:  # every class folder exists, most of them empty
+        (split / name).mkdir(exist_ok=True)
+    checkpoint = tmp_path / "always-happy.pth"
+    probabilities = [0.5 / 6] * 7
+    probabilities[CLASSES.index("happy")] = 0.5
+    constant_checkpoint(checkpoint, probabilities)
+    out = tmp_path / "metrics.json"
+    argv = ["--checkpoint", str(checkpoint), "--split-dir", str(split), "--precision", "fp32", "--json", str(out)]
+    assert evaluate.main([*argv, "--write-metrics"]) == 0
+    metrics = json.loads(out.read_text())
+    happy = CLASSES.index("happy")
+    expected = np.zeros((7, 7), dtype=int)
+    expected[CLASSES.index("angry"), happy] = 2
+    expected[happy, happy] = 3
+    expected[CLASSES.index("sad"), happy] = 1
+    assert metrics["confusion_matrix"] == expected.tolist()
+    assert metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["loss"] == pytest.approx((3 * -math.log(0.5) + 3 * -math.log(0.5 / 6)) / 6, abs=1e-5)
+    assert metrics["per_class"]["happy"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 3}
+    assert metrics["per_class"]["angry"]["recall"] == 0.0
+    assert metrics["macro_f1"] == pytest.approx((2 / 3) / 7)
+    assert load_checkpoint(checkpoint).metrics["accuracy"] == pytest.approx(0.5)
+    # Deterministic: a second run gives the same figures.
+    assert evaluate.main([*argv]) == 0
+    assert json.loads(out.read_text()) == metrics
+
+
+def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path, tmp_path: Path) -> None:
+    stored = load_checkpoint(SHIPPED_CHECKPOINT).metrics
+    out = tmp_path / "val.json"
+    assert evaluate.main(["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())
+    assert measured["num_images"] == stored["num_images"] == 3589
+    assert abs(measured["accuracy"] - stored["accuracy"]) <= 0.001
+
+
+def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> None:
+    from training import plots
+
+    checkpoint = tmp_path / "model.pth"
+    base = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--output", str(checkpoint)]
+    assert train.main([*base, "--cache-dir", str(tmp_path / "c"), "--epochs", "1", *TINY_FLAGS]) == 0
+    out = tmp_path / "images"
+    assert plots.main(["--checkpoint", str(checkpoint), "--data-dir", str(tiny_dataset), "--out-dir", str(out)]) == 0
+    for name in ("loss.png", "accuracy.png", "confusion.png", "samples.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
