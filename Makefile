@@ -43,7 +43,7 @@ plots: $(VENV)/.installed
 	$(BIN)/python -m training.plots --checkpoint models/checkpoint.pth --metrics docs/val-metrics.json --out-dir docs/images
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m benchmarks.infer
+	$(BIN)/python -m benchmarks.precision
 
 docker:
 	docker build -t fer-service .

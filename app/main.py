@@ -59,7 +59,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.telemetry = make_telemetry(lambda: float(app.state.engine.batcher.queue_depth) if hasattr(app.state, "engine") else 0.0)
+    app.state.telemetry = make_telemetry(
+        lambda: float(app.state.engine.batcher.queue_depth) if hasattr(app.state, "engine") else 0.0
+    )
     install_error_handlers(app)
     app.include_router(router)
     known_paths = {route.path for route in router.routes if hasattr(route, "path")}

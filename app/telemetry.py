@@ -30,9 +30,15 @@ def make_telemetry(queue_depth: Callable[[], float]) -> Telemetry:
     registry = CollectorRegistry()
     requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram(
-        "fer_request_duration_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS_S, registry=registry
+        "fer_request_duration_seconds",
+        "request latency by route",
+        ["route"],
+        buckets=LATENCY_BUCKETS_S,
+        registry=registry,
     )
-    batch_size = Histogram("fer_batch_size", "images per forward pass, per face served", buckets=BATCH_BUCKETS, registry=registry)
+    batch_size = Histogram(
+        "fer_batch_size", "images per forward pass, per face served", buckets=BATCH_BUCKETS, registry=registry
+    )
     depth = Gauge("fer_queue_depth", "faces waiting for a forward pass", registry=registry)
     depth.set_function(queue_depth)
     return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import Request, UploadFile
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.datastructures import FormData
 
 from app.errors import RequestProblem
 
-HOW_TO_SEND = "send the image as multipart field 'file' (curl -F file=@face.jpg) or as the raw body with Content-Type image/*"
+HOW_TO_SEND = (
+    "send the image as multipart field 'file' (curl -F file=@face.jpg) or as the raw body with Content-Type image/*"
+)
 
 
 async def read_form(request: Request, max_files: int) -> FormData:
     """Parse a multipart body, turning Starlette's parser errors into our statuses."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise RequestProblem(415, f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}")
+        raise RequestProblem(
+            415, f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}"
+        )
     try:
         return await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
@@ -28,13 +32,17 @@ def single_file(form: FormData) -> UploadFile:
     """The one file in the field 'file'."""
     values = form.getlist("file")
     if not values:
-        others = ", ".join(sorted({str(key) for key in form.keys()})) or "none"
-        raise RequestProblem(422, f"no file: the multipart field 'file' is missing (fields sent: {others}); {HOW_TO_SEND}")
+        others = ", ".join(sorted({str(key) for key in form})) or "none"
+        raise RequestProblem(
+            422, f"no file: the multipart field 'file' is missing (fields sent: {others}); {HOW_TO_SEND}"
+        )
     if len(values) > 1:
         raise RequestProblem(422, "send exactly one file in 'file'; use POST /predict/batch with 'files' for several")
     upload = values[0]
     if isinstance(upload, str):
-        raise RequestProblem(422, "the field 'file' holds text, not a file: attach the image as a file (curl -F file=@face.jpg)")
+        raise RequestProblem(
+            422, "the field 'file' holds text, not a file: attach the image as a file (curl -F file=@face.jpg)"
+        )
     return upload
 
 
@@ -49,7 +57,11 @@ async def read_image(request: Request) -> bytes:
             await form.close()
     if content_type.startswith(("image/", "application/octet-stream")):
         return await request.body()
-    if not content_type and request.headers.get("content-length", "0") in ("0", "") and "transfer-encoding" not in request.headers:
+    if (
+        not content_type
+        and request.headers.get("content-length", "0") in ("0", "")
+        and "transfer-encoding" not in request.headers
+    ):
         raise RequestProblem(422, f"no file: the request has no body; {HOW_TO_SEND}")
     raise RequestProblem(415, f"Content-Type {content_type or 'missing'!r} is not an image upload: {HOW_TO_SEND}")
 
@@ -58,7 +70,10 @@ def uploaded_files(form: FormData) -> list[UploadFile]:
     """The files in the repeated field 'files' of a batch upload."""
     values = form.getlist("files")
     if not values:
-        raise RequestProblem(422, "no files: send the images in the repeated multipart field 'files' (curl -F files=@a.jpg -F files=@b.jpg)")
+        raise RequestProblem(
+            422,
+            "no files: send the images in the repeated multipart field 'files' (curl -F files=@a.jpg -F files=@b.jpg)",
+        )
     uploads = []
     for value in values:
         if isinstance(value, str):

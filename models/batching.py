@@ -46,7 +46,9 @@ class _Item:
 class MicroBatcher:
     """Owns the worker thread and the bounded queue in front of a `Predictor`."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 256) -> None:
+    def __init__(
+        self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 256
+    ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be ≥ 1 and max_wait_ms ≥ 0")
         self.predictor = predictor

@@ -18,7 +18,7 @@ import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def save_checkpoint(
         "preprocessing": (preprocessing or PreprocessingSpec()).to_dict(),
         "metrics": metrics or {},
         "training": training or {},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
     }
     atomic_torch_save(payload, path)
@@ -111,9 +111,7 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = _one_line_reason(exc)
-        raise CheckpointError(
-            f"checkpoint {path}: not a readable weights-only torch file ({reason[:200]})"
-        ) from None
+        raise CheckpointError(f"checkpoint {path}: not a readable weights-only torch file ({reason[:200]})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(payload).__name__}, not a checkpoint dict")
     missing = [key for key in REQUIRED_KEYS if key not in payload]
@@ -123,7 +121,7 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path}: format_version {payload['format_version']!r}, this code reads {FORMAT_VERSION}"
         )
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

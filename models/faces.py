@@ -91,7 +91,7 @@ class FaceDetector:
         """Faces in an 8-bit grayscale image, in its own pixel coordinates, largest first."""
         width, height = gray.size
         scale = min(1.0, self.detect_max_side / max(width, height))
-        pixels = np.asarray(gray, dtype=np.uint8)
+        pixels: np.ndarray = np.asarray(gray, dtype=np.uint8)
         if scale < 1.0:
             # INTER_AREA averages, so no aliasing: a bilinear shrink gave a false face on tests/data/astronaut.jpg.
             size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -45,7 +45,7 @@ class Predictor:
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
         # channels_last: bf16 convolutions in oneDNN run about 2× faster in NHWC (benchmarks/infer.py).
-        self.network = checkpoint.network.to(self.device, memory_format=torch.channels_last).eval()
+        self.network = checkpoint.network.to(self.device).to(memory_format=torch.channels_last).eval()
         self._lock = threading.Lock()
 
     @classmethod
@@ -60,7 +60,7 @@ class Predictor:
 
     @property
     def precision(self) -> str:
-        """"bf16" or "fp32": what the forward pass actually runs in."""
+        """ "bf16" or "fp32": what the forward pass actually runs in."""
         return "bf16" if self.use_bf16 else "fp32"
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> None:
@@ -78,8 +78,9 @@ class Predictor:
             if self.tta == "flip":
                 flipped = self.network(inputs.flip(-1)).float()
                 probabilities = (probabilities + torch.softmax(flipped, dim=1)) / 2
-        result = probabilities.double().numpy()
-        return result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip
+        result: np.ndarray = probabilities.double().numpy()
+        normalised: np.ndarray = result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip
+        return normalised
 
     def to_predictions(self, probabilities: np.ndarray) -> list[Prediction]:
         """Rows of probabilities → `Prediction`s."""

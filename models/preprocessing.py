@@ -75,7 +75,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImageError(
             "the data is not a recognisable image: send a JPEG, PNG, GIF, WebP, BMP or TIFF file"
@@ -123,9 +123,7 @@ def to_grayscale(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "1":
         return image.convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

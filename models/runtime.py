@@ -35,7 +35,7 @@ def resolve_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16":
         return True
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
     return cpu_supports_bf16()
 
 

@@ -34,8 +34,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         running.stop()
 
 
-def post_file(server: Server, data: bytes, name: str = "face.png", params: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{server.url}/predict", files={"file": (name, data, "application/octet-stream")}, params=params, timeout=30)
+def post_file(
+    server: Server, data: bytes, name: str = "face.png", params: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/predict", files={"file": (name, data, "application/octet-stream")}, params=params, timeout=30
+    )
 
 
 def assert_prediction(body: dict[str, object]) -> None:
@@ -98,7 +102,11 @@ def test_photo_without_a_face_is_classified_whole(server: Server) -> None:
 
 
 def test_batch_keeps_order_and_fails_only_the_bad_item(server: Server) -> None:
-    files = [("files", ("a.png", face_png(3))), ("files", ("bad.png", b"not an image")), ("files", ("c.jpg", face_jpeg(4)))]
+    files = [
+        ("files", ("a.png", face_png(3))),
+        ("files", ("bad.png", b"not an image")),
+        ("files", ("c.jpg", face_jpeg(4))),
+    ]
     response = httpx.post(f"{server.url}/predict/batch", files=files, timeout=30)
     assert response.status_code == 200
     results = response.json()["results"]
@@ -148,16 +156,41 @@ ERROR_ROWS = [
     ("empty file", {"files": {"file": ("e.png", b"")}}, 400, "empty"),
     ("text as an image", {"files": {"file": ("t.png", b"hello")}}, 400, "not a recognisable image"),
     ("truncated png", {"files": {"file": ("t.png", truncated_png())}}, 400, "truncated or corrupt"),
-    ("ico file", {"files": {"file": ("i.ico", encode(Image.new("RGB", (32, 32)), "ICO"))}}, 415, "ICO images are not accepted"),
+    (
+        "ico file",
+        {"files": {"file": ("i.ico", encode(Image.new("RGB", (32, 32)), "ICO"))}},
+        415,
+        "ICO images are not accepted",
+    ),
     ("json body", {"json": {"image": "x"}}, 415, "not an image upload"),
     ("no body", {}, 422, "no file"),
     ("wrong field name", {"files": {"image": ("f.png", face_png())}}, 422, "field 'file' is missing"),
     ("form field without a file", {"data": {"file": "just text"}, "files": {"other": ("x", b"x")}}, 422, "holds text"),
     ("bad faces value", {"files": {"file": ("f.png", face_png())}, "params": {"faces": "some"}}, 422, "faces"),
-    ("bad require_face", {"files": {"file": ("f.png", face_png())}, "params": {"require_face": "maybe"}}, 422, "require_face"),
-    ("no face required", {"files": {"file": ("w.png", encode(Image.new("L", (300, 300), 90)))}, "params": {"require_face": "true"}}, 422, "no face"),
-    ("over max_pixels", {"files": {"file": ("b.png", encode(Image.new("1", (8000, 6000))))}}, 413, "over the limit of 40,000,000"),
-    ("over max_upload_bytes", {"content": b"\xff" * (TEN_MIB + 1), "headers": {"content-type": "image/jpeg"}}, 413, "larger than 10,485,760 bytes"),
+    (
+        "bad require_face",
+        {"files": {"file": ("f.png", face_png())}, "params": {"require_face": "maybe"}},
+        422,
+        "require_face",
+    ),
+    (
+        "no face required",
+        {"files": {"file": ("w.png", encode(Image.new("L", (300, 300), 90)))}, "params": {"require_face": "true"}},
+        422,
+        "no face",
+    ),
+    (
+        "over max_pixels",
+        {"files": {"file": ("b.png", encode(Image.new("1", (8000, 6000))))}},
+        413,
+        "over the limit of 40,000,000",
+    ),
+    (
+        "over max_upload_bytes",
+        {"content": b"\xff" * (TEN_MIB + 1), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "larger than 10,485,760 bytes",
+    ),
 ]
 
 
@@ -229,7 +262,9 @@ def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str,
     if setup == "corrupt":
         path.write_bytes(SHIPPED_CHECKPOINT.read_bytes()[:1000])
     env = {"FER_CHECKPOINT": str(path), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and str(path) in lines[0]
@@ -237,7 +272,9 @@ def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str,
 
 def test_invalid_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
     env = {"FER_MAX_BATCH": "zero", "FER_PRECISION": "fp8", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "FER_MAX_BATCH='zero'" in result.stderr and "FER_PRECISION='fp8'" in result.stderr
@@ -273,3 +310,17 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     assert "Finished server process" in server.log()
     assert not [outcome for outcome in outcomes if outcome.startswith("lost")], outcomes
     assert outcomes.count("200") >= 2
+
+
+def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(server: Server, fer2013_dir: Path) -> None:
+    stored = httpx.get(f"{server.url}/metrics").json()
+    files = sorted((fer2013_dir / "val").glob("*/*"))
+    assert len(files) == stored["num_images"]
+    correct = 0
+    with httpx.Client(timeout=120) as client:
+        for start in range(0, len(files), 64):
+            chunk = files[start : start + 64]
+            upload = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in chunk]
+            results = client.post(f"{server.url}/predict/batch", files=upload).json()["results"]
+            correct += sum(result["label"] == path.parent.name for result, path in zip(results, chunk, strict=True))
+    assert abs(correct / len(files) - stored["accuracy"]) <= 0.005

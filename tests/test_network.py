@@ -25,7 +25,12 @@ def test_network_has_the_seed_parameter_count() -> None:
 def test_network_layers_have_the_seed_shapes() -> None:
     model = EmotionRecognitionModelPyTorch()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [tuple(c.weight.shape) for c in convs] == [(64, 1, 3, 3), (128, 64, 5, 5), (256, 128, 3, 3), (256, 256, 3, 3)]
+    assert [tuple(c.weight.shape) for c in convs] == [
+        (64, 1, 3, 3),
+        (128, 64, 5, 5),
+        (256, 128, 3, 3),
+        (256, 256, 3, 3),
+    ]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [tuple(layer.weight.shape) for layer in linears] == [(256, 2304), (512, 256), (7, 512)]
     dropouts = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,16 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
 def test_unsupported_format_is_refused() -> None:
     with pytest.raises(UnsupportedImageError, match="ICO images are not accepted"):
         decode_image(encode(make_face(1), "ICO"))
+
+
+def test_serving_and_evaluation_give_the_same_tensor(tmp_path: Path) -> None:
+    from models.preprocessing import normalise
+    from tests.conftest import write_dataset
+    from training.data import load_split
+
+    root = write_dataset(tmp_path / "val", {"happy": 2, "sad": 1})
+    split = load_split(root, SPEC, cache_dir=tmp_path / "cache")
+    for index, relative in enumerate(split.paths):
+        served = preprocess_bytes((root / relative).read_bytes(), SPEC)
+        evaluated = normalise(torch.from_numpy(split.pixels[index]), SPEC).unsqueeze(0)
+        assert torch.equal(served, evaluated)

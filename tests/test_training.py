@@ -46,7 +46,9 @@ def test_resume_continues_the_same_run(tiny_dataset: Path, tmp_path: Path) -> No
     assert len(resumed["history"]) == 2
 
 
-def test_resume_with_other_settings_is_refused(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_other_settings_is_refused(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
     assert train.main([*base, "--epochs", "1", *TINY_FLAGS]) == 0
     assert train.main([*base, "--epochs", "2", "--lr", "0.5", "--resume", *TINY_FLAGS]) == 2
@@ -100,7 +102,10 @@ def test_evaluate_reproduces_a_known_confusion_matrix(tmp_path: Path) -> None:
 def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path, tmp_path: Path) -> None:
     stored = load_checkpoint(SHIPPED_CHECKPOINT).metrics
     out = tmp_path / "val.json"
-    assert evaluate.main(["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out)]) == 0
+    assert (
+        evaluate.main(["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out)])
+        == 0
+    )
     measured = json.loads(out.read_text())
     assert measured["num_images"] == stored["num_images"] == 3589
     assert abs(measured["accuracy"] - stored["accuracy"]) <= 0.001

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a split folder through the shared preprocessing path and predictor.
 
-    python -m training.evaluate --checkpoint models/checkpoint.pth --json val-metrics.json --write-metrics
+python -m training.evaluate --checkpoint models/checkpoint.pth --json val-metrics.json --write-metrics
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     """A per-class table with the overall figures under it."""
     lines = [f"{'class':<10} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8d}")
+        lines.append(
+            f"{name:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8d}"
+        )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
         f"on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
@@ -72,14 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, default=Path("models/checkpoint.pth"), help="checkpoint to evaluate")
-    parser.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $FER2013_DIR or ../shared/datasets/fer2013)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="dataset root (default: $FER2013_DIR or ../shared/datasets/fer2013)"
+    )
     parser.add_argument("--split", default="val", help="sub-folder of --data-dir to evaluate")
-    parser.add_argument("--split-dir", type=Path, default=None, help="evaluate this folder instead of --data-dir/--split")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="forward-pass precision; auto = bf16 where the CPU supports it, as the service does")
-    parser.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation (default: what the checkpoint's metrics say, else none)")
+    parser.add_argument(
+        "--split-dir", type=Path, default=None, help="evaluate this folder instead of --data-dir/--split"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="forward-pass precision; auto = bf16 where the CPU supports it, as the service does",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default=None,
+        help="test-time augmentation (default: what the checkpoint's metrics say, else none)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
-    parser.add_argument("--write-metrics", action="store_true", help="store the metrics in the checkpoint (what GET /metrics serves)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="decode cache folder (default: none, decode every file)")
+    parser.add_argument(
+        "--write-metrics", action="store_true", help="store the metrics in the checkpoint (what GET /metrics serves)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="decode cache folder (default: none, decode every file)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser

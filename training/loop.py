@@ -179,7 +179,7 @@ def train(
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave backward untyped
             optimizer.step()
             seen += labels.numel()
             correct += int((logits.argmax(1) == labels).sum())

@@ -1,6 +1,6 @@
 """Plots of a trained checkpoint: loss and accuracy curves, confusion matrices, a sample grid.
 
-    python -m training.plots --checkpoint models/checkpoint.pth --out-dir docs/images
+python -m training.plots --checkpoint models/checkpoint.pth --out-dir docs/images
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path) -> No
     """Counts beside row-normalised rates; rows are the truth."""
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, values, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], rates, "row-normalised (recall)", ".2f")):
+    for ax, values, title, fmt in (
+        (axes[0], matrix, "counts", "d"),
+        (axes[1], rates, "row-normalised (recall)", ".2f"),
+    ):
         ax.imshow(values, cmap="Blues")
         ax.set_title(title)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -64,15 +67,15 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path) -> No
     plt.close(fig)
 
 
-def plot_samples(
-    pixels: np.ndarray, truth: Sequence[str], predicted: Sequence[str], path: Path
-) -> None:
+def plot_samples(pixels: np.ndarray, truth: Sequence[str], predicted: Sequence[str], path: Path) -> None:
     """A 3×3 grid of faces with true and predicted labels; green when right, red when wrong."""
     fig, axes = plt.subplots(3, 3, figsize=(6.5, 7))
     for ax, face, true_label, guess in zip(axes.flat, pixels, truth, predicted, strict=True):
         ax.imshow(face, cmap="gray", vmin=0, vmax=255)
         right = true_label == guess
-        ax.set_title(f"{'✓' if right else '✗'} true {true_label}\npred {guess}", color="green" if right else "red", fontsize=9)
+        ax.set_title(
+            f"{'✓' if right else '✗'} true {true_label}\npred {guess}", color="green" if right else "red", fontsize=9
+        )
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -86,9 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw the training curves, confusion matrices and a sample grid as PNG files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, default=Path("models/checkpoint.pth"), help="trained checkpoint (its history and stored metrics)")
-    parser.add_argument("--metrics", type=Path, default=None, help="metrics JSON from training.evaluate --json (default: the checkpoint's stored metrics)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="dataset root for the sample grid (default: $FER2013_DIR or ../shared/datasets/fer2013)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("models/checkpoint.pth"),
+        help="trained checkpoint (its history and stored metrics)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="metrics JSON from training.evaluate --json (default: the checkpoint's stored metrics)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="dataset root for the sample grid (default: $FER2013_DIR or ../shared/datasets/fer2013)",
+    )
     parser.add_argument("--split", default="val", help="split the sample grid draws from")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/images"), help="where the PNG files go")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the nine sample images")

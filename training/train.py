@@ -1,7 +1,7 @@
 """Train the seed architecture on FER2013 and write a checkpoint with its val metrics.
 
-    python -m training.train --run-dir runs/default --output models/checkpoint.pth
-    python -m training.train --run-dir runs/default --output models/checkpoint.pth --resume
+python -m training.train --run-dir runs/default --output models/checkpoint.pth
+python -m training.train --run-dir runs/default --output models/checkpoint.pth --resume
 """
 
 from __future__ import annotations
@@ -32,23 +32,80 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train EmotionRecognitionModelPyTorch on a FER2013 folder layout (train/ and val/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="'seed' reproduces the seed notebook; 'default' trains the shipped model")
-    parser.add_argument("--data-dir", type=Path, default=None, help="dataset root with train/ and val/ (default: $FER2013_DIR or ../shared/datasets/fer2013)")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="folder for state.pt (resumable state) and history.json")
-    parser.add_argument("--output", type=Path, default=None, help="checkpoint to write at the end (default: RUN_DIR/checkpoint.pth)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its state.pt, with the same flags")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/fer2013"), help="decoded uint8 cache, rebuilt when the folder changes")
-    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (recipe default: seed 1000 with early stopping, default 40)")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="default",
+        help="'seed' reproduces the seed notebook; 'default' trains the shipped model",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="dataset root with train/ and val/ (default: $FER2013_DIR or ../shared/datasets/fer2013)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path("runs/default"),
+        help="folder for state.pt (resumable state) and history.json",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="checkpoint to write at the end (default: RUN_DIR/checkpoint.pth)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its state.pt, with the same flags"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".cache/fer2013"),
+        help="decoded uint8 cache, rebuilt when the folder changes",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="number of epochs (recipe default: seed 1000 with early stopping, default 40)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (seed 64, default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (seed 1e-4, default 2e-3)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (seed 0, default 0.05 decoupled)")
-    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="optimiser (sgd uses Nesterov momentum 0.9)")
-    parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (seed 0, default 0.1)")
-    parser.add_argument("--erase-probability", type=float, default=None, help="probability of random erasing per image (seed 0, default 0.5)")
-    parser.add_argument("--noise-std", type=float, default=None, help="Gaussian noise std on the normalised input (seed 0.05, default 0)")
-    parser.add_argument("--selection", choices=("final", "val_loss", "val_accuracy"), default=None, help="which epoch's weights become the checkpoint (seed val_loss, default final)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation, shuffling and augmentation")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None, help="auto = bf16 autocast on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="weight decay (seed 0, default 0.05 decoupled)"
+    )
+    parser.add_argument(
+        "--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="optimiser (sgd uses Nesterov momentum 0.9)"
+    )
+    parser.add_argument(
+        "--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (seed 0, default 0.1)"
+    )
+    parser.add_argument(
+        "--erase-probability",
+        type=float,
+        default=None,
+        help="probability of random erasing per image (seed 0, default 0.5)",
+    )
+    parser.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="Gaussian noise std on the normalised input (seed 0.05, default 0)",
+    )
+    parser.add_argument(
+        "--selection",
+        choices=("final", "val_loss", "val_accuracy"),
+        default=None,
+        help="which epoch's weights become the checkpoint (seed val_loss, default final)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed for initialisation, shuffling and augmentation"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=None,
+        help="auto = bf16 autocast on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser
