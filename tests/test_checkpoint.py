@@ -115,3 +115,7 @@ def test_pickle_that_carries_code_is_refused_and_inert(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"evil\.pth: not a readable weights-only torch file"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_saved_checkpoint_is_readable_by_other_users(checkpoint_path: Path) -> None:
+    assert checkpoint_path.stat().st_mode & 0o044 == 0o044  # group and others may read (umask 022)
