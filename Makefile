@@ -43,7 +43,12 @@ plots: $(VENV)/.installed
 	$(BIN)/python -m training.plots --checkpoint models/checkpoint.pth --metrics docs/val-metrics.json --out-dir docs/images
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m benchmarks.precision
+	mkdir -p benchmarks/results
+	$(BIN)/python -m benchmarks.infer --json benchmarks/results/infer.json
+	$(BIN)/python -m benchmarks.preprocess --json benchmarks/results/preprocess.json
+	$(BIN)/python -m benchmarks.precision | tee benchmarks/results/precision.txt
+	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json
+	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md
 
 docker:
 	docker build -t fer-service .

@@ -1,0 +1,123 @@
+"""Assemble benchmarks/RESULTS.md and its plot from the JSON the benchmarks wrote.
+
+python -m benchmarks.report --results benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_http(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (server, workload), group in _group(rows).items():
+        ax.plot(
+            [r["concurrency"] for r in group],
+            [r["requests_per_s"] for r in group],
+            marker="o",
+            label=f"{server}: {workload}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests/s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["server"], row["workload"]), []).append(row)
+    return groups
+
+
+def render(results: Path) -> str:
+    lines = ["# Benchmarks", "", "Made by `make bench`; every figure below was measured in that one run.", ""]
+    infer = json.loads((results / "infer.json").read_text())
+    lines += [f"`{infer['machine']}`", "", "## 1. Model (`python -m benchmarks.infer`)", ""]
+    lines += [
+        f"Forward FLOPs per image: {infer['flops_per_image'] / 1e6:.1f} M. Measured matmul peak: "
+        f"fp32 {infer['peak_gflops']['fp32']:.0f} GFLOP/s, bf16 {infer['peak_gflops']['bf16']:.0f} GFLOP/s.",
+        "",
+        "| mode | batch | median ms | p95 ms | images/s | vs fp32 batch 1 | of matmul peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in infer["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['batch']} | {r['latency_ms_median']:.2f} | {r['latency_ms_p95']:.2f} | "
+            f"{r['images_per_s']:.0f} | {r['ratio_to_fp32_batch1']:.2f}× | {r['fraction_of_peak']:.0%} |"
+        )
+    pre = json.loads((results / "preprocess.json").read_text())
+    lines += ["", "## 2. Preprocessing (`python -m benchmarks.preprocess`), median µs per image", ""]
+    names = list(pre["microseconds"])
+    lines += ["| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for stage in pre["microseconds"][names[0]]:
+        lines.append(f"| {stage} | " + " | ".join(f"{pre['microseconds'][n][stage]:.0f}" for n in names) + " |")
+    if (results / "precision.txt").is_file():
+        lines += [
+            "",
+            "## bf16 vs fp32 on val (`python -m benchmarks.precision`)",
+            "",
+            "```",
+            (results / "precision.txt").read_text().strip(),
+            "```",
+        ]
+    http = json.loads((results / "http.json").read_text())
+    lines += [
+        "",
+        "## 3–4. The service end to end vs the naive baseline (`python -m benchmarks.http`)",
+        "",
+        f"Cold start, process start to `/ready`: {http['cold_start_s']:.2f} s. Load generator: "
+        "`benchmarks/loadgen.py` in its own process on the same 2 cores, multipart uploads.",
+        "",
+        "| server | workload | clients | requests/s | p50 ms | p95 ms | p99 ms | server CPU (cores) | peak RSS MB | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in http["rows"]:
+        lines.append(
+            f"| {r['server']} | {r['workload']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_cores']:.2f} | {r['peak_rss_mb']:.0f} | {r['errors']} |"
+        )
+    plot_http(http["rows"], results.parent / "http.png")
+    lines += ["", "![requests/s by concurrency](http.png)", ""]
+    index = {(r["server"], r["workload"], r["concurrency"]): r for r in http["rows"]}
+    lines += [
+        "### Ratios, service / naive",
+        "",
+        "| workload | clients | requests/s ratio | p50 ratio (lower is better) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for (server, workload, concurrency), r in index.items():
+        naive = index.get(("naive", workload, concurrency))
+        if server == "service" and naive:
+            lines.append(
+                f"| {workload} | {concurrency} | {r['requests_per_s'] / naive['requests_per_s']:.2f}× | {r['p50_ms'] / naive['p50_ms']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--results", type=Path, default=Path("benchmarks/results"), help="folder of the benchmarks' JSON"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="the report to write")
+    args = parser.parse_args()
+    args.out.write_text(render(args.results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
