@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
@@ -156,10 +156,18 @@ async def metrics(engine: EngineDep) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics/prometheus", summary="Operational metrics in the Prometheus text format")
-async def prometheus(telemetry: TelemetryDep) -> Response:
+PROMETHEUS_EXAMPLE = 'fer_requests_total{route="/predict",status="200"} 42.0\nfer_queue_depth 0.0\n'
+
+
+@router.get(
+    "/metrics/prometheus",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"example": PROMETHEUS_EXAMPLE}}}},
+    summary="Operational metrics in the Prometheus text format",
+)
+async def prometheus(telemetry: TelemetryDep) -> PlainTextResponse:
     """Requests by route and status, latency and batch-size histograms, queue depth."""
-    return Response(telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/health", response_model=StatusOut, summary="Liveness: answers while the process lives")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,7 +114,10 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns on odd pickle protocols; the one-line error below says all that matters.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = _one_line_reason(exc)
         raise CheckpointError(f"checkpoint {path}: not a readable weights-only torch file ({reason[:200]})") from None
@@ -173,10 +177,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def _one_line_reason(exc: BaseException) -> str:
     """The informative line of a `torch.load` failure (its first lines are generic advice)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
+    for index, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip()
-    return lines[0] if lines else type(exc).__name__
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            # Sometimes the reason is on the next line ("Unsupported operand 149").
+            return reason or (lines[index + 1] if index + 1 < len(lines) else "refused by the weights-only unpickler")
+    return lines[0] if lines else f"{type(exc).__name__}: not a torch checkpoint"
 
 
 def file_sha256(path: Path) -> str:

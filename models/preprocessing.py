@@ -58,6 +58,18 @@ class PreprocessingSpec:
         return spec
 
 
+def _document_kind(data: bytes) -> str | None:
+    """Name well-known non-image documents, so that they get 415 rather than 'undecodable'."""
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"%pdf"):
+        return "a PDF document"
+    if b"<svg" in head:
+        return "an SVG drawing (vector images are not accepted)"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    return None
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes into a loaded, upright PIL image.
 
@@ -77,6 +89,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        kind = _document_kind(data)
+        if kind:
+            raise UnsupportedImageError(
+                f"this is {kind}, not a photo: send a JPEG, PNG, GIF, WebP, BMP or TIFF image"
+            ) from None
         raise InvalidImageError(
             "the data is not a recognisable image: send a JPEG, PNG, GIF, WebP, BMP or TIFF file"
         ) from None

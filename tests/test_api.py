@@ -253,14 +253,48 @@ def test_queue_full_answers_503_with_retry_after(tmp_path: Path) -> None:
         tiny.stop()
 
 
+class _PrintsWhenUnpickled:
+    """Unpickling this calls print('pwned'): a stand-in for a checkpoint that carries code."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def write_bad_checkpoint(path: Path, setup: str) -> None:
+    import pickle
+
+    import torch
+
+    from models.checkpoint import read_checkpoint_dict
+
+    if setup == "truncated":
+        path.write_bytes(SHIPPED_CHECKPOINT.read_bytes()[:1000])
+    elif setup in ("wrong shapes", "wrong classes"):
+        raw = read_checkpoint_dict(SHIPPED_CHECKPOINT)
+        if setup == "wrong shapes":
+            raw["state_dict"]["classifier.1.weight"] = torch.zeros(128, 2304)
+        else:
+            raw["classes"] = ["happy", "sad", "other"]
+        torch.save(raw, path)
+    elif setup == "pickle with code":
+        marker = path.with_suffix(".ran")
+        path.write_bytes(pickle.dumps({"format_version": 1, "x": _PrintsWhenUnpickled()}))
+        assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("setup", "fragment"),
-    [("missing", "no such file"), ("corrupt", "not a readable weights-only torch file")],
+    [
+        ("missing", "no such file"),
+        ("truncated", "not a readable weights-only torch file"),
+        ("wrong shapes", "weights do not fit"),
+        ("wrong classes", "with 3 classes"),
+        ("pickle with code", "not a readable weights-only torch file"),
+    ],
 )
 def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str, fragment: str) -> None:
     path = tmp_path / "model.pth"
-    if setup == "corrupt":
-        path.write_bytes(SHIPPED_CHECKPOINT.read_bytes()[:1000])
+    write_bad_checkpoint(path, setup)
     env = {"FER_CHECKPOINT": str(path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
@@ -268,6 +302,7 @@ def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str,
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and str(path) in lines[0]
+    assert "pwned" not in result.stdout + result.stderr  # weights_only never ran the pickle's code
 
 
 def test_invalid_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:

@@ -71,7 +71,9 @@ def test_cmyk_jpeg_decodes_to_grayscale() -> None:
         (b"", InvalidImageError, "empty"),
         (b"hello, world", InvalidImageError, "not a recognisable image"),
         (b"\x89PNG\r\n\x1a\n" + b"junk" * 10, InvalidImageError, "image"),
-        (b"%PDF-1.4\n" + b"0" * 200, InvalidImageError, "not a recognisable image"),
+        (b"%PDF-1.4\n" + b"0" * 200, UnsupportedImageError, "a PDF document"),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', UnsupportedImageError, "SVG"),
+        (b"<!DOCTYPE html><html><body>hi</body></html>", UnsupportedImageError, "HTML page"),
     ],
 )
 def test_bad_bytes_raise_a_domain_error(data: bytes, error: type[Exception], message: str) -> None:

@@ -1,0 +1,85 @@
+"""Hostile and odd uploads, generated: each with the status the service must answer."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import make_face
+from tests.images import encode
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width×height, followed by a tiny IDAT: a decompression-bomb header."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [make_face(seed).convert("P") for seed in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def palette_png_with_transparency() -> bytes:
+    image = make_face(4).convert("P")
+    return encode(image, transparency=0)
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(make_face(5).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
+
+
+def sixteen_bit_png() -> bytes:
+    return encode(Image.fromarray(np.asarray(make_face(6), dtype=np.uint16) * 257))
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+def photo(fmt: str, **params: object) -> bytes:
+    return encode(Image.effect_noise((320, 240), 60).convert("RGB"), fmt, **params)
+
+
+# (case, body bytes, expected status, fragment of the detail or "" for a 200)
+IMAGE_CASES: list[tuple[str, bytes, int, str]] = [
+    ("zero bytes", b"", 400, "empty"),
+    ("plain text", b"this is not an image\n" * 20, 400, "not a recognisable image"),
+    ("html", b"<!DOCTYPE html><html><body><img src=x></body></html>", 415, "HTML page"),
+    ("svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="48" height="48"><circle r="9"/></svg>', 415, "SVG"),
+    ("pdf", b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", 415, "PDF document"),
+    ("random bytes", os.urandom(4096), 400, "not a recognisable image"),
+    ("png magic then junk", b"\x89PNG\r\n\x1a\n" + os.urandom(500), 400, "not a recognisable image"),
+    ("jpeg magic then junk", b"\xff\xd8\xff\xe0" + os.urandom(500), 400, ""),
+    ("gif magic then junk", b"GIF89a" + os.urandom(500), 400, ""),
+    ("truncated jpeg", truncated(photo("JPEG")), 400, "truncated or corrupt"),
+    ("truncated png", truncated(photo("PNG")), 400, "truncated or corrupt"),
+    ("truncated gif", truncated(photo("GIF")), 400, ""),
+    ("truncated webp", truncated(photo("WEBP")), 400, ""),
+    ("header claims 0x0", png_with_header(0, 0), 400, ""),
+    ("header claims 60000x60000", png_with_header(60000, 60000), 413, "too large"),
+    ("1-bit png 12000x12000", encode(Image.new("1", (12000, 12000))), 413, "144,000,000 pixels"),
+    ("ico", encode(Image.new("RGB", (32, 32)), "ICO"), 415, "ICO images are not accepted"),
+    ("animated gif", animated_gif(), 200, ""),
+    ("cmyk jpeg", encode(make_face(1).convert("CMYK"), "JPEG"), 200, ""),
+    ("16-bit png", sixteen_bit_png(), 200, ""),
+    ("palette png with transparency", palette_png_with_transparency(), 200, ""),
+    ("exif-rotated jpeg", exif_rotated_jpeg(), 200, ""),
+    ("1x1 image", encode(Image.new("L", (1, 1), 128)), 200, ""),
+    ("bmp", encode(make_face(2), "BMP"), 200, ""),
+    ("tiff", encode(make_face(3), "TIFF"), 200, ""),
+    ("webp photo", photo("WEBP"), 200, ""),
+]
