@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FER2013_DIR ?= ../shared/datasets/fer2013
 export FER2013_DIR
 
-.PHONY: install serve test lint format train evaluate plots bench docker clean
+.PHONY: install serve test lint format train evaluate plots bench soak docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.precision | tee benchmarks/results/precision.txt
 	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json
 	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md
+
+soak: $(VENV)/.installed
+	mkdir -p benchmarks/results
+	$(BIN)/python -m benchmarks.soak --minutes 10 --json benchmarks/results/soak.json
 
 docker:
 	docker build -t fer-service .

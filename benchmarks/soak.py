@@ -1,0 +1,127 @@
+"""Soak: hold the service at about 80% of its measured capacity and watch for leaks.
+
+Measures capacity with a short closed-loop run at 32 clients, then sends requests at 80% of
+that rate (open loop, a fixed schedule) for --minutes, sampling the server's RSS, open file
+descriptors and threads every 10 s. Passes with zero errors, RSS growth under 10% and no growth
+in open files or threads.
+
+    python -m benchmarks.soak --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.http import BOUNDARY, free_port, load, multipart, start_server
+from benchmarks.loadgen import build_request
+from benchmarks.machine import machine_line
+from benchmarks.workloads import face_jpeg_48
+
+
+def sample(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = {line.split(":")[0]: line.split(":", 1)[1].split()[0] for line in status if line.split(":", 1)[-1].strip()}
+    return {
+        "rss_mb": int(fields["VmRSS"]) / 1024,
+        "threads": int(fields["Threads"]),
+        "open_files": len(os.listdir(f"/proc/{pid}/fd")),
+    }
+
+
+async def open_loop(port: int, request: bytes, rate_per_s: float, seconds: float, pid: int) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    samples: list[dict[str, float]] = []
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def one() -> None:
+        try:
+            reader, writer = pool.get_nowait() if not pool.empty() else await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+            length = next(
+                (int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")), 0
+            )
+            await reader.readexactly(length)
+            status = head.split(b" ", 2)[1].decode()
+            pool.put_nowait((reader, writer))
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            status = type(exc).__name__
+        statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.perf_counter()
+    tasks = []
+    sent = 0
+    next_sample = started
+    while (now := time.perf_counter()) - started < seconds:
+        while sent < (now - started) * rate_per_s:
+            tasks.append(asyncio.create_task(one()))
+            sent += 1
+        if now >= next_sample:
+            samples.append({"t_s": now - started, **sample(pid)})
+            next_sample += 10
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*tasks)
+    samples.append({"t_s": time.perf_counter() - started, **sample(pid)})
+    return {"sent": sent, "statuses": statuses, "samples": samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long to hold the load")
+    parser.add_argument("--fraction", type=float, default=0.8, help="share of the measured capacity to offer")
+    parser.add_argument("--json", type=Path, default=None, help="write the samples here")
+    args = parser.parse_args()
+    print(machine_line())
+    body = multipart("file", [face_jpeg_48()])
+    body_file = Path(os.environ.get("TMPDIR", "/tmp")) / "fer-soak-body"
+    body_file.write_bytes(body)
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    port = free_port()
+    env = {**os.environ, "FER_PORT": str(port), "FER_LOG_LEVEL": "warning"}
+    server, _ = start_server([sys.executable, "-m", "app"], env, port, "/ready")
+    try:
+        capacity = load(port, "/predict", body_file, content_type, 32, 5.0)["requests_per_s"]
+        rate = capacity * args.fraction
+        print(
+            f"capacity {capacity:.0f} req/s at 32 clients; soaking at {rate:.0f} req/s for {args.minutes:g} min",
+            flush=True,
+        )
+        request = build_request("127.0.0.1", port, "/predict", body, content_type)
+        result = asyncio.run(open_loop(port, request, rate, args.minutes * 60, server.pid))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    # The baseline is taken after a minute of load: the thread pool and the connections have
+    # grown to what the load needs by then, and growth after that is what a leak looks like.
+    warm = [s for s in result["samples"] if s["t_s"] >= min(60.0, args.minutes * 30)]
+    first, last = (warm[0] if warm else result["samples"][0]), result["samples"][-1]
+    errors = sum(count for status, count in result["statuses"].items() if status != "200")
+    growth = last["rss_mb"] / first["rss_mb"] - 1
+    verdict = (
+        errors == 0
+        and growth < 0.10
+        and last["open_files"] <= first["open_files"]
+        and last["threads"] <= first["threads"]
+    )
+    print(f"sent {result['sent']}, statuses {result['statuses']}")
+    print(
+        f"RSS {first['rss_mb']:.0f} → {last['rss_mb']:.0f} MB ({growth:+.1%}), open files {first['open_files']} → "
+        f"{last['open_files']}, threads {first['threads']} → {last['threads']}: {'PASS' if verdict else 'FAIL'}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"machine": machine_line(), "capacity_rps": capacity, "rate_rps": rate, **result}, indent=1)
+        )
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
