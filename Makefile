@@ -13,7 +13,7 @@ $(BIN)/python:
 
 # The stamp re-runs the install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[train,dev]"
+	$(BIN)/pip install --quiet -e ".[train,export,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,13 +25,13 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check models training app tests benchmarks
-	$(BIN)/ruff format --check models training app tests benchmarks
+	$(BIN)/ruff check models training app cli tests benchmarks
+	$(BIN)/ruff format --check models training app cli tests benchmarks
 	$(BIN)/mypy
 
 format: $(VENV)/.installed
-	$(BIN)/ruff format models training app tests benchmarks
-	$(BIN)/ruff check --fix models training app tests benchmarks
+	$(BIN)/ruff format models training app cli tests benchmarks
+	$(BIN)/ruff check --fix models training app cli tests benchmarks
 
 train: $(VENV)/.installed
 	$(BIN)/python -m training.train --recipe default --run-dir runs/default --output models/checkpoint.pth

@@ -18,7 +18,7 @@ from models.batching import BatchResult, MicroBatcher
 from models.errors import NoFaceError
 from models.faces import FaceBox, FaceDetector
 from models.predictor import Prediction, Predictor
-from models.preprocessing import decode_image, preprocess
+from models.preprocessing import PreprocessingSpec, decode_image, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,30 @@ class EngineConfig:
     max_wait_ms: float = 2.0
     queue_size: int = 256
     max_pixels: int = 40_000_000
+
+
+def prepare_faces(
+    data: bytes,
+    detector: FaceDetector,
+    spec: PreprocessingSpec,
+    *,
+    max_pixels: int | None = None,
+    all_faces: bool = False,
+    require_face: bool = False,
+) -> list[FaceInput]:
+    """Image bytes → one model input per face; the whole image when no face is found.
+
+    Raises:
+        InvalidImageError, UnsupportedImageError, ImageTooLargeError: bad image data.
+        NoFaceError: `require_face` and no face was found.
+    """
+    image = decode_image(data, max_pixels=max_pixels)
+    faces = detector.find_faces(image, all_faces=all_faces)
+    if faces:
+        return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
+    if require_face:
+        raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
+    return [FaceInput(preprocess(image, spec), None)]
 
 
 class Engine:
@@ -70,20 +94,15 @@ class Engine:
         self._ready.set()
 
     def prepare(self, data: bytes, *, all_faces: bool = False, require_face: bool = False) -> list[FaceInput]:
-        """Decode, find the face(s) and preprocess; the whole image when no face is found.
-
-        Raises:
-            InvalidImageError, UnsupportedImageError, ImageTooLargeError: bad image data.
-            NoFaceError: `require_face` and no face was found.
-        """
-        image = decode_image(data, max_pixels=self.config.max_pixels)
-        spec = self.predictor.checkpoint.preprocessing
-        faces = self.detector.find_faces(image, all_faces=all_faces)
-        if faces:
-            return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
-        if require_face:
-            raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
-        return [FaceInput(preprocess(image, spec), None)]
+        """Decode, find the face(s) and preprocess; see `prepare_faces`."""
+        return prepare_faces(
+            data,
+            self.detector,
+            self.predictor.checkpoint.preprocessing,
+            max_pixels=self.config.max_pixels,
+            all_faces=all_faces,
+            require_face=require_face,
+        )
 
     def submit(self, face: FaceInput) -> Future[BatchResult]:
         """Queue one face for the next forward pass; raises `QueueFullError` when over capacity."""
