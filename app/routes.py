@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
@@ -168,6 +169,15 @@ PROMETHEUS_EXAMPLE = 'fer_requests_total{route="/predict",status="200"} 42.0\nfe
 async def prometheus(telemetry: TelemetryDep) -> PlainTextResponse:
     """Requests by route and status, latency and batch-size histograms, queue depth."""
     return PlainTextResponse(telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+INDEX_HTML = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse, summary="The web page: drop a photo, see the faces and the bars")
+async def index() -> HTMLResponse:
+    """A self-contained page (no CDN, no external font) that calls /predict and /metrics."""
+    return HTMLResponse(INDEX_HTML)
 
 
 @router.get("/health", response_model=StatusOut, summary="Liveness: answers while the process lives")

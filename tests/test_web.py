@@ -1,0 +1,95 @@
+"""The web page at / in headless Chromium (Debian's package), driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SHIPPED_CHECKPOINT
+from tests.images import face_png
+from tests.server import Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def test_page_is_self_contained() -> None:
+    html = (Path(__file__).resolve().parent.parent / "app" / "static" / "index.html").read_text()
+    assert not re.search(r"(src|href)=[\"']https?://", html), "the page must work offline: no CDN, no external font"
+    assert "/predict" in html and "/metrics" in html
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("web") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_index_is_served(server: Server) -> None:
+    response = httpx.get(f"{server.url}/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "fer-service" in response.text
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+def fer_image(tmp_path: Path) -> Path:
+    value = os.environ.get("FER2013_DIR")
+    if value and (Path(value) / "val" / "happy").is_dir():
+        return sorted((Path(value) / "val" / "happy").glob("*.jpg"))[0]
+    path = tmp_path / "face.png"
+    path.write_bytes(face_png(3))
+    return path
+
+
+def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(f"{server.url}/")
+    page.set_input_files("#file", str(fer_image(tmp_path)))
+    page.wait_for_function("document.querySelectorAll('[data-testid=bar]').length === 7", timeout=30_000)
+    label = page.text_content("#label") or ""
+    assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \(\d+%\)$", label), label
+    assert not page.is_visible("#error")
+    metrics = httpx.get(f"{server.url}/metrics").json()
+    if metrics.get("accuracy") is not None:
+        page.wait_for_function("document.getElementById('accuracy').textContent.length > 0", timeout=10_000)
+        assert f"{100 * metrics['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
+    screenshot = os.environ.get("FER_WEB_SCREENSHOT")
+    if screenshot:
+        page.screenshot(path=screenshot, full_page=True)
+    page.close()
+
+
+def test_upload_of_a_text_file_shows_a_readable_error(server: Server, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not a photo")
+    page = browser.new_page()
+    page.goto(f"{server.url}/")
+    page.set_input_files("#file", str(notes))
+    page.wait_for_selector("#error", state="visible", timeout=30_000)
+    text = page.text_content("#error") or ""
+    assert "Could not classify this file (400)" in text and "not a recognisable image" in text
+    page.close()
