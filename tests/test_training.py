@@ -121,3 +121,26 @@ def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> Non
     assert plots.main(["--checkpoint", str(checkpoint), "--data-dir", str(tiny_dataset), "--out-dir", str(out)]) == 0
     for name in ("loss.png", "accuracy.png", "confusion.png", "samples.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir, output = tmp_path / "ddp", tmp_path / "ddp.pth"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "training.train", "--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--output", str(output),
+        "--cache-dir", str(tmp_path / "cache"), "--epochs", "2", "--batch-size", "8", "--threads", "1",
+    ]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1 of 2 (DistributedDataParallel, gloo)" in result.stderr
+    raw = torch.load(output, map_location="cpu", weights_only=True)
+    assert [row["epoch"] for row in raw["training"]["history"]] == [1, 2]
+    # 140 images, 2 ranks × batch 8 → 8 steps a rank, 64 images seen by rank 0 per epoch
+    assert raw["training"]["history"][0]["train_images_per_second"] > 0
+    assert load_checkpoint(output).classes == CLASSES

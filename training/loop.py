@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.checkpoint import atomic_torch_save
@@ -46,8 +49,20 @@ class TrainResult:
 
 
 def select_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (this process's GPU under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the process group when launched by torchrun with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -109,15 +124,26 @@ def train(
     resume: bool = False,
     spec: PreprocessingSpec | None = None,
 ) -> TrainResult:
-    """Train the seed architecture; writes `state.pt` and `history.json` in `run_dir` every epoch."""
+    """Train the seed architecture; writes `state.pt` and `history.json` in `run_dir` every epoch.
+
+    Under torchrun with several processes it trains with DistributedDataParallel: every rank
+    draws the same permutation and takes its own shard of it, and rank 0 alone writes files.
+    """
     spec = spec or PreprocessingSpec()
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = select_device()
+    rank, world = init_distributed(device)
+    is_writer = rank == 0
+    if is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu" and config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     use_bf16 = resolve_bf16(config.precision, device)
     torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # the permutation: the same on every rank
+    # Augmentation differs per rank; with one process it is the same generator, as before DDP existed.
+    augment_generator = (
+        generator if world == 1 else torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
+    )
 
     model = EmotionRecognitionModelPyTorch(num_classes=len(train_split.classes)).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -125,7 +151,7 @@ def train(
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
     )
-    steps_per_epoch = len(train_split) // config.batch_size
+    steps_per_epoch = len(train_split) // (config.batch_size * world)
     total_steps = steps_per_epoch * config.epochs
 
     history: list[dict[str, float]] = []
@@ -156,14 +182,17 @@ def train(
 
     train_pixels = torch.from_numpy(train_split.pixels).to(device)  # (N, 48, 48) uint8
     train_labels = torch.from_numpy(train_split.labels).to(device)
+    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    if world > 1:
+        logger.info("rank %d of %d (DistributedDataParallel, %s)", rank, world, dist.get_backend())
     stopped_early = False
     for epoch in range(start_epoch, config.epochs + 1):
         if config.early_stop_patience and epochs_since_improvement >= config.early_stop_patience:
             stopped_early = True
             break
-        model.train()
+        net.train()
         started = time.perf_counter()
-        order = torch.randperm(len(train_split), generator=generator, device=device)
+        order = torch.randperm(len(train_split), generator=generator, device=device)[rank::world]
         seen, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=None, leave=False)
         for step_in_epoch in bar:
@@ -173,10 +202,10 @@ def train(
                     group["lr"] = lr
             index = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
             inputs = normalise(train_pixels[index], spec).unsqueeze(1)  # (B, 1, 48, 48) float32
-            inputs = augment_batch(inputs, config, generator).contiguous(memory_format=torch.channels_last)
+            inputs = augment_batch(inputs, config, augment_generator).contiguous(memory_format=torch.channels_last)
             labels = train_labels[index]
             with autocast(device, use_bf16):
-                logits = model(inputs)
+                logits = net(inputs)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave backward untyped
@@ -222,6 +251,8 @@ def train(
             epoch, config.epochs, record["train_loss"], record["train_accuracy"], val_loss, val_accuracy,
             record["lr"], record["seconds"], record["train_images_per_second"],
         )  # fmt: skip
+        if not is_writer:
+            continue
         atomic_torch_save(
             {
                 "config": config.to_dict(),

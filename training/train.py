@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from models.checkpoint import save_checkpoint
 from models.network import EmotionRecognitionModelPyTorch
 from models.predictor import Predictor
@@ -146,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: resume with --resume --run-dir {args.run_dir}", file=sys.stderr)
         return 130
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0  # rank 0 writes the checkpoint
     network = EmotionRecognitionModelPyTorch(num_classes=len(train_split.classes))
     network.load_state_dict(result.state_dict)
     save_checkpoint(
