@@ -24,6 +24,8 @@ from benchmarks.loadgen import build_request
 from benchmarks.machine import machine_line
 from benchmarks.workloads import face_jpeg_48
 
+CONNECTIONS = 64
+
 
 def sample(pid: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -40,9 +42,14 @@ async def open_loop(port: int, request: bytes, rate_per_s: float, seconds: float
     samples: list[dict[str, float]] = []
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+
     async def one() -> None:
         try:
-            reader, writer = pool.get_nowait() if not pool.empty() else await asyncio.open_connection("127.0.0.1", port)
+            # A fixed pool of keep-alive connections, like a real client's: when all are busy the
+            # request waits here, and that wait counts in its latency.
+            reader, writer = await pool.get()
             writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
             length = next(
