@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -62,3 +64,14 @@ class Server:
                 self.process.wait()
         self._log.close()
         return int(self.process.returncode)
+
+
+@contextlib.contextmanager
+def serving(log_path: Path, **settings: str) -> Iterator[Server]:
+    """A started, ready server for the duration of a `with` block (or a yield fixture)."""
+    running = Server(log_path, **settings)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()

@@ -19,19 +19,15 @@ from PIL import Image
 from models.checkpoint import CLASSES
 from tests.conftest import SHIPPED_CHECKPOINT
 from tests.images import encode, face_jpeg, face_png, scene_with_face
-from tests.server import ROOT, Server
+from tests.server import ROOT, Server, serving
 
 TEN_MIB = 10 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("server") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT))
-    try:
-        running.wait_ready()
+    with serving(tmp_path_factory.mktemp("server") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def post_file(

@@ -61,14 +61,10 @@ def test_seeds_are_valid_images() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from tests.conftest import SHIPPED_CHECKPOINT
-    from tests.server import Server
+    from tests.server import serving
 
-    running = Server(tmp_path_factory.mktemp("schema") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT))
-    try:
-        running.wait_ready()
+    with serving(tmp_path_factory.mktemp("schema") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_every_route_honours_its_schema(server) -> None:  # type: ignore[no-untyped-def]

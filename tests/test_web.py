@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import SHIPPED_CHECKPOINT
 from tests.images import face_png
-from tests.server import Server
+from tests.server import Server, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -30,12 +30,8 @@ def test_page_is_self_contained() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("web") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT))
-    try:
-        running.wait_ready()
+    with serving(tmp_path_factory.mktemp("web") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_index_is_served(server: Server) -> None:
