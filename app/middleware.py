@@ -66,6 +66,7 @@ class RequestGuard:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        self.telemetry.in_progress.inc()
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
@@ -73,6 +74,7 @@ class RequestGuard:
                 return
             await self.app(scope, self._guarded_receive(receive), send_with_id)
         finally:
+            self.telemetry.in_progress.dec()
             elapsed_s = time.perf_counter() - started
             route = self.route_of(scope.get("path", ""))
             self.telemetry.requests.labels(route, str(status)).inc()

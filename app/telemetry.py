@@ -19,6 +19,7 @@ class Telemetry:
     requests: Counter
     latency: Histogram
     batch_size: Histogram
+    in_progress: Gauge
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -41,4 +42,7 @@ def make_telemetry(queue_depth: Callable[[], float]) -> Telemetry:
     )
     depth = Gauge("fer_queue_depth", "faces waiting for a forward pass", registry=registry)
     depth.set_function(queue_depth)
-    return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)
+    in_progress = Gauge("fer_requests_in_progress", "HTTP requests being served now", registry=registry)
+    return Telemetry(
+        registry=registry, requests=requests, latency=latency, batch_size=batch_size, in_progress=in_progress
+    )

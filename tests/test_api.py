@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,36 +310,42 @@ def test_invalid_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert "FER_MAX_BATCH='zero'" in result.stderr and "FER_PRECISION='fp8'" in result.stderr
 
 
+def in_progress(server: Server) -> float:
+    text = httpx.get(f"{server.url}/metrics/prometheus", timeout=10).text
+    line = next(line for line in text.splitlines() if line.startswith("fer_requests_in_progress "))
+    return float(line.split()[1]) - 1  # less this scrape itself
+
+
 def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
-    server = Server(tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT))
+    server = Server(tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT), max_wait_ms="200")
     server.wait_ready()
     scene, _ = scene_with_face(300, 200, 100)
-    first_done = threading.Event()
+    requests = 24
     outcomes: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=requests)) as client:
 
-    def call(_: int) -> None:
-        try:
-            response = post_file(server, scene, "scene.jpg")
-            outcomes.append(str(response.status_code))
-        except httpx.ConnectError:
-            outcomes.append("refused")  # never reached the server: not in flight
-        except httpx.HTTPError as exc:
-            outcomes.append(f"lost: {exc!r}")
-        first_done.set()
+        def call(_: int) -> None:
+            try:
+                outcomes.append(str(client.post("/predict", files={"file": ("scene.jpg", scene)}).status_code))
+            except httpx.HTTPError as exc:
+                outcomes.append(f"lost: {exc!r}")
 
-    with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        futures = [pool.submit(call, i) for i in range(24)]
-        assert first_done.wait(60)
-        server.process.send_signal(signal.SIGTERM)
-        concurrent.futures.wait(futures, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+            futures = [pool.submit(call, i) for i in range(requests)]
+            deadline = time.monotonic() + 60
+            while in_progress(server) < requests and time.monotonic() < deadline and not outcomes:
+                time.sleep(0.005)
+            seen_in_flight = in_progress(server)
+            server.process.send_signal(signal.SIGTERM)
+            concurrent.futures.wait(futures, timeout=60)
     started = time.monotonic()
     code = server.stop()
     assert time.monotonic() - started < 30
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, so -15 is a clean exit.
     assert code in (0, -signal.SIGTERM)
     assert "Finished server process" in server.log()
-    assert not [outcome for outcome in outcomes if outcome.startswith("lost")], outcomes
-    assert outcomes.count("200") >= 2
+    assert seen_in_flight >= 2, "SIGTERM came too late to test anything"
+    assert outcomes.count("200") == requests, outcomes  # all in flight at SIGTERM, none lost
 
 
 def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(server: Server, fer2013_dir: Path) -> None:

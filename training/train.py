@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
-        help="number of epochs (recipe default: seed 1000 with early stopping, default 40)",
+        help="number of epochs (recipe default: seed 1000 with early stopping, default 45)",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (seed 64, default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (seed 1e-4, default 2e-3)")
