@@ -74,6 +74,19 @@ def start_server(
             time.sleep(0.02)
 
 
+def batch_totals(port: int) -> tuple[float, float]:
+    """(sum, count) of the service's batch-size histogram; (0, 0) for a server without one."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/prometheus", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0, 0.0
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("fer_batch_size_")
+    }
+    return values.get("fer_batch_size_sum", 0.0), values.get("fer_batch_size_count", 0.0)
+
+
 def load(port: int, path: str, body: Path, content_type: str, concurrency: int, duration_s: float) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "benchmarks.loadgen", "--port", str(port), "--path", path, "--body-file", str(body),
@@ -96,8 +109,14 @@ def measure(
         load(port, path, body, content_type, 4, 1.0)  # warm-up
         for concurrency in CONCURRENCY:
             cpu_before, _ = proc_stat(process.pid)
+            sum_before, count_before = batch_totals(port)
             result = load(port, path, body, content_type, concurrency, duration_s)
             cpu_after, peak_rss = proc_stat(process.pid)
+            sum_after, count_after = batch_totals(port)
+            # Each face served observes the size of the batch it rode in: this is the mean batch a face saw.
+            result["mean_batch"] = (
+                (sum_after - sum_before) / (count_after - count_before) if count_after > count_before else None
+            )
             result.update(
                 server=name, workload=workload,
                 server_cpu_cores=(cpu_after - cpu_before) / result["seconds"], peak_rss_mb=peak_rss / 2**20,
@@ -107,7 +126,8 @@ def measure(
             print(
                 f"{name:<8} {workload:<14} c={concurrency:<4} {result['requests_per_s']:>7.1f} req/s  "
                 f"p50 {result['p50_ms']:>7.1f}  p95 {result['p95_ms']:>7.1f}  p99 {result['p99_ms']:>7.1f} ms  "
-                f"cpu {result['server_cpu_cores']:.2f}  rss {result['peak_rss_mb']:.0f} MB  errors {errors}",
+                f"cpu {result['server_cpu_cores']:.2f}  rss {result['peak_rss_mb']:.0f} MB  errors {errors}  "
+                f"batch {result['mean_batch'] or 0:.1f}",
                 flush=True,
             )
             rows.append(result)

@@ -81,13 +81,15 @@ def render(results: Path) -> str:
         f"Cold start, process start to `/ready`: {http['cold_start_s']:.2f} s. Load generator: "
         "`benchmarks/loadgen.py` in its own process on the same 2 cores, multipart uploads.",
         "",
-        "| server | workload | clients | requests/s | p50 ms | p95 ms | p99 ms | server CPU (cores) | peak RSS MB | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | workload | clients | requests/s | p50 ms | p95 ms | p99 ms | server CPU (cores) | peak RSS MB | errors | mean batch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in http["rows"]:
+        mean_batch = f"{r['mean_batch']:.1f}" if r.get("mean_batch") else "–"
         lines.append(
             f"| {r['server']} | {r['workload']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_cores']:.2f} | {r['peak_rss_mb']:.0f} | {r['errors']} |"
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_cores']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['errors']} | {mean_batch} |"
         )
     plot_http(http["rows"], results.parent / "http.png")
     lines += ["", "![requests/s by concurrency](http.png)", ""]
