@@ -51,10 +51,12 @@ class EmotionRecognitionModelPyTorch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a batch of faces (N, 1, 48, 48) to logits (N, num_classes)."""
-        features = self.features(x)
-        # The head runs in fp32 even under bf16 autocast: bf16 logits keep ~3 significant digits,
-        # which moved served probabilities by up to 0.014 from fp32 on val; the head is 0.2% of
-        # the FLOPs (benchmarks/precision.py).
+        # The first block and the head run in fp32 even under bf16 autocast: bf16 keeps ~3
+        # significant digits, so it rounds the input pixels and the logits; together they are
+        # under 1% of the FLOPs (benchmarks/precision.py measures the drift that remains).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            first = self.features[0](x.float())
+        features = self.features[1:](first)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.classifier(features.float())  # type: ignore[no-any-return]
 
