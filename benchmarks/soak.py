@@ -105,22 +105,32 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    # The baseline is taken after a minute of load: the thread pool and the connections have
-    # grown to what the load needs by then, and growth after that is what a leak looks like.
-    warm = [s for s in result["samples"] if s["t_s"] >= min(60.0, args.minutes * 30)]
-    first, last = (warm[0] if warm else result["samples"][0]), result["samples"][-1]
+    # Threads and sockets come and go with the load (the thread pool grows and shrinks), so single
+    # samples mislead: a leak is a ceiling that keeps rising. Compare the maxima of the first and
+    # last thirds after a one-minute warm-up; RSS compares the mean of the same windows.
+    warm = [s for s in result["samples"] if s["t_s"] >= min(60.0, args.minutes * 30)] or result["samples"]
+    third = max(1, len(warm) // 3)
+    early, late = warm[:third], warm[-third:]
+
+    def ceiling(window: list[dict[str, float]], key: str) -> float:
+        return max(sample[key] for sample in window)
+
+    def mean(window: list[dict[str, float]], key: str) -> float:
+        return sum(sample[key] for sample in window) / len(window)
+
     errors = sum(count for status, count in result["statuses"].items() if status != "200")
-    growth = last["rss_mb"] / first["rss_mb"] - 1
+    growth = mean(late, "rss_mb") / mean(early, "rss_mb") - 1
     verdict = (
         errors == 0
         and growth < 0.10
-        and last["open_files"] <= first["open_files"]
-        and last["threads"] <= first["threads"]
+        and ceiling(late, "open_files") <= ceiling(early, "open_files")
+        and ceiling(late, "threads") <= ceiling(early, "threads")
     )
     print(f"sent {result['sent']}, statuses {result['statuses']}")
     print(
-        f"RSS {first['rss_mb']:.0f} → {last['rss_mb']:.0f} MB ({growth:+.1%}), open files {first['open_files']} → "
-        f"{last['open_files']}, threads {first['threads']} → {last['threads']}: {'PASS' if verdict else 'FAIL'}"
+        f"RSS mean {mean(early, 'rss_mb'):.0f} → {mean(late, 'rss_mb'):.0f} MB ({growth:+.1%}), open files max "
+        f"{ceiling(early, 'open_files'):.0f} → {ceiling(late, 'open_files'):.0f}, threads max "
+        f"{ceiling(early, 'threads'):.0f} → {ceiling(late, 'threads'):.0f}: {'PASS' if verdict else 'FAIL'}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
