@@ -14,6 +14,7 @@ from app.middleware import RequestGuard
 from app.routes import router
 from app.settings import Settings
 from app.telemetry import make_telemetry
+from models.checkpoint import FORMAT_VERSION
 from models.engine import Engine, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         checkpoint = loaded.predictor.checkpoint
         logger.info(
             "serving %s (format %s, %s, val accuracy %s) in %s with %d threads",
-            checkpoint.path, 1, checkpoint.version, checkpoint.metrics.get("accuracy", "not measured"),
+            checkpoint.path, FORMAT_VERSION, checkpoint.version, checkpoint.metrics.get("accuracy", "not measured"),
             loaded.predictor.precision, settings.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
