@@ -14,7 +14,7 @@ from app.deps import EngineDep, SettingsDep, TelemetryDep
 from app.errors import status_for
 from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
 from app.uploads import read_form, read_image, uploaded_files
-from models.engine import Engine, FaceInput
+from models.engine import Engine, FaceInput, is_quick
 from models.errors import FerError
 
 router = APIRouter()
@@ -69,6 +69,15 @@ def model_info(engine: Engine) -> dict[str, str]:
     return {"version": checkpoint.version, "sha256": checkpoint.sha256}
 
 
+async def prepare(
+    engine: Engine, data: bytes, *, all_faces: bool = False, require_face: bool = False
+) -> list[FaceInput]:
+    """Decode and preprocess: small face crops inline, anything that may need face detection in a thread."""
+    if is_quick(data):
+        return engine.prepare(data, all_faces=all_faces, require_face=require_face)
+    return await run_in_threadpool(engine.prepare, data, all_faces=all_faces, require_face=require_face)
+
+
 async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
     """Send the faces through the micro-batcher; returns one result dict each and the largest batch size."""
     results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
@@ -101,7 +110,7 @@ async def predict(
 ) -> JSONResponse:
     """Upload one image (multipart field `file`, or the raw body as image/*); photos go through face detection."""
     data = await read_image(request)
-    inputs = await run_in_threadpool(engine.prepare, data, all_faces=faces == "all", require_face=require_face)
+    inputs = await prepare(engine, data, all_faces=faces == "all", require_face=require_face)
     answers, batch_size = await classify(engine, inputs)
     request.state.batch_size = batch_size
     body = {**answers[0], "model": model_info(engine)}
@@ -112,7 +121,7 @@ async def predict(
 
 async def _one_of_batch(engine: Engine, data: bytes, require_face: bool) -> tuple[dict[str, Any], int]:
     try:
-        inputs = await run_in_threadpool(engine.prepare, data, require_face=require_face)
+        inputs = await prepare(engine, data, require_face=require_face)
         answers, batch_size = await classify(engine, inputs)
     except FerError as exc:
         return {"error": {"status": status_for(exc), "detail": str(exc)}}, 0

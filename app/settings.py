@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     checkpoint: Path = Path(__file__).resolve().parent.parent / "models" / "checkpoint.pth"
     # 32 images per forward pass: images/s at batch 32 is near the plateau on 2 cores (benchmarks/infer.py)
     max_batch: int = Field(32, ge=1, le=1024)
-    # A few ms of waiting fills batches under load and costs little at concurrency 1.
-    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    # No waiting: a lone request runs at once, and under load the requests that queue during one
+    # forward pass form the next batch (benchmarks/RESULTS.md measured 0 against 2 ms).
+    max_wait_ms: float = Field(0.0, ge=0, le=1000)
     queue_size: int = Field(256, ge=1, le=100_000)
     max_batch_files: int = Field(64, ge=1, le=10_000)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -103,11 +103,12 @@ def measure(
     port: int,
     workloads: list[tuple[str, str, Path, str]],
     duration_s: float,
+    concurrencies: tuple[int, ...] = CONCURRENCY,
 ) -> list[dict[str, Any]]:
     rows = []
     for workload, path, body, content_type in workloads:
         load(port, path, body, content_type, 4, 1.0)  # warm-up
-        for concurrency in CONCURRENCY:
+        for concurrency in concurrencies:
             cpu_before, _ = proc_stat(process.pid)
             sum_before, count_before = batch_totals(port)
             result = load(port, path, body, content_type, concurrency, duration_s)
@@ -152,11 +153,14 @@ def main() -> int:
     }
     for key, body in bodies.items():
         (workdir / key).write_bytes(body)
+    (workdir / "face.jpg").write_bytes(face)
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
     service_workloads = [
         ("predict 48x48", "/predict", workdir / "face", content_type),
         ("predict 640x480", "/predict", workdir / "photo", content_type),
         ("batch of 32", "/predict/batch", workdir / "batch32", content_type),
+        # The same face as a raw image/jpeg body: what multipart parsing costs.
+        ("predict 48x48 raw", "/predict", workdir / "face.jpg", "image/jpeg"),
     ]
     env = {**os.environ, "FER_CHECKPOINT": str(args.checkpoint), "FER_LOG_LEVEL": "warning"}
     rows: list[dict[str, Any]] = []

@@ -1,5 +1,6 @@
-"""Model throughput: images/s and latency at batch 1, 8, 32, 128 in fp32, fp32 channels_last and bf16
-channels_last, against the machine's measured matmul peak.
+"""Model throughput: images/s and latency at batch 1, 8, 32, 128 in fp32, fp32 channels_last, bf16
+channels_last, and bf16 channels_last on the fused network the service runs (BatchNorm folded
+in, `models.network.fuse_for_inference`), against the machine's measured matmul peak.
 
     python -m benchmarks.infer --json benchmarks/results/infer.json
 """
@@ -17,9 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.machine import machine_line
 from models.checkpoint import load_checkpoint
+from models.network import fuse_for_inference
 
 BATCH_SIZES = (1, 8, 32, 128)
-MODES = ("fp32", "fp32_channels_last", "bf16_channels_last")
+MODES = ("fp32", "fp32_channels_last", "bf16_channels_last", "bf16_channels_last_fused")
 
 
 def flops_per_image(network: torch.nn.Module) -> float:
@@ -80,7 +82,9 @@ def main() -> int:
     )
     rows = []
     for mode in MODES:
-        model = network if mode == "fp32" else network.to(memory_format=torch.channels_last)
+        model = fuse_for_inference(network) if mode.endswith("_fused") else network
+        if mode != "fp32":
+            model = model.to(memory_format=torch.channels_last)
         for batch_size in BATCH_SIZES:
             row = {"mode": mode, **time_forward(model, mode, batch_size, args.seconds)}
             peak = peak_bf16 if mode.startswith("bf16") else peak_fp32

@@ -2,7 +2,10 @@
 
 `MicroBatcher.submit` puts one face tensor on a bounded queue and returns a Future at once; a
 single worker thread takes up to `max_batch` items, waiting at most `max_wait_ms` after the
-first, runs the predictor once and resolves every Future. When the queue is full, `submit`
+first, runs the predictor once and resolves every Future. With the default wait of zero it takes
+only what is already queued: a lone request runs at once, and under load the requests that
+arrive during one forward pass form the next batch, so batches grow with the load by themselves
+(benchmarks/RESULTS.md compares the waits). When the queue is full, `submit`
 raises `QueueFullError` immediately instead of letting latency grow without bound. An
 exception in a forward pass fails only the Futures of that batch.
 """
@@ -47,7 +50,7 @@ class MicroBatcher:
     """Owns the worker thread and the bounded queue in front of a `Predictor`."""
 
     def __init__(
-        self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 256
+        self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0.0, queue_size: int = 256
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be ≥ 1 and max_wait_ms ≥ 0")

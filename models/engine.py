@@ -1,7 +1,8 @@
 """The serving engine: predictor + face detector + micro-batcher, behind two calls.
 
-`prepare` (CPU-bound, run it in a worker thread) turns upload bytes into model inputs, one per
-face; `submit` queues one input for the next batched forward pass. Nothing here knows HTTP.
+`prepare` (CPU-bound: run it in a worker thread unless `is_quick` says it is a small face crop)
+turns upload bytes into model inputs, one per face; `submit` queues one input for the next
+batched forward pass. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 
 from models.batching import BatchResult, MicroBatcher
 from models.errors import NoFaceError
-from models.faces import FaceBox, FaceDetector
+from models.faces import FACE_CROP_MAX_SIDE, FaceBox, FaceDetector
 from models.predictor import Prediction, Predictor
-from models.preprocessing import PreprocessingSpec, decode_image, preprocess
+from models.preprocessing import PreprocessingSpec, decode_image, peek_size, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class EngineConfig:
     precision: str = "auto"
     threads: int = 2
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     queue_size: int = 256
     max_pixels: int = 40_000_000
 
@@ -65,6 +66,20 @@ def prepare_faces(
     if require_face:
         raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
     return [FaceInput(preprocess(image, spec), None)]
+
+
+# A face crop this small decodes and preprocesses in about 0.1 ms with no face detection, less
+# than handing it to a worker thread and back costs; anything larger goes to a thread.
+QUICK_MAX_BYTES = 64 * 1024
+QUICK_MAX_PIXELS = 128 * 128
+
+
+def is_quick(data: bytes) -> bool:
+    """True for a small face crop (by its header) that is cheaper to prepare inline than in a thread."""
+    if len(data) > QUICK_MAX_BYTES:
+        return False
+    size = peek_size(data)
+    return size is not None and size[0] * size[1] <= QUICK_MAX_PIXELS and min(size) <= FACE_CROP_MAX_SIDE
 
 
 class Engine:

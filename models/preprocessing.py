@@ -70,6 +70,16 @@ def _document_kind(data: bytes) -> str | None:
     return None
 
 
+def peek_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels; None when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # any damage: the full decode reports it properly
+        return None
+    return int(width), int(height)
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes into a loaded, upright PIL image.
 

@@ -29,6 +29,27 @@ def test_concurrent_submits_share_one_forward_pass(predictor: Predictor) -> None
         assert result.probabilities == pytest.approx(row, abs=1e-3)
 
 
+def test_by_default_a_lone_request_runs_without_waiting_for_company(predictor: Predictor) -> None:
+    batcher = MicroBatcher(predictor)  # the service's defaults
+    try:
+        assert batcher.max_wait_s == 0
+        assert batcher.submit(torch.zeros(1, 48, 48)).result(timeout=30).batch_size == 1
+    finally:
+        batcher.close()
+
+
+def test_without_waiting_requests_that_queue_during_a_pass_share_the_next(predictor: Predictor) -> None:
+    batcher = MicroBatcher(predictor, max_batch=32, max_wait_ms=0, queue_size=64)
+    try:
+        # Submitting 40 takes microseconds; the first forward pass takes milliseconds.
+        futures = [batcher.submit(torch.zeros(1, 48, 48)) for _ in range(40)]
+        sizes = [future.result(timeout=30).batch_size for future in futures]
+    finally:
+        batcher.close()
+    assert max(sizes) > 1
+    assert batcher.batches_run < 40
+
+
 def test_a_failing_batch_fails_only_its_own_requests(predictor: Predictor) -> None:
     batcher = MicroBatcher(predictor, max_batch=8, max_wait_ms=0, queue_size=8)
     try:
