@@ -29,6 +29,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
         max_pixels=settings.max_pixels,
+        prepare_workers=settings.prepare_workers,
     )
 
 

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
 from app.errors import status_for
@@ -75,7 +74,7 @@ async def prepare(
     """Decode and preprocess: small face crops inline, anything that may need face detection in a thread."""
     if is_quick(data):
         return engine.prepare(data, all_faces=all_faces, require_face=require_face)
-    return await run_in_threadpool(engine.prepare, data, all_faces=all_faces, require_face=require_face)
+    return await asyncio.wrap_future(engine.prepare_in_pool(data, all_faces=all_faces, require_face=require_face))
 
 
 async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:

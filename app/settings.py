@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     body_timeout_s: float = Field(15.0, gt=0, description="a stalled upload is cut off after this many seconds")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    # Decoding and face detection of photos: one thread per core keeps the cores busy without
+    # dozens of threads contending (and each holding decode buffers) under load.
+    prepare_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(20.0, ge=0)

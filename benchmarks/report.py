@@ -106,7 +106,73 @@ def render(results: Path) -> str:
             lines.append(
                 f"| {workload} | {concurrency} | {r['requests_per_s'] / naive['requests_per_s']:.2f}× | {r['p50_ms'] / naive['p50_ms']:.2f} |"
             )
+    at_32 = index.get(("service", "predict 48x48", 32))
+    if at_32 and at_32.get("mean_batch"):
+        model_rate = model_images_per_s(infer["rows"], SERVED_MODE, at_32["mean_batch"])
+        cpu_ms = at_32["server_cpu_cores"] / at_32["requests_per_s"] * 1000
+        lines += [
+            "",
+            f"At 32 clients the service formed batches of {at_32['mean_batch']:.1f} on average; the model alone "
+            f"({SERVED_MODE}, interpolated between the measured batch sizes) runs {model_rate:.0f} images/s there, "
+            f"so the service's {at_32['requests_per_s']:.0f} requests/s are **{at_32['requests_per_s'] / model_rate:.0%}** "
+            f"of the model's rate. The server used {cpu_ms:.2f} ms of CPU per request.",
+        ]
+    if (results / "tune.json").is_file():
+        lines += render_tune(json.loads((results / "tune.json").read_text()))
+    if (results / "profile.json").is_file():
+        lines += render_profile(json.loads((results / "profile.json").read_text()))
     return "\n".join(lines) + "\n"
+
+
+SERVED_MODE = "bf16_channels_last_fused"
+
+
+def model_images_per_s(rows: list[dict[str, Any]], mode: str, batch: float) -> float:
+    """The model's in-process images/s at `batch`, linear between the measured batch sizes."""
+    points = sorted((r["batch"], r["images_per_s"]) for r in rows if r["mode"] == mode)
+    if batch <= points[0][0]:
+        return float(points[0][1])
+    for (b0, v0), (b1, v1) in zip(points, points[1:], strict=False):
+        if b0 <= batch <= b1:
+            return float(v0 + (v1 - v0) * (batch - b0) / (b1 - b0))
+    return float(points[-1][1])
+
+
+def render_tune(tune: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## 5. Batching defaults (`python -m benchmarks.tune`), predict 48x48",
+        "",
+        "The first row is the defaults; each other row changes one setting.",
+        "",
+        "| settings | clients | requests/s | p50 ms | p99 ms | server CPU ms/request | mean batch | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in tune["rows"]:
+        cpu_ms = r["server_cpu_cores"] / r["requests_per_s"] * 1000 if r["requests_per_s"] else float("nan")
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {cpu_ms:.2f} | {r.get('mean_batch') or 0:.1f} | {r['errors']} |"
+        )
+    return lines
+
+
+def render_profile(profile: dict[str, Any]) -> list[str]:
+    load = profile["load"]
+    lines = [
+        "",
+        f"## 6. Where the CPU goes (`python -m benchmarks.profile`), predict 48x48 at {load['concurrency']} clients",
+        "",
+        f"{load['requests']} requests at {load['requests_per_s']:.0f} requests/s; the server used "
+        f"{profile['cpu_ms_per_request']:.2f} ms of CPU per request. Exact CPU per thread from /proc, each Python "
+        "thread's share split by py-spy samples (innermost frame that names a part).",
+        "",
+        "| part | CPU ms/request | share |",
+        "| --- | ---: | ---: |",
+    ]
+    for row in profile["parts"]:
+        lines.append(f"| {row['part']} | {row['cpu_ms_per_request']:.3f} | {row['share']:.0%} |")
+    return lines
 
 
 def main() -> int:

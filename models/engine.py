@@ -1,6 +1,7 @@
 """The serving engine: predictor + face detector + micro-batcher, behind two calls.
 
-`prepare` (CPU-bound: run it in a worker thread unless `is_quick` says it is a small face crop)
+`prepare` (CPU-bound: `prepare_in_pool` runs it on the engine's threads; call it inline only when
+`is_quick` says the upload is a small face crop)
 turns upload bytes into model inputs, one per face; `submit` queues one input for the next
 batched forward pass. Nothing here knows HTTP.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class EngineConfig:
     max_wait_ms: float = 0.0
     queue_size: int = 256
     max_pixels: int = 40_000_000
+    prepare_workers: int = 2  # threads that decode photos and detect faces
 
 
 def prepare_faces(
@@ -90,6 +92,9 @@ class Engine:
         self.config = config
         self.detector = FaceDetector()
         self.batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
+        # A few threads, not one per request: decoding and detection are CPU-bound (OpenCV and
+        # Pillow release the GIL), so more threads than cores only add contention and memory.
+        self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
         self._ready = threading.Event()
 
     @classmethod
@@ -119,6 +124,12 @@ class Engine:
             require_face=require_face,
         )
 
+    def prepare_in_pool(
+        self, data: bytes, *, all_faces: bool = False, require_face: bool = False
+    ) -> Future[list[FaceInput]]:
+        """`prepare` on one of the engine's prepare threads; the Future carries its result or error."""
+        return self._prepare_pool.submit(self.prepare, data, all_faces=all_faces, require_face=require_face)
+
     def submit(self, face: FaceInput) -> Future[BatchResult]:
         """Queue one face for the next forward pass; raises `QueueFullError` when over capacity."""
         return self.batcher.submit(face.inputs)
@@ -128,5 +139,6 @@ class Engine:
         return self.predictor.to_predictions(result.probabilities[None, :])[0]
 
     def close(self) -> None:
-        """Finish queued work and stop the batching thread."""
+        """Finish queued work and stop the prepare and batching threads."""
+        self._prepare_pool.shutdown(wait=True)
         self.batcher.close()
