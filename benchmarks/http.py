@@ -135,15 +135,27 @@ def measure(
     return rows
 
 
+def server_torch(python: str) -> str:
+    """The torch version the servers run under (the CUDA and CPU wheels differ in memory)."""
+    command = [python, "-c", "import torch; print(torch.__version__)"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--checkpoint", type=Path, default=ROOT / "models" / "checkpoint.pth", help="checkpoint to serve"
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per point")
+    parser.add_argument(
+        "--server-python",
+        default=sys.executable,
+        help="interpreter that runs both servers, e.g. a venv with the CPU-only torch wheel",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     print(machine_line())
+    print(f"servers run torch {server_torch(args.server_python)} ({args.server_python})")
     workdir = Path(tempfile.mkdtemp(prefix="fer-bench-"))
     face, photo = face_jpeg_48(), photo_jpeg_640()
     bodies = {
@@ -165,7 +177,9 @@ def main() -> int:
     env = {**os.environ, "FER_CHECKPOINT": str(args.checkpoint), "FER_LOG_LEVEL": "warning"}
     rows: list[dict[str, Any]] = []
     port = free_port()
-    service, cold_start_s = start_server([sys.executable, "-m", "app"], {**env, "FER_PORT": str(port)}, port, "/ready")
+    service, cold_start_s = start_server(
+        [args.server_python, "-m", "app"], {**env, "FER_PORT": str(port)}, port, "/ready"
+    )
     print(f"service cold start to /ready: {cold_start_s:.2f} s")
     try:
         rows += measure("service", service, port, service_workloads, args.duration)
@@ -174,7 +188,7 @@ def main() -> int:
         service.wait()
     port = free_port()
     naive_command = [
-        sys.executable,
+        args.server_python,
         "-m",
         "uvicorn",
         "benchmarks.naive_app:app",
@@ -193,6 +207,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "machine": machine_line(),
+            "server_torch": server_torch(args.server_python),
             "cold_start_s": cold_start_s,
             "naive_cold_start_s": naive_start_s,
             "rows": rows,

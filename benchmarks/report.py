@@ -78,6 +78,7 @@ def render(results: Path) -> str:
         "",
         "## 3–4. The service end to end vs the naive baseline (`python -m benchmarks.http`)",
         "",
+        f"Servers run torch {http.get('server_torch', 'as above')}. "
         f"Cold start, process start to `/ready`: {http['cold_start_s']:.2f} s. Load generator: "
         "`benchmarks/loadgen.py` in its own process on the same 2 cores, multipart uploads.",
         "",
@@ -117,6 +118,8 @@ def render(results: Path) -> str:
             f"so the service's {at_32['requests_per_s']:.0f} requests/s are **{at_32['requests_per_s'] / model_rate:.0%}** "
             f"of the model's rate. The server used {cpu_ms:.2f} ms of CPU per request.",
         ]
+    if (results / "http-cpu-wheel.json").is_file():
+        lines += render_cpu_wheel(json.loads((results / "http-cpu-wheel.json").read_text()))
     if (results / "tune.json").is_file():
         lines += render_tune(json.loads((results / "tune.json").read_text()))
     if (results / "profile.json").is_file():
@@ -136,6 +139,28 @@ def model_images_per_s(rows: list[dict[str, Any]], mode: str, batch: float) -> f
         if b0 <= batch <= b1:
             return float(v0 + (v1 - v0) * (batch - b0) / (b1 - b0))
     return float(points[-1][1])
+
+
+def render_cpu_wheel(http: dict[str, Any]) -> list[str]:
+    """The same HTTP run with the servers on the CPU-only torch wheel that real users install."""
+    lines = [
+        "",
+        f"### The same run on the CPU-only wheel (torch {http['server_torch']})",
+        "",
+        "Real deployments install the CPU wheel (the Dockerfile's build arg); the CUDA build above maps "
+        "about 300 MB more just to import. This run is made with "
+        "`python -m benchmarks.http --server-python VENV/bin/python --json benchmarks/results/http-cpu-wheel.json` "
+        f"(not part of `make bench`). Cold start {http['cold_start_s']:.2f} s.",
+        "",
+        "| server | workload | clients | requests/s | p50 ms | p99 ms | peak RSS MB | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in http["rows"]:
+        lines.append(
+            f"| {r['server']} | {r['workload']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['errors']} |"
+        )
+    return lines
 
 
 def render_tune(tune: dict[str, Any]) -> list[str]:
