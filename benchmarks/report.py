@@ -148,7 +148,7 @@ def render_cpu_wheel(http: dict[str, Any]) -> list[str]:
         f"### The same run on the CPU-only wheel (torch {http['server_torch']})",
         "",
         "Real deployments install the CPU wheel (the Dockerfile's build arg); the CUDA build above maps "
-        "about 300 MB more just to import. This run is made with "
+        "its CUDA libraries into every process. This run is made with "
         "`python -m benchmarks.http --server-python VENV/bin/python --json benchmarks/results/http-cpu-wheel.json` "
         f"(not part of `make bench`). Cold start {http['cold_start_s']:.2f} s.",
         "",
