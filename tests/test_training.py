@@ -44,6 +44,11 @@ def test_resume_continues_the_same_run(tiny_dataset: Path, tmp_path: Path) -> No
     assert resumed["epoch"] == 2
     assert resumed["history"][0] == first["history"][0]  # epoch 1 was kept, not retrained
     assert len(resumed["history"]) == 2
+    # the extension is on record: the cosine schedule was stretched from epoch 2 on
+    expected_schedule = [{"from_epoch": 1, "epochs": 1}, {"from_epoch": 2, "epochs": 2}]
+    assert resumed["schedule"] == expected_schedule
+    checkpoint = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert checkpoint["training"]["schedule"] == expected_schedule
 
 
 def test_resume_with_other_settings_is_refused(

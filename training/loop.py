@@ -46,6 +46,8 @@ class TrainResult:
     chosen_epoch: int
     history: list[dict[str, float]]
     stopped_early: bool
+    # Each start or resume that changed --epochs: the cosine schedule was stretched from there.
+    schedule: list[dict[str, int]]
 
 
 def select_device() -> torch.device:
@@ -158,6 +160,7 @@ def train(
     start_epoch = 1
     best: dict[str, Any] = {"val_loss": math.inf, "val_accuracy": -1.0, "epoch": 0, "state_dict": None}
     epochs_since_improvement = 0
+    schedule = [{"from_epoch": 1, "epochs": config.epochs}]
     state_path = run_dir / STATE_FILE
     if resume:
         if not state_path.is_file():
@@ -178,6 +181,9 @@ def train(
         best = dict(state["best"])
         epochs_since_improvement = int(state["epochs_since_improvement"])
         start_epoch = int(state["epoch"]) + 1
+        schedule = list(state.get("schedule", [{"from_epoch": 1, "epochs": int(state["config"]["epochs"])}]))
+        if schedule[-1]["epochs"] != config.epochs:
+            schedule.append({"from_epoch": start_epoch, "epochs": config.epochs})
         logger.info("resumed %s at epoch %d", run_dir, start_epoch)
 
     train_pixels = torch.from_numpy(train_split.pixels).to(device)  # (N, 48, 48) uint8
@@ -265,6 +271,7 @@ def train(
                 "history": history,
                 "best": best,
                 "epochs_since_improvement": epochs_since_improvement,
+                "schedule": schedule,
             },
             state_path,
         )
@@ -272,5 +279,9 @@ def train(
     if best["state_dict"] is None:
         raise RuntimeError("no epoch was trained: raise --epochs or start a new run")
     return TrainResult(
-        state_dict=best["state_dict"], chosen_epoch=int(best["epoch"]), history=history, stopped_early=stopped_early
+        state_dict=best["state_dict"],
+        chosen_epoch=int(best["epoch"]),
+        history=history,
+        stopped_early=stopped_early,
+        schedule=schedule,
     )

@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "chosen_epoch": result.chosen_epoch,
             "selection": config.selection,
             "stopped_early": result.stopped_early,
+            "schedule": result.schedule,
             "history": result.history,
         },
     )
