@@ -13,6 +13,7 @@ from app.deps import EngineDep, SettingsDep, TelemetryDep
 from app.errors import status_for
 from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
 from app.uploads import read_form, read_image, uploaded_files
+from models.batching import BatchResult, QueueFullError
 from models.engine import Engine, FaceInput, is_quick
 from models.errors import FerError
 
@@ -77,9 +78,37 @@ async def prepare(
     return await asyncio.wrap_future(engine.prepare_in_pool(data, all_faces=all_faces, require_face=require_face))
 
 
-async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
-    """Send the faces through the micro-batcher; returns one result dict each and the largest batch size."""
-    results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
+# How long the images of one /predict/batch upload may wait for room in the batching queue.
+BATCH_QUEUE_PATIENCE_S = 10.0
+
+
+async def submit_patiently(engine: Engine, face: FaceInput, deadline: float) -> BatchResult:
+    """Queue a face, waiting for room until `deadline` (loop time); then `QueueFullError` as usual.
+
+    A batch upload brings many faces at once: refusing the ones that do not fit would fail a
+    request the service can finish in a moment, so they wait for the forward passes ahead.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await asyncio.wrap_future(engine.submit(face))
+        except QueueFullError:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.005)
+
+
+async def classify(
+    engine: Engine, faces: list[FaceInput], deadline: float | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Send the faces through the micro-batcher; returns one result dict each and the largest batch size.
+
+    Without a deadline a full queue refuses at once (503); with one, the faces wait for room until then.
+    """
+    if deadline is None:
+        results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
+    else:
+        results = await asyncio.gather(*(submit_patiently(engine, face, deadline) for face in faces))
     answers = []
     for face, result in zip(faces, results, strict=True):
         prediction = engine.prediction(result)
@@ -118,10 +147,12 @@ async def predict(
     return JSONResponse(body)
 
 
-async def _one_of_batch(engine: Engine, data: bytes, require_face: bool) -> tuple[dict[str, Any], int]:
+async def _one_of_batch(engine: Engine, data: bytes, require_face: bool, deadline: float) -> tuple[dict[str, Any], int]:
     try:
         inputs = await prepare(engine, data, require_face=require_face)
-        answers, batch_size = await classify(engine, inputs)
+        answers, batch_size = await classify(engine, inputs, deadline)
+    except QueueFullError:
+        raise  # capacity is not this image's fault: the whole request gets 503 and Retry-After
     except FerError as exc:
         return {"error": {"status": status_for(exc), "detail": str(exc)}}, 0
     return answers[0], batch_size
@@ -144,7 +175,8 @@ async def predict_batch(
         blobs = [(upload.filename, await upload.read()) for upload in uploads]
     finally:
         await form.close()
-    outcomes = await asyncio.gather(*(_one_of_batch(engine, data, require_face) for _, data in blobs))
+    deadline = asyncio.get_running_loop().time() + BATCH_QUEUE_PATIENCE_S
+    outcomes = await asyncio.gather(*(_one_of_batch(engine, data, require_face, deadline) for _, data in blobs))
     request.state.batch_size = max(size for _, size in outcomes)
     results = [{**answer, "filename": name} for (name, _), (answer, _) in zip(blobs, outcomes, strict=True)]
     return JSONResponse({"results": results, "model": model_info(engine)})

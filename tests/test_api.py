@@ -248,6 +248,23 @@ def test_queue_full_answers_503_with_retry_after(tmp_path: Path) -> None:
         tiny.stop()
 
 
+def test_a_batch_larger_than_the_queue_waits_for_room_instead_of_failing(tmp_path: Path) -> None:
+    small = Server(tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT), queue_size="4", max_batch="4")
+    try:
+        small.wait_ready()
+        files = [("files", (f"{i}.png", face_png(i), "image/png")) for i in range(40)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            responses = list(
+                pool.map(lambda _: httpx.post(f"{small.url}/predict/batch", files=files, timeout=60), range(3))
+            )
+        for response in responses:
+            assert response.status_code == 200
+            results = response.json()["results"]
+            assert len(results) == 40 and all("error" not in result for result in results)
+    finally:
+        small.stop()
+
+
 class _PrintsWhenUnpickled:
     """Unpickling this calls print('pwned'): a stand-in for a checkpoint that carries code."""
 

@@ -28,12 +28,26 @@ from training.data import default_data_dir, load_split  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-def plot_curves(history: list[dict[str, float]], key: str, ylabel: str, path: Path) -> None:
-    """Train and val `key` (loss or accuracy) per epoch."""
+def plot_curves(
+    history: list[dict[str, float]], key: str, ylabel: str, path: Path, schedule: Sequence[dict[str, int]] = ()
+) -> None:
+    """Train and val `key` (loss or accuracy) per epoch; a dotted line where a resume stretched the schedule."""
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [row[f"train_{key}"] for row in history], label="train")
     ax.plot(epochs, [row[f"val_{key}"] for row in history], label="val")
+    for segment in schedule[1:]:
+        ax.axvline(segment["from_epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(
+            f"→ {segment['epochs']} epochs",
+            (segment["from_epoch"] - 0.5, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color="grey",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -129,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = []
     history = checkpoint.training.get("history", [])
     if history:
-        plot_curves(history, "loss", "cross-entropy", args.out_dir / "loss.png")
-        plot_curves(history, "accuracy", "accuracy", args.out_dir / "accuracy.png")
+        schedule = checkpoint.training.get("schedule", [])
+        plot_curves(history, "loss", "cross-entropy", args.out_dir / "loss.png", schedule)
+        plot_curves(history, "accuracy", "accuracy", args.out_dir / "accuracy.png", schedule)
         written += ["loss.png", "accuracy.png"]
     if "confusion_matrix" in metrics:
         plot_confusion(np.array(metrics["confusion_matrix"]), checkpoint.classes, args.out_dir / "confusion.png")
