@@ -98,17 +98,13 @@ async def submit_patiently(engine: Engine, face: FaceInput, deadline: float) -> 
             await asyncio.sleep(0.005)
 
 
-async def classify(
-    engine: Engine, faces: list[FaceInput], deadline: float | None = None
-) -> tuple[list[dict[str, Any]], int]:
+async def classify(engine: Engine, faces: list[FaceInput], deadline: float = 0.0) -> tuple[list[dict[str, Any]], int]:
     """Send the faces through the micro-batcher; returns one result dict each and the largest batch size.
 
-    Without a deadline a full queue refuses at once (503); with one, the faces wait for room until then.
+    With the default deadline (already past) a full queue refuses at once (503); with a later one,
+    the faces wait for room until then.
     """
-    if deadline is None:
-        results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
-    else:
-        results = await asyncio.gather(*(submit_patiently(engine, face, deadline) for face in faces))
+    results = await asyncio.gather(*(submit_patiently(engine, face, deadline) for face in faces))
     answers = []
     for face, result in zip(faces, results, strict=True):
         prediction = engine.prediction(result)

@@ -1,9 +1,9 @@
 """The serving engine: predictor + face detector + micro-batcher, behind two calls.
 
-`prepare` (CPU-bound: `prepare_in_pool` runs it on the engine's threads; call it inline only when
-`is_quick` says the upload is a small face crop)
-turns upload bytes into model inputs, one per face; `submit` queues one input for the next
-batched forward pass. Nothing here knows HTTP.
+`prepare` turns upload bytes into model inputs, one per face; it is CPU-bound, so
+`prepare_in_pool` runs it on the engine's threads, and callers run it inline only when `is_quick`
+says the upload is a small face crop. `submit` queues one input for the next batched forward
+pass. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
