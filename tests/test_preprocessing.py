@@ -109,3 +109,23 @@ def test_serving_and_evaluation_give_the_same_tensor(tmp_path: Path) -> None:
         served = preprocess_bytes((root / relative).read_bytes(), SPEC)
         evaluated = normalise(torch.from_numpy(split.pixels[index]), SPEC).unsqueeze(0)
         assert torch.equal(served, evaluated)
+
+
+def test_concurrent_cache_builders_do_not_trip_over_each_other(tmp_path: Path) -> None:
+    """torchrun ranks build the same cache at once; each must get the split and leave one file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tests.conftest import write_dataset
+    from training.data import load_split
+
+    root = write_dataset(tmp_path / "train", {"happy": 6, "sad": 6}, seed=3)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        splits = list(pool.map(lambda _: load_split(root, SPEC, cache_dir=cache), range(6)))
+    for split in splits:
+        assert np.array_equal(split.pixels, splits[0].pixels) and split.paths == splits[0].paths
+    assert [path.suffix for path in cache.iterdir()] == [".npz"]  # no temporary file left behind
+    cached = load_split(root, SPEC, cache_dir=cache)
+    assert np.array_equal(cached.pixels, splits[0].pixels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,15 @@ def load_split(split_dir: Path, spec: PreprocessingSpec, cache_dir: Path | None 
     split = Split(pixels=pixels, labels=labels, classes=classes, paths=paths)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, pixels=pixels, labels=labels, classes=np.array(classes), paths=np.array(paths))
-        os.replace(tmp, cache_file)
+        # A temporary name of its own for each writer: torchrun ranks build the same cache at the
+        # same time, and a shared name let one rank rename the file away under the other.
+        handle, name = tempfile.mkstemp(dir=cache_file.parent, prefix=f"{cache_file.stem}.", suffix=".tmp")
+        tmp_path = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as tmp:
+                np.savez(tmp, pixels=pixels, labels=labels, classes=np.array(classes), paths=np.array(paths))
+            os.replace(tmp_path, cache_file)
+        finally:
+            tmp_path.unlink(missing_ok=True)
         logger.info("cached %d images of %s in %s", len(split), split_dir, cache_file)
     return split
