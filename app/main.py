@@ -24,6 +24,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     """The engine's knobs from the settings."""
     return EngineConfig(
         precision=settings.precision,
+        tta=settings.tta,
         threads=settings.threads,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
@@ -43,9 +44,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = loaded
         checkpoint = loaded.predictor.checkpoint
         logger.info(
-            "serving %s (format %s, %s, val accuracy %s) in %s with %d threads",
-            checkpoint.path, FORMAT_VERSION, checkpoint.version, checkpoint.metrics.get("accuracy", "not measured"),
-            loaded.predictor.precision, settings.threads,
+            "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, with %d threads",
+            checkpoint.path, FORMAT_VERSION, checkpoint.version, loaded.predictor.served_metrics().get("accuracy", "not measured"),
+            loaded.predictor.precision, loaded.predictor.tta, settings.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
         threading.Thread(target=loaded.warm_up, name="fer-warmup", daemon=True).start()

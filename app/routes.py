@@ -182,7 +182,7 @@ async def predict_batch(
 async def metrics(engine: EngineDep) -> dict[str, Any]:
     """Accuracy, loss, macro-F1, per class and the confusion matrix, as measured by training.evaluate."""
     checkpoint = engine.predictor.checkpoint
-    stored = dict(checkpoint.metrics)
+    stored = engine.predictor.served_metrics()
     known = set(MetricsOut.model_fields)
     return {
         **{key: value for key, value in stored.items() if key in known},
@@ -190,6 +190,7 @@ async def metrics(engine: EngineDep) -> dict[str, Any]:
         "model": model_info(engine),
         "classes": list(checkpoint.classes),
         "served_precision": engine.predictor.precision,
+        "served_tta": engine.predictor.tta,
     }
 
 

@@ -91,7 +91,8 @@ class MetricsOut(BaseModel):
     num_images: int | None = None
     precision: str | None = Field(None, description="the precision the metrics were measured in")
     served_precision: str = Field(..., description="the precision this server runs in")
-    tta: str | None = None
+    tta: str | None = Field(None, description="the test-time augmentation the metrics were measured with")
+    served_tta: str = Field(..., description="the test-time augmentation this server applies")
     extra: dict[str, Any] = Field(default_factory=dict, description="other stored figures")
 
 

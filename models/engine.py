@@ -38,6 +38,7 @@ class EngineConfig:
     """The engine's knobs; the service fills them from its settings."""
 
     precision: str = "auto"
+    tta: str | None = None  # None: what the checkpoint's metrics were measured with
     threads: int = 2
     max_batch: int = 32
     max_wait_ms: float = 0.0
@@ -101,7 +102,7 @@ class Engine:
     def load(cls, checkpoint: Path, config: EngineConfig) -> Engine:
         """Load the checkpoint (weights only); raises `CheckpointError` with a one-line reason."""
         torch.set_num_threads(config.threads)
-        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision), config)
+        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
 
     @property
     def ready(self) -> bool:

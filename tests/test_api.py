@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from models.checkpoint import CLASSES
-from tests.conftest import SHIPPED_CHECKPOINT
+from tests.conftest import SHIPPED_CHECKPOINT, make_face
 from tests.images import encode, face_jpeg, face_png, scene_with_face
 from tests.server import ROOT, Server, serving
 
@@ -121,6 +121,32 @@ def test_metrics_describe_the_served_model(server: Server) -> None:
     stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
     for key in ("accuracy", "loss", "macro_f1", "per_class", "confusion_matrix", "split", "num_images"):
         assert body[key] == stored.get(key)
+    assert body["served_tta"] == body["tta"] == stored.get("tta", "none")
+
+
+def test_ten_crop_server_answers_and_reports_ten_crop_figures(tmp_path: Path) -> None:
+    import torch
+
+    from models.predictor import Predictor
+
+    payload = torch.load(SHIPPED_CHECKPOINT, weights_only=True)
+    payload["metrics"] = {**payload["metrics"], "tta": "none", "accuracy": 0.5}
+    payload["metrics"]["tta_alternatives"] = {"tencrop": {"tta": "tencrop", "accuracy": 0.75, "macro_f1": 0.7}}
+    checkpoint = tmp_path / "model.pth"
+    torch.save(payload, checkpoint)
+    with serving(tmp_path / "server.log", checkpoint=str(checkpoint), tta="tencrop", precision="fp32") as server:
+        body = httpx.get(f"{server.url}/metrics").json()
+        assert (body["served_tta"], body["tta"], body["accuracy"], body["macro_f1"]) == (
+            "tencrop",
+            "tencrop",
+            0.75,
+            0.7,
+        )
+        served = post_file(server, face_png(5)).json()["probabilities"]
+    expected = Predictor.from_checkpoint(checkpoint, precision="fp32", tta="tencrop").predict([make_face(5)])[0]
+    plain = Predictor.from_checkpoint(checkpoint, precision="fp32", tta="none").predict([make_face(5)])[0]
+    assert served == pytest.approx(expected.probabilities, abs=1e-4)
+    assert served != pytest.approx(plain.probabilities, abs=1e-4)
 
 
 def test_prometheus_metrics_count_requests(server: Server) -> None:
@@ -318,13 +344,14 @@ def test_bad_checkpoint_stops_start_up_with_one_line(tmp_path: Path, setup: str,
 
 
 def test_invalid_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    env = {"FER_MAX_BATCH": "zero", "FER_PRECISION": "fp8", "PATH": "/usr/bin:/bin"}
+    env = {"FER_MAX_BATCH": "zero", "FER_PRECISION": "fp8", "FER_TTA": "twentycrop", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "FER_MAX_BATCH='zero'" in result.stderr and "FER_PRECISION='fp8'" in result.stderr
+    assert "FER_TTA='twentycrop'" in result.stderr
 
 
 def in_progress(server: Server) -> float:

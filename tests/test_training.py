@@ -149,3 +149,32 @@ def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: P
     # 140 images, 2 ranks × batch 8 → 8 steps a rank, 64 images seen by rank 0 per epoch
     assert raw["training"]["history"][0]["train_images_per_second"] > 0
     assert load_checkpoint(output).classes == CLASSES
+
+
+def test_evaluate_stores_other_tta_modes_and_the_predictor_serves_their_figures(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from models.predictor import Predictor
+    from training.data import load_split
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "random.pth"
+    save_checkpoint(checkpoint, EmotionRecognitionModelPyTorch().eval())
+    out = tmp_path / "metrics.json"
+    argv = ["--checkpoint", str(checkpoint), "--data-dir", str(tiny_dataset), "--precision", "fp32"]
+    assert (
+        evaluate.main([*argv, "--also-tta", "tencrop", "--also-tta", "flip", "--json", str(out), "--write-metrics"])
+        == 0
+    )
+    stored = load_checkpoint(checkpoint).metrics
+    assert stored == json.loads(out.read_text())
+    assert stored["tta"] == "none" and set(stored["tta_alternatives"]) == {"tencrop", "flip"}
+    split = load_split(tiny_dataset / "val", load_checkpoint(checkpoint).preprocessing)
+    for mode in ("none", "flip", "tencrop"):
+        predictor = Predictor.from_checkpoint(checkpoint, precision="fp32", tta=mode)
+        served = predictor.served_metrics()
+        assert served["tta"] == mode
+        assert served["accuracy"] == evaluate.evaluate_predictor(predictor, split)["accuracy"]
+    # Re-measuring without --also-tta drops the old alternatives rather than keeping stale ones.
+    assert evaluate.main([*argv, "--write-metrics"]) == 0
+    assert "tta_alternatives" not in load_checkpoint(checkpoint).metrics

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test-time augmentation (default: what the checkpoint's metrics say, else none)",
     )
+    parser.add_argument(
+        "--also-tta",
+        choices=TTA_MODES,
+        action="append",
+        default=[],
+        help="also measure with this TTA mode (repeatable); stored under tta_alternatives, for a server run with FER_TTA",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
     parser.add_argument(
         "--write-metrics", action="store_true", help="store the metrics in the checkpoint (what GET /metrics serves)"
@@ -116,11 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=args.tta)
         split = load_split(split_dir, predictor.checkpoint.preprocessing, cache_dir=args.cache_dir)
         metrics = evaluate_predictor(predictor, split)
+        alternatives = {
+            mode: evaluate_predictor(Predictor(predictor.checkpoint, precision=args.precision, tta=mode), split)
+            for mode in dict.fromkeys(args.also_tta)
+            if mode != predictor.tta
+        }
     except (FerError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics["split"] = split_dir.name
-    print(format_table(metrics))
+    for measured in (metrics, *alternatives.values()):
+        measured["split"] = split_dir.name
+        print(format_table(measured))
+    if alternatives:
+        metrics["tta_alternatives"] = alternatives
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=1))

@@ -1,0 +1,52 @@
+"""Test-time augmentation in the predictor: the views it averages and what it returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.predictor import TENCROP_RESIZE, Predictor, tta_views
+from tests.conftest import SHIPPED_CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    return torch.rand(3, 1, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_ten_crop_views_are_five_crops_of_the_enlarged_face_and_their_mirrors(faces: torch.Tensor) -> None:
+    views = tta_views(faces, "tencrop")
+    assert views.shape == (10 * 3, 1, 48, 48)
+    crops, mirrors = views[:15].reshape(5, 3, 1, 48, 48), views[15:].reshape(5, 3, 1, 48, 48)
+    assert torch.equal(mirrors, crops.flip(-1))
+    enlarged = torch.nn.functional.interpolate(faces, size=(TENCROP_RESIZE, TENCROP_RESIZE), mode="bilinear")
+    assert torch.equal(crops[0], enlarged[..., :48, :48])  # top-left
+    assert torch.equal(crops[3], enlarged[..., -48:, -48:])  # bottom-right
+    assert torch.equal(crops[4], enlarged[..., 2:50, 2:50])  # centre
+    assert torch.equal(tta_views(faces, "none"), faces)
+    assert torch.equal(tta_views(faces, "flip"), torch.cat([faces, faces.flip(-1)]))
+
+
+@pytest.mark.parametrize("mode", ["none", "flip", "tencrop"])
+def test_each_face_gets_the_same_answer_alone_or_in_a_batch(faces: torch.Tensor, mode: str) -> None:
+    predictor = Predictor(load_checkpoint(SHIPPED_CHECKPOINT), precision="fp32", tta=mode)
+    together = predictor.predict_tensors(faces)
+    alone = np.concatenate([predictor.predict_tensors(face[None]) for face in faces])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(together.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_ten_crop_averages_the_probabilities_of_its_views(faces: torch.Tensor) -> None:
+    checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
+    tencrop = Predictor(checkpoint, precision="fp32", tta="tencrop").predict_tensors(faces)
+    plain = Predictor(checkpoint, precision="fp32", tta="none")
+    views = plain.predict_tensors(tta_views(faces, "tencrop")).reshape(10, 3, -1)
+    np.testing.assert_allclose(tencrop, views.mean(axis=0), atol=1e-5)
+    assert not np.allclose(tencrop, plain.predict_tensors(faces), atol=1e-3)
+
+
+def test_unknown_tta_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="tta must be one of none, flip, tencrop"):
+        Predictor(load_checkpoint(SHIPPED_CHECKPOINT), tta="twentycrop")
