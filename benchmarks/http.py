@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,16 +203,13 @@ def main() -> int:
     finally:
         naive.terminate()
         naive.wait()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "machine": machine_line(),
-            "server_torch": server_torch(args.server_python),
-            "cold_start_s": cold_start_s,
-            "naive_cold_start_s": naive_start_s,
-            "rows": rows,
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
+    write_results(
+        args.json,
+        server_torch=server_torch(args.server_python),
+        cold_start_s=cold_start_s,
+        naive_cold_start_s=naive_start_s,
+        rows=rows,
+    )
     return 0
 
 

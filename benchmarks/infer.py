@@ -8,7 +8,6 @@ in, `models.network.fuse_for_inference`), against the machine's measured matmul 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from models.checkpoint import load_checkpoint
 from models.network import fuse_for_inference
 
@@ -98,14 +97,7 @@ def main() -> int:
             f"{row['mode']:<20} {row['batch']:>5} {row['latency_ms_median']:>10.2f} {row['latency_ms_p95']:>8.2f} "
             f"{row['images_per_s']:>8.0f} {row['ratio_to_fp32_batch1']:>9.2f}x {row['fraction_of_peak']:>7.1%}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "machine": machine_line(),
-            "flops_per_image": flops,
-            "peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16},
-        }
-        args.json.write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    write_results(args.json, flops_per_image=flops, peak_gflops={"fp32": peak_fp32, "bf16": peak_bf16}, rows=rows)
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,3 +40,11 @@ def machine_line() -> str:
         f"amx_bf16={'amx_bf16' in flags}, bf16 used={cpu_supports_bf16()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"
     )
+
+
+def write_results(path: Path | None, **results: Any) -> None:
+    """Write a benchmark's figures as JSON with the machine line first; no path, no file."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine_line(), **results}, indent=1))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
 from models.faces import FaceDetector
 from models.preprocessing import PreprocessingSpec, decode_image, preprocess, to_grayscale
@@ -70,9 +69,7 @@ def main() -> int:
         print(f"{name}:")
         for stage, value in figures.items():
             print(f"  {stage:<24} {value:>9.0f} µs")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_line(), "microseconds": results}, indent=1))
+    write_results(args.json, microseconds=results)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.http import BOUNDARY, free_port, load, multipart, start_server
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,13 +154,7 @@ def main() -> int:
     print(f"{'part':<52} {'CPU ms/request':>15} {'share':>6}")
     for row in rows:
         print(f"{row['part']:<52} {row['cpu_ms_per_request']:>15.3f} {row['share']:>6.1%}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {"machine": machine_line(), "load": result, "cpu_ms_per_request": total_ms, "parts": rows}, indent=1
-            )
-        )
+    write_results(args.json, load=result, cpu_ms_per_request=total_ms, parts=rows)
     return 0
 
 

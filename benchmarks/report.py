@@ -16,6 +16,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def printed_section(path: Path, title: str) -> list[str]:
+    """A script's printed output as a section, or nothing when it was not run."""
+    if not path.is_file():
+        return []
+    return ["", f"## {title}", "", "```", path.read_text().strip(), "```"]
+
+
 def plot_http(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for (server, workload), group in _group(rows).items():
@@ -64,15 +71,10 @@ def render(results: Path) -> str:
     lines += ["| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for stage in pre["microseconds"][names[0]]:
         lines.append(f"| {stage} | " + " | ".join(f"{pre['microseconds'][n][stage]:.0f}" for n in names) + " |")
-    if (results / "precision.txt").is_file():
-        lines += [
-            "",
-            "## bf16 vs fp32 on val (`python -m benchmarks.precision`)",
-            "",
-            "```",
-            (results / "precision.txt").read_text().strip(),
-            "```",
-        ]
+    lines += printed_section(results / "precision.txt", "bf16 vs fp32 on val (`python -m benchmarks.precision`)")
+    lines += printed_section(
+        results / "tta.txt", "Test-time augmentation on val (`python -m benchmarks.tta`; served with `FER_TTA`)"
+    )
     http = json.loads((results / "http.json").read_text())
     lines += [
         "",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 from benchmarks.http import BOUNDARY, free_port, load, multipart, start_server
 from benchmarks.loadgen import build_request
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48
 
 CONNECTIONS = 64
@@ -132,11 +131,7 @@ def main() -> int:
         f"{ceiling(early, 'open_files'):.0f} → {ceiling(late, 'open_files'):.0f}, threads max "
         f"{ceiling(early, 'threads'):.0f} → {ceiling(late, 'threads'):.0f}: {'PASS' if verdict else 'FAIL'}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"machine": machine_line(), "capacity_rps": capacity, "rate_rps": rate, **result}, indent=1)
-        )
+    write_results(args.json, capacity_rps=capacity, rate_rps=rate, **result)
     return 0 if verdict else 1
 
 

@@ -10,7 +10,6 @@ and p99 per point. The defaults in `app/settings.py` are the ones this table sup
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 
 from app.settings import Settings
 from benchmarks.http import BOUNDARY, free_port, measure, multipart, start_server
-from benchmarks.machine import machine_line
+from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +73,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_line(), "rows": rows}, indent=1))
+    write_results(args.json, rows=rows)
     return 0
 
 
