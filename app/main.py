@@ -24,7 +24,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     """The engine's knobs from the settings."""
     return EngineConfig(
         precision=settings.precision,
-        tta=settings.tta,
+        tta=None if settings.tta == "checkpoint" else settings.tta,
         threads=settings.threads,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,

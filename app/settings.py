@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     # dozens of threads contending (and each holding decode buffers) under load.
     prepare_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Test-time augmentation; unset = what the checkpoint's metrics were measured with. "tencrop"
-    # buys about a point of accuracy for ten forward passes per face (docs/tta.md).
-    tta: Literal["none", "flip", "tencrop"] | None = None
+    # Test-time augmentation; "checkpoint" serves what the checkpoint's metrics were measured with.
+    # "tencrop" buys about a point of accuracy for ten forward passes per face (docs/tta.md).
+    tta: Literal["checkpoint", "none", "flip", "tencrop"] = "checkpoint"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(20.0, ge=0)
 
