@@ -107,13 +107,14 @@ def test_evaluate_reproduces_a_known_confusion_matrix(tmp_path: Path) -> None:
 def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path, tmp_path: Path) -> None:
     stored = load_checkpoint(SHIPPED_CHECKPOINT).metrics
     out = tmp_path / "val.json"
-    assert (
-        evaluate.main(["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out)])
-        == 0
-    )
+    also = [flag for mode in stored.get("tta_alternatives", {}) for flag in ("--also-tta", mode)]
+    argv = ["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out), *also]
+    assert evaluate.main(argv) == 0
     measured = json.loads(out.read_text())
     assert measured["num_images"] == stored["num_images"] == 3589
     assert abs(measured["accuracy"] - stored["accuracy"]) <= 0.001
+    for mode, figures in stored.get("tta_alternatives", {}).items():  # what FER_TTA would serve
+        assert abs(measured["tta_alternatives"][mode]["accuracy"] - figures["accuracy"]) <= 0.001
 
 
 def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> None:
