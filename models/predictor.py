@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 TTA_MODES = ("none", "flip", "tencrop")
 # Ten-crop: the face enlarged to 52×52, its four corner crops and centre crop at 48×48, and the
 # mirror image of each, averaged. Enlarging rather than cropping smaller keeps the network's
-# 48×48 input; 52 measured best of 52/54 and crops of 44/42 (docs/tta.md). Ten forward passes.
+# 48×48 input; 52 was among the best geometries measured (docs/tta.md). Ten forward passes.
 TENCROP_RESIZE = 52
 
 
