@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import machine_line
+from models.checkpoint import load_checkpoint
 from models.predictor import TTA_MODES, Predictor
 from models.preprocessing import normalise
 from training.data import default_data_dir, load_split
@@ -35,7 +36,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="faces per forward pass for the speed column")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="as the service runs")
     args = parser.parse_args()
-    checkpoint = Predictor.from_checkpoint(args.checkpoint, precision=args.precision).checkpoint
+    checkpoint = load_checkpoint(args.checkpoint)
     split = load_split((args.data_dir or default_data_dir()) / "val", checkpoint.preprocessing)
     inputs = normalise(torch.from_numpy(split.pixels), checkpoint.preprocessing).unsqueeze(1)
     print(machine_line() + f", batch {args.batch_size}, {len(split)} val images")
