@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from models.checkpoint import CLASSES, load_checkpoint, save_checkpoint
 from models.network import EmotionRecognitionModelPyTorch
 from tests.conftest import SHIPPED_CHECKPOINT, write_dataset
-from training import evaluate, train
+from training import evaluate, plots, train
 
 TINY_FLAGS = ["--batch-size", "16", "--threads", "2", "--log-level", "WARNING"]
 
@@ -63,6 +64,16 @@ def test_resume_with_other_settings_is_refused(
 def test_train_without_data_says_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")]) == 2
     assert "none/train: no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", [train, evaluate, plots], ids=["train", "evaluate", "plots"])
+def test_every_training_cli_flag_has_help_and_no_empty_default(cli: ModuleType) -> None:
+    parser = cli.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    text = parser.format_help()
+    # flags that fall back to a recipe value name it in their help; "(default: None)" would contradict it
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def constant_checkpoint(path: Path, probabilities: list[float]) -> None:

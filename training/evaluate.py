@@ -21,6 +21,7 @@ from models.errors import FerError
 from models.predictor import TTA_MODES, Predictor
 from models.preprocessing import normalise
 from training.data import Split, default_data_dir, load_split
+from training.helpformat import DefaultsHelpFormatter
 from training.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate a checkpoint on a split folder (one sub-folder per class).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, default=Path("models/checkpoint.pth"), help="checkpoint to evaluate")
     parser.add_argument(

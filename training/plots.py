@@ -24,6 +24,7 @@ from models.errors import FerError  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from models.preprocessing import normalise  # noqa: E402
 from training.data import default_data_dir, load_split  # noqa: E402
+from training.helpformat import DefaultsHelpFormatter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.plots",
         description="Draw the training curves, confusion matrices and a sample grid as PNG files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",

@@ -22,6 +22,7 @@ from models.preprocessing import PreprocessingSpec
 from training.config import RECIPES, config_for
 from training.data import default_data_dir, load_split
 from training.evaluate import evaluate_predictor, format_table, write_metrics
+from training.helpformat import DefaultsHelpFormatter
 from training.loop import train
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
         description="Train EmotionRecognitionModelPyTorch on a FER2013 folder layout (train/ and val/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--recipe",
