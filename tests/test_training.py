@@ -2,6 +2,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -59,6 +64,29 @@ def test_resume_with_other_settings_is_refused(
     assert train.main([*base, "--epochs", "1", *TINY_FLAGS]) == 0
     assert train.main([*base, "--epochs", "2", "--lr", "0.5", "--resume", *TINY_FLAGS]) == 2
     assert "resume with the same flags" in capsys.readouterr().err
+
+
+def test_sigterm_stops_training_with_a_resumable_state(tiny_dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    flags = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
+    flags += ["--batch-size", "16", "--threads", "1", "--log-level", "WARNING"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.train", *flags, "--epochs", "100000"],
+        cwd=Path(__file__).resolve().parent.parent,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "state.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # what `docker stop` and `kill` send
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert f"interrupted: resume with --resume --run-dir {run_dir}" in stderr
+    stopped_at = torch.load(run_dir / "state.pt", weights_only=True)["epoch"]
+    assert stopped_at >= 1
+    assert train.main([*flags, "--epochs", str(stopped_at + 1), "--resume"]) == 0
+    assert torch.load(run_dir / "state.pt", weights_only=True)["epoch"] == stopped_at + 1
 
 
 def test_train_without_data_says_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,16 +169,13 @@ def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> Non
 
 
 def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     run_dir, output = tmp_path / "ddp", tmp_path / "ddp.pth"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "training.train", "--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--output", str(output),
         "--cache-dir", str(tmp_path / "cache"), "--epochs", "2", "--batch-size", "8", "--threads", "1",
     ]  # fmt: skip
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600
     )

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -114,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM stop training the way Ctrl-C does.
+
+    `docker stop`, `kill` and job schedulers send SIGTERM, and a run started in the background
+    from a script ignores SIGINT; either way the run should end with the message that says how to
+    resume, not vanish mid-write. The state of the last finished epoch is on disk (written
+    atomically), so --resume continues from there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -142,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if train_split.classes != val_split.classes:
             raise ValueError(f"train/ classes {train_split.classes} differ from val/ classes {val_split.classes}")
         logger.info("train %d images, val %d images, classes %s", len(train_split), len(val_split), train_split.classes)
-        result = train(config, train_split, val_split, args.run_dir, resume=args.resume, spec=spec)
+        with sigterm_interrupts():
+            result = train(config, train_split, val_split, args.run_dir, resume=args.resume, spec=spec)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
