@@ -25,6 +25,7 @@ from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
 from models.faces import FaceDetector
 from models.predictor import Predictor
+from training.helpformat import DefaultsHelpFormatter
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoint.pth"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = DefaultsHelpFormatter
 
     predict = commands.add_parser(
         "predict", help="classify local images or folders, no server needed", formatter_class=defaults

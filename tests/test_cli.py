@@ -64,6 +64,8 @@ def test_fer_console_script_has_help_for_every_command() -> None:
         result = subprocess.run([str(fer), *command, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
+        # flags that fall back to a computed value say so in their help; "(default: None)" would contradict it
+        assert "(default: None)" not in result.stdout, command
 
 
 def sample_faces(fer2013_dir: Path | None) -> torch.Tensor:

@@ -69,7 +69,7 @@ def test_resume_with_other_settings_is_refused(
 def test_sigterm_stops_training_with_a_resumable_state(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     flags = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
-    flags += ["--batch-size", "16", "--threads", "1", "--log-level", "WARNING"]
+    flags += TINY_FLAGS
     process = subprocess.Popen(
         [sys.executable, "-m", "training.train", *flags, "--epochs", "100000"],
         cwd=Path(__file__).resolve().parent.parent,

@@ -1,4 +1,4 @@
-"""The help formatter of the training CLIs: shows a flag's default only where it tells the reader something."""
+"""The help formatter of the training CLIs and `fer`: shows a flag's default only where it tells the reader something."""
 
 from __future__ import annotations
 
