@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.middleware import RequestGuard
+from app.queue_room import QueueRoom
 from app.routes import router
 from app.settings import Settings
 from app.telemetry import make_telemetry
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = engine or Engine.load(settings.checkpoint, engine_config(settings))
         app.state.engine = loaded
+        app.state.queue_room = queue_room = QueueRoom(asyncio.get_running_loop())
+        loaded.batcher.add_room_listener(queue_room.notify_threadsafe)
         checkpoint = loaded.predictor.checkpoint
         logger.info(
             "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, with %d threads",
@@ -53,6 +57,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            loaded.batcher.remove_room_listener(queue_room.notify_threadsafe)
             loaded.close()
 
     app = FastAPI(

@@ -9,11 +9,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from app.deps import EngineDep, SettingsDep, TelemetryDep
+from app.deps import EngineDep, QueueRoomDep, SettingsDep, TelemetryDep
 from app.errors import status_for
 from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
 from app.uploads import read_form, read_image, uploaded_files
-from models.batching import BatchResult, QueueFullError
+from models.batching import BatchResult
 from models.engine import Engine, FaceInput, is_quick
 from models.errors import FerError
 
@@ -78,44 +78,28 @@ async def prepare(
     return await asyncio.wrap_future(engine.prepare_in_pool(data, all_faces=all_faces, require_face=require_face))
 
 
-# How long the images of one /predict/batch upload may wait for room in the batching queue.
+# How long the images of one /predict/batch upload may wait for their turn and room in the queue.
 BATCH_QUEUE_PATIENCE_S = 10.0
 
 
-async def submit_patiently(engine: Engine, face: FaceInput, deadline: float) -> BatchResult:
-    """Queue a face, waiting for room until `deadline` (loop time); then `QueueFullError` as usual.
+def answer(engine: Engine, face: FaceInput, result: BatchResult) -> dict[str, Any]:
+    """One face's result as the API shows it."""
+    prediction = engine.prediction(result)
+    return {
+        "label": prediction.label,
+        "confidence": prediction.confidence,
+        "probabilities": prediction.probabilities,
+        "face": {"box": face.box.as_list()} if face.box else None,
+    }
 
-    A batch upload brings many faces at once: refusing the ones that do not fit would fail a
-    request the service can finish in a moment, so they wait for the forward passes ahead.
+
+async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
+    """Send the faces through the micro-batcher; one answer each, and the largest batch size.
+
+    A full queue refuses at once (`QueueFullError`, 503).
     """
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return await asyncio.wrap_future(engine.submit(face))
-        except QueueFullError:
-            if loop.time() >= deadline:
-                raise
-            await asyncio.sleep(0.005)
-
-
-async def classify(engine: Engine, faces: list[FaceInput], deadline: float = 0.0) -> tuple[list[dict[str, Any]], int]:
-    """Send the faces through the micro-batcher; returns one result dict each and the largest batch size.
-
-    With the default deadline (already past) a full queue refuses at once (503); with a later one,
-    the faces wait for room until then.
-    """
-    results = await asyncio.gather(*(submit_patiently(engine, face, deadline) for face in faces))
-    answers = []
-    for face, result in zip(faces, results, strict=True):
-        prediction = engine.prediction(result)
-        answers.append(
-            {
-                "label": prediction.label,
-                "confidence": prediction.confidence,
-                "probabilities": prediction.probabilities,
-                "face": {"box": face.box.as_list()} if face.box else None,
-            }
-        )
+    results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
+    answers = [answer(engine, face, result) for face, result in zip(faces, results, strict=True)]
     return answers, max(result.batch_size for result in results)
 
 
@@ -143,15 +127,12 @@ async def predict(
     return JSONResponse(body)
 
 
-async def _one_of_batch(engine: Engine, data: bytes, require_face: bool, deadline: float) -> tuple[dict[str, Any], int]:
+async def _prepare_one_of_batch(engine: Engine, data: bytes, require_face: bool) -> FaceInput | dict[str, Any]:
+    """The image's largest face, or the error that takes its place in the results."""
     try:
-        inputs = await prepare(engine, data, require_face=require_face)
-        answers, batch_size = await classify(engine, inputs, deadline)
-    except QueueFullError:
-        raise  # capacity is not this image's fault: the whole request gets 503 and Retry-After
+        return (await prepare(engine, data, require_face=require_face))[0]
     except FerError as exc:
-        return {"error": {"status": status_for(exc), "detail": str(exc)}}, 0
-    return answers[0], batch_size
+        return {"error": {"status": status_for(exc), "detail": str(exc)}}
 
 
 @router.post(
@@ -162,7 +143,11 @@ async def _one_of_batch(engine: Engine, data: bytes, require_face: bool, deadlin
     summary="Classify several images; a bad one gets an error in its place",
 )
 async def predict_batch(
-    request: Request, engine: EngineDep, settings: SettingsDep, require_face: bool = RequireFaceQuery
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    queue_room: QueueRoomDep,
+    require_face: bool = RequireFaceQuery,
 ) -> JSONResponse:
     """Upload images in the repeated multipart field `files`; results come back in upload order."""
     form = await read_form(request, max_files=settings.max_batch_files)
@@ -172,10 +157,22 @@ async def predict_batch(
     finally:
         await form.close()
     deadline = asyncio.get_running_loop().time() + BATCH_QUEUE_PATIENCE_S
-    outcomes = await asyncio.gather(*(_one_of_batch(engine, data, require_face, deadline) for _, data in blobs))
-    request.state.batch_size = max(size for _, size in outcomes)
-    results = [{**answer, "filename": name} for (name, _), (answer, _) in zip(blobs, outcomes, strict=True)]
-    return JSONResponse({"results": results, "model": model_info(engine)})
+    prepared = await asyncio.gather(*(_prepare_one_of_batch(engine, data, require_face) for _, data in blobs))
+    faces = [item for item in prepared if isinstance(item, FaceInput)]
+    # Capacity is not any image's fault: QueueFullError fails the whole request with 503 and Retry-After.
+    futures = await queue_room.submit_all(engine.submit, faces, deadline)
+    results = iter(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
+    outcomes, batch_size = [], 0
+    for item in prepared:
+        if isinstance(item, FaceInput):
+            result = next(results)
+            batch_size = max(batch_size, result.batch_size)
+            outcomes.append(answer(engine, item, result))
+        else:
+            outcomes.append(item)
+    request.state.batch_size = batch_size
+    body = [{**outcome, "filename": name} for (name, _), outcome in zip(blobs, outcomes, strict=True)]
+    return JSONResponse({"results": body, "model": model_info(engine)})
 
 
 @router.get("/metrics", response_model=MetricsOut, summary="The model's evaluation metrics on the val split")

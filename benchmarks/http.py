@@ -152,6 +152,12 @@ def main() -> int:
         default=sys.executable,
         help="interpreter that runs both servers, e.g. a venv with the CPU-only torch wheel",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="measure only the workloads whose name contains this, e.g. 'batch' (the naive baseline is skipped "
+        "when none of its workloads match)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     print(machine_line())
@@ -174,6 +180,13 @@ def main() -> int:
         # The same face as a raw image/jpeg body: what multipart parsing costs.
         ("predict 48x48 raw", "/predict", workdir / "face.jpg", "image/jpeg"),
     ]
+    service_workloads = [workload for workload in service_workloads if args.only in workload[0]]
+    if not service_workloads:
+        parser.error(f"--only {args.only!r} matches no workload")
+    # The naive app has no /predict/batch and takes multipart only.
+    naive_workloads = [
+        workload for workload in service_workloads if workload[0] in ("predict 48x48", "predict 640x480")
+    ]
     env = {**os.environ, "FER_CHECKPOINT": str(args.checkpoint), "FER_LOG_LEVEL": "warning"}
     rows: list[dict[str, Any]] = []
     port = free_port()
@@ -186,23 +199,18 @@ def main() -> int:
     finally:
         service.terminate()
         service.wait()
-    port = free_port()
-    naive_command = [
-        args.server_python,
-        "-m",
-        "uvicorn",
-        "benchmarks.naive_app:app",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    naive, naive_start_s = start_server(naive_command, env, port, "/docs")
-    try:
-        rows += measure("naive", naive, port, service_workloads[:2], args.duration)
-    finally:
-        naive.terminate()
-        naive.wait()
+    naive_start_s = None
+    if naive_workloads:
+        port = free_port()
+        naive_command = [
+            args.server_python, "-m", "uvicorn", "benchmarks.naive_app:app", "--port", str(port), "--log-level", "warning",
+        ]  # fmt: skip
+        naive, naive_start_s = start_server(naive_command, env, port, "/docs")
+        try:
+            rows += measure("naive", naive, port, naive_workloads, args.duration)
+        finally:
+            naive.terminate()
+            naive.wait()
     write_results(
         args.json,
         server_torch=server_torch(args.server_python),

@@ -6,8 +6,9 @@ first, runs the predictor once and resolves every Future. With the default wait 
 only what is already queued: a lone request runs at once, and under load the requests that
 arrive during one forward pass form the next batch, so batches grow with the load by themselves
 (benchmarks/RESULTS.md compares the waits). When the queue is full, `submit`
-raises `QueueFullError` immediately instead of letting latency grow without bound. An
-exception in a forward pass fails only the Futures of that batch.
+raises `QueueFullError` immediately instead of letting latency grow without bound; callers
+that would rather wait for room register a room listener, which the worker calls each time it
+takes a batch off the queue. An exception in a forward pass fails only the Futures of that batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -60,6 +62,7 @@ class MicroBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="fer-batcher", daemon=True)
         self._stopped = threading.Event()
+        self._room_listeners: list[Callable[[], None]] = []
         self.batches_run = 0
         self._thread.start()
 
@@ -80,6 +83,22 @@ class MicroBatcher:
                 f"the service is at capacity ({self._queue.maxsize} images queued): retry in a moment"
             ) from None
         return future
+
+    def add_room_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` from the worker thread each time it frees room in the queue; keep it quick."""
+        self._room_listeners = [*self._room_listeners, listener]
+
+    def remove_room_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling a listener added with `add_room_listener`."""
+        # `!=`, not `is not`: each `obj.method` access makes a new bound method, equal but not identical.
+        self._room_listeners = [known for known in self._room_listeners if known != listener]
+
+    def _announce_room(self) -> None:
+        for listener in self._room_listeners:  # a copy-on-write list: safe to iterate while others change it
+            try:
+                listener()
+            except Exception:  # a listener's failure must not stop the worker
+                logger.exception("queue-room listener failed")
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish what is queued, then stop the worker."""
@@ -111,6 +130,7 @@ class MicroBatcher:
             if first is None:
                 break
             items, stop = self._gather(first)
+            self._announce_room()
             items = [item for item in items if item.future.set_running_or_notify_cancel()]
             if not items:
                 continue
