@@ -30,10 +30,13 @@ class QueueRoom:
         self._loop = loop
         self._turn = asyncio.Lock()
         self._room = asyncio.Event()
+        # True while an upload holds its turn: only then is a wake-up worth a trip through the
+        # event loop, so /predict traffic alone costs the loop no extra wake-ups.
+        self._submitting = False
 
     def notify_threadsafe(self) -> None:
         """Room was freed: called from the batcher's worker thread."""
-        if not self._loop.is_closed():
+        if self._submitting and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._room.set)
 
     async def submit_all(
@@ -47,15 +50,20 @@ class QueueRoom:
         futures: list[Future[Result]] = []
         try:
             async with asyncio.timeout_at(deadline), self._turn:
-                for item in items:
-                    while True:
-                        # Clear before trying: a wake-up that arrives after a failed try is kept.
-                        self._room.clear()
-                        try:
-                            futures.append(submit(item))
-                            break
-                        except QueueFullError:
-                            await self._room.wait()
+                # Raised before the first try, so no room freed after a failed try goes unannounced.
+                self._submitting = True
+                try:
+                    for item in items:
+                        while True:
+                            # Clear before trying: a wake-up that arrives after a failed try is kept.
+                            self._room.clear()
+                            try:
+                                futures.append(submit(item))
+                                break
+                            except QueueFullError:
+                                await self._room.wait()
+                finally:
+                    self._submitting = False
         except TimeoutError:
             for future in futures:
                 future.cancel()
