@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ from app.deps import EngineDep, QueueRoomDep, SettingsDep, TelemetryDep
 from app.errors import status_for
 from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
 from app.uploads import read_form, read_image, uploaded_files
-from models.batching import BatchResult
+from models.batching import BatchResult, QueueFullError
 from models.engine import Engine, FaceInput, is_quick
 from models.errors import FerError
 
@@ -96,9 +97,18 @@ def answer(engine: Engine, face: FaceInput, result: BatchResult) -> dict[str, An
 async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
     """Send the faces through the micro-batcher; one answer each, and the largest batch size.
 
-    A full queue refuses at once (`QueueFullError`, 503).
+    A full queue refuses at once (`QueueFullError`, 503); the request's faces that did fit are
+    taken back out, so nobody's forward pass computes answers that will not be sent.
     """
-    results = await asyncio.gather(*(asyncio.wrap_future(engine.submit(face)) for face in faces))
+    futures: list[Future[BatchResult]] = []
+    try:
+        for face in faces:
+            futures.append(engine.submit(face))
+    except QueueFullError:
+        for future in futures:
+            future.cancel()
+        raise
+    results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
     answers = [answer(engine, face, result) for face, result in zip(faces, results, strict=True)]
     return answers, max(result.batch_size for result in results)
 
