@@ -145,6 +145,23 @@ async def _prepare_one_of_batch(engine: Engine, data: bytes, require_face: bool)
         return {"error": {"status": status_for(exc), "detail": str(exc)}}
 
 
+def in_upload_order(
+    engine: Engine, prepared: list[FaceInput | dict[str, Any]], results: list[BatchResult]
+) -> tuple[list[dict[str, Any]], int]:
+    """Each upload's answer, or the error in its place; and the largest batch a face rode in."""
+    pending = iter(results)  # one per prepared face, in the same order
+    outcomes: list[dict[str, Any]] = []
+    batch_size = 0
+    for item in prepared:
+        if isinstance(item, FaceInput):
+            result = next(pending)
+            batch_size = max(batch_size, result.batch_size)
+            outcomes.append(answer(engine, item, result))
+        else:
+            outcomes.append(item)
+    return outcomes, batch_size
+
+
 @router.post(
     "/predict/batch",
     response_model=BatchOut,
@@ -171,16 +188,8 @@ async def predict_batch(
     faces = [item for item in prepared if isinstance(item, FaceInput)]
     # Capacity is not any image's fault: QueueFullError fails the whole request with 503 and Retry-After.
     futures = await queue_room.submit_all(engine.submit, faces, deadline)
-    results = iter(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
-    outcomes, batch_size = [], 0
-    for item in prepared:
-        if isinstance(item, FaceInput):
-            result = next(results)
-            batch_size = max(batch_size, result.batch_size)
-            outcomes.append(answer(engine, item, result))
-        else:
-            outcomes.append(item)
-    request.state.batch_size = batch_size
+    results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+    outcomes, request.state.batch_size = in_upload_order(engine, prepared, results)
     body = [{**outcome, "filename": name} for (name, _), outcome in zip(blobs, outcomes, strict=True)]
     return JSONResponse({"results": body, "model": model_info(engine)})
 
