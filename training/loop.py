@@ -175,8 +175,12 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         plateau.load_state_dict(state["plateau"])
-        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        # Generator states are CPU byte tensors on every device (a CUDA generator refuses a CUDA
+        # tensor), and map_location has just moved them to the training device.
+        generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from the device's global generator
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         history = list(state["history"])
         best = dict(state["best"])
         epochs_since_improvement = int(state["epochs_since_improvement"])
@@ -268,6 +272,7 @@ def train(
                 "plateau": plateau.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                 "history": history,
                 "best": best,
                 "epochs_since_improvement": epochs_since_improvement,
