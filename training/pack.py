@@ -3,7 +3,7 @@
 An accelerator machine that is sent a working tree (with a size limit, and no access to
 ../shared) can train on FER2013 only if the data travels with the tree: 32,000 loose files are
 slow to send, and the decoded pixels do not fit the limit, while the JPEG bytes packed into one
-array file do (about 48 MiB for train and val). Unpacking writes the same bytes back into the
+array file do (49.7 MiB for train and val). Unpacking writes the same bytes back into the
 Kaggle folder layout, so training reads them through the usual path:
 
     python -m training.pack pack --out packs/fer2013.npz          # here; packs/ is git-ignored
