@@ -85,6 +85,11 @@ class MetricsOut(BaseModel):
     accuracy: float | None = None
     loss: float | None = None
     macro_f1: float | None = None
+    calibration_error: float | None = Field(
+        None,
+        description="expected calibration error of the top probability (15 equal-width bins): 0 means "
+        "that answers given with 70% confidence are right 70% of the time, and so on",
+    )
     per_class: dict[str, dict[str, float]] | None = None
     confusion_matrix: list[list[int]] | None = None
     split: str | None = None

@@ -119,8 +119,18 @@ def test_metrics_describe_the_served_model(server: Server) -> None:
     assert body["classes"] == list(CLASSES)
     assert body["model"]["sha256"] == post_file(server, face_png(1)).json()["model"]["sha256"]
     stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
-    for key in ("accuracy", "loss", "macro_f1", "per_class", "confusion_matrix", "split", "num_images"):
+    for key in [
+        "accuracy",
+        "loss",
+        "macro_f1",
+        "calibration_error",
+        "per_class",
+        "confusion_matrix",
+        "split",
+        "num_images",
+    ]:
         assert body[key] == stored.get(key)
+    assert 0 < body["calibration_error"] < 0.2
     assert body["served_tta"] == body["tta"] == stored.get("tta", "none")
 
 

@@ -18,6 +18,7 @@ from models.checkpoint import CLASSES, load_checkpoint, save_checkpoint
 from models.network import EmotionRecognitionModelPyTorch
 from tests.conftest import SHIPPED_CHECKPOINT, write_dataset
 from training import evaluate, plots, train
+from training.metrics import expected_calibration_error
 
 TINY_FLAGS = ["--batch-size", "16", "--threads", "2", "--log-level", "WARNING"]
 
@@ -137,10 +138,34 @@ def test_evaluate_reproduces_a_known_confusion_matrix(tmp_path: Path) -> None:
     assert metrics["per_class"]["happy"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 3}
     assert metrics["per_class"]["angry"]["recall"] == 0.0
     assert metrics["macro_f1"] == pytest.approx((2 / 3) / 7)
+    assert metrics["calibration_error"] == pytest.approx(0.0, abs=1e-6)  # says 0.5, right half the time
     assert load_checkpoint(checkpoint).metrics["accuracy"] == pytest.approx(0.5)
     # Deterministic: a second run gives the same figures.
     assert evaluate.main([*argv]) == 0
     assert json.loads(out.read_text()) == metrics
+
+
+def rows_with_top(top: float, predicted: int) -> list[float]:
+    """Seven probabilities summing to 1 whose largest, `top`, is at index `predicted`."""
+    row = [(1 - top) / 6] * 7
+    row[predicted] = top
+    return row
+
+
+def test_calibration_error_of_hand_made_probabilities() -> None:
+    # Two images said 0.9 with one right (gap 0.4), two said 0.7 with both right (gap 0.3).
+    probabilities = np.array(
+        [rows_with_top(0.9, 0), rows_with_top(0.9, 1), rows_with_top(0.7, 2), rows_with_top(0.7, 3)]
+    )
+    labels = np.array([0, 0, 2, 3])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.5 * 0.4 + 0.5 * 0.3)
+    # Right as often as it says: eight of ten right at 0.8.
+    calibrated = np.array([rows_with_top(0.8, 4)] * 10)
+    assert expected_calibration_error(np.array([4] * 8 + [5] * 2), calibrated) == pytest.approx(0.0, abs=1e-12)
+    # A top probability of exactly 1 falls in the last bin rather than off the end.
+    certain = np.eye(7)[[6]]
+    assert expected_calibration_error(np.array([6]), certain) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([0]), certain) == pytest.approx(1.0)
 
 
 def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path, tmp_path: Path) -> None:

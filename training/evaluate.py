@@ -22,13 +22,13 @@ from models.predictor import TTA_MODES, Predictor
 from models.preprocessing import normalise
 from training.data import Split, default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
-from training.metrics import classification_metrics
+from training.metrics import classification_metrics, expected_calibration_error
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256) -> dict[str, Any]:
-    """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, per class, confusion matrix."""
+    """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, calibration, per class, confusion."""
     if split.classes != predictor.classes:
         raise ValueError(f"the split's classes {split.classes} differ from the checkpoint's {predictor.classes}")
     spec = predictor.checkpoint.preprocessing
@@ -40,6 +40,7 @@ def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256
     picked = probabilities[np.arange(len(split)), split.labels]
     metrics = classification_metrics(split.labels, probabilities.argmax(1), split.classes)
     metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    metrics["calibration_error"] = expected_calibration_error(split.labels, probabilities)
     metrics["precision"] = predictor.precision
     metrics["tta"] = predictor.tta
     metrics["preprocessing"] = predictor.checkpoint.preprocessing.to_dict()
@@ -62,7 +63,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-        f"on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
+        f"ECE {metrics['calibration_error']:.4f}  on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
     )
     return "\n".join(lines)
 

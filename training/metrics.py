@@ -1,4 +1,4 @@
-"""Classification metrics from labels and predictions: accuracy, macro-F1, per class, confusion."""
+"""Classification metrics: accuracy, macro-F1, per class, confusion; calibration of the probabilities."""
 
 from __future__ import annotations
 
@@ -42,3 +42,23 @@ def classification_metrics(
         "confusion_matrix": matrix.tolist(),
         "num_images": total,
     }
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """How far the top probability is from being right that often: 0 is perfectly calibrated.
+
+    Images are grouped by their top probability into `bins` equal-width bins over (0, 1]; the error
+    is the mean over bins of |accuracy - mean top probability|, each bin weighted by its share of
+    the images (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+    """
+    if len(labels) == 0:
+        return 0.0
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    # Bin k holds confidences in (k/bins, (k+1)/bins]; a confidence of exactly 0 cannot occur
+    # for a top probability of a softmax, which is at least 1/num_classes.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    right = np.bincount(index, weights=correct.astype(np.float64), minlength=bins)
+    confident = np.bincount(index, weights=confidence.astype(np.float64), minlength=bins)
+    gap = np.abs(right - confident)  # per bin: its image count * |accuracy - mean confidence|
+    return float(gap.sum() / len(labels))
