@@ -63,7 +63,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
-        f"ECE {metrics['calibration_error']:.4f}  on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
+        f"ECE {metrics['calibration_error']:.4f}  "
+        f"on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
     )
     return "\n".join(lines)
 
