@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     prepare_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Test-time augmentation; "checkpoint" serves what the checkpoint's metrics were measured with.
-    # "tencrop" lifts macro-F1 by ~2 points for ten forward passes per face (docs/tta.md).
+    # "tencrop" lifts macro-F1 by 2-3 points for ten forward passes per face (docs/tta.md).
     tta: Literal["checkpoint", "none", "flip", "tencrop"] = "checkpoint"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(20.0, ge=0)
