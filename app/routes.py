@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from app.deps import EngineDep, QueueRoomDep, SettingsDep, TelemetryDep
-from app.errors import status_for
+from app.errors import error_response, status_for
 from app.schemas import BatchOut, ErrorOut, MetricsOut, PredictionOut, StatusOut
 from app.uploads import read_form, read_image, uploaded_files
 from models.batching import BatchResult, QueueFullError
@@ -62,6 +62,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 FacesQuery = Query("largest", description="'largest' classifies the largest face; 'all' adds every face, largest first")
 RequireFaceQuery = Query(False, description="answer 422 instead of classifying the whole image when no face is found")
+TtaQuery = Query(
+    None,
+    description="test-time augmentation for this request instead of the server's (FER_TTA): 'tencrop' averages ten "
+    "views of each face, more accurate and about fifteen times the model time; GET /metrics?tta= gives its figures",
+)
+MetricsTtaQuery = Query(None, description="the figures measured with this test-time augmentation instead")
+TtaMode = Literal["none", "flip", "tencrop"]  # models.predictor.TTA_MODES; a test keeps the two the same
 
 
 def model_info(engine: Engine) -> dict[str, str]:
@@ -94,7 +101,7 @@ def answer(engine: Engine, face: FaceInput, result: BatchResult) -> dict[str, An
     }
 
 
-async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[str, Any]], int]:
+async def classify(engine: Engine, faces: list[FaceInput], tta: str | None) -> tuple[list[dict[str, Any]], int]:
     """Send the faces through the micro-batcher; one answer each, and the largest batch size.
 
     A full queue refuses at once (`QueueFullError`, 503); the request's faces that did fit are
@@ -103,7 +110,7 @@ async def classify(engine: Engine, faces: list[FaceInput]) -> tuple[list[dict[st
     futures: list[Future[BatchResult]] = []
     try:
         for face in faces:
-            futures.append(engine.submit(face))
+            futures.append(engine.submit(face, tta))
     except QueueFullError:
         for future in futures:
             future.cancel()
@@ -125,13 +132,14 @@ async def predict(
     engine: EngineDep,
     faces: Literal["largest", "all"] = FacesQuery,
     require_face: bool = RequireFaceQuery,
+    tta: TtaMode | None = TtaQuery,
 ) -> JSONResponse:
     """Upload one image (multipart field `file`, or the raw body as image/*); photos go through face detection."""
     data = await read_image(request)
     inputs = await prepare(engine, data, all_faces=faces == "all", require_face=require_face)
-    answers, batch_size = await classify(engine, inputs)
+    answers, batch_size = await classify(engine, inputs, tta)
     request.state.batch_size = batch_size
-    body = {**answers[0], "model": model_info(engine)}
+    body = {**answers[0], "tta": engine.tta_for(tta), "model": model_info(engine)}
     if faces == "all":
         body["faces"] = answers
     return JSONResponse(body)
@@ -175,6 +183,7 @@ async def predict_batch(
     settings: SettingsDep,
     queue_room: QueueRoomDep,
     require_face: bool = RequireFaceQuery,
+    tta: TtaMode | None = TtaQuery,
 ) -> JSONResponse:
     """Upload images in the repeated multipart field `files`; results come back in upload order."""
     form = await read_form(request, max_files=settings.max_batch_files)
@@ -187,18 +196,34 @@ async def predict_batch(
     prepared = await asyncio.gather(*(_prepare_one_of_batch(engine, data, require_face) for _, data in blobs))
     faces = [item for item in prepared if isinstance(item, FaceInput)]
     # Capacity is not any image's fault: QueueFullError fails the whole request with 503 and Retry-After.
-    futures = await queue_room.submit_all(engine.submit, faces, deadline)
+    futures = await queue_room.submit_all(lambda face: engine.submit(face, tta), faces, deadline)
     results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
     outcomes, request.state.batch_size = in_upload_order(engine, prepared, results)
     body = [{**outcome, "filename": name} for (name, _), outcome in zip(blobs, outcomes, strict=True)]
-    return JSONResponse({"results": body, "model": model_info(engine)})
+    return JSONResponse({"results": body, "tta": engine.tta_for(tta), "model": model_info(engine)})
 
 
-@router.get("/metrics", response_model=MetricsOut, summary="The model's evaluation metrics on the val split")
-async def metrics(engine: EngineDep) -> dict[str, Any]:
+@router.get(
+    "/metrics",
+    response_model=MetricsOut,
+    responses={404: {"model": ErrorOut, "description": "the checkpoint stores no figures for that tta"}},
+    summary="The model's evaluation metrics on the val split",
+)
+async def metrics(
+    engine: EngineDep,
+    tta: TtaMode | None = MetricsTtaQuery,
+) -> Any:
     """Accuracy, loss, macro-F1, per class and the confusion matrix, as measured by training.evaluate."""
-    checkpoint = engine.predictor.checkpoint
-    stored = engine.predictor.served_metrics()
+    predictor = engine.predictor
+    measured = predictor.measured_tta_modes()
+    if tta is not None and tta not in measured:
+        return error_response(
+            404,
+            f"this checkpoint stores no figures measured with tta={tta}; it has them for: "
+            f"{', '.join(measured) or 'nothing yet'} (training.evaluate --also-tta {tta} --write-metrics adds them)",
+        )
+    checkpoint = predictor.checkpoint
+    stored = predictor.served_metrics(tta)
     known = set(MetricsOut.model_fields)
     return {
         **{key: value for key, value in stored.items() if key in known},
@@ -206,7 +231,8 @@ async def metrics(engine: EngineDep) -> dict[str, Any]:
         "model": model_info(engine),
         "classes": list(checkpoint.classes),
         "served_precision": engine.predictor.precision,
-        "served_tta": engine.predictor.tta,
+        "served_tta": predictor.tta,
+        "measured_tta": list(measured),
     }
 
 

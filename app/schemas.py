@@ -44,6 +44,7 @@ class PredictionOut(FacePrediction):
 
     model: ModelInfo
     faces: list[FacePrediction] | None = Field(None, description="every face, largest first (faces=all only)")
+    tta: str = Field(..., description="the test-time augmentation this answer was computed with", examples=["none"])
 
 
 class ItemError(BaseModel):
@@ -68,6 +69,7 @@ class BatchOut(BaseModel):
     """The answer of POST /predict/batch, in upload order."""
 
     results: list[BatchItem]
+    tta: str = Field(..., description="the test-time augmentation these answers were computed with", examples=["none"])
     model: ModelInfo
 
 
@@ -97,7 +99,12 @@ class MetricsOut(BaseModel):
     precision: str | None = Field(None, description="the precision the metrics were measured in")
     served_precision: str = Field(..., description="the precision this server runs in")
     tta: str | None = Field(None, description="the test-time augmentation the metrics were measured with")
-    served_tta: str = Field(..., description="the test-time augmentation this server applies")
+    served_tta: str = Field(..., description="the test-time augmentation this server applies unless asked otherwise")
+    measured_tta: list[str] = Field(
+        default_factory=list,
+        description="the test-time augmentations whose figures the checkpoint stores: each can be asked for with "
+        "?tta= on /predict, /predict/batch and /metrics",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="other stored figures")
 
 

@@ -24,7 +24,7 @@ from models.engine import FaceInput, prepare_faces
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
 from models.faces import FaceDetector
-from models.predictor import Predictor
+from models.predictor import TTA_MODES, Predictor
 from training.helpformat import DefaultsHelpFormatter
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoint.pth"
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     predict.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="forward-pass precision")
     predict.add_argument(
+        "--tta",
+        choices=("checkpoint", *TTA_MODES),
+        default="checkpoint",
+        help="test-time augmentation: tencrop averages ten views of each face, more accurate and about fifteen "
+        "times the model time (docs/tta.md); checkpoint: the mode its stored metrics were measured with",
+    )
+    predict.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -155,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "predict":
-            predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+            tta = None if args.tta == "checkpoint" else args.tta
+            predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=tta)
             files = list(iter_images(args.paths))
             progress = sys.stderr.isatty() if args.progress is None else args.progress
             out = args.output.open("w", newline="") if args.output else sys.stdout

@@ -46,6 +46,7 @@ class BatchResult:
 class _Item:
     inputs: torch.Tensor  # (1, 48, 48) float32
     future: Future[BatchResult]
+    tta: str | None  # None: the predictor's own mode
 
 
 class MicroBatcher:
@@ -71,13 +72,16 @@ class MicroBatcher:
         """Items waiting for a forward pass."""
         return self._queue.qsize()
 
-    def submit(self, inputs: torch.Tensor) -> Future[BatchResult]:
-        """Queue one normalised face (1, 48, 48); raises `QueueFullError` when the queue is full."""
+    def submit(self, inputs: torch.Tensor, tta: str | None = None) -> Future[BatchResult]:
+        """Queue one normalised face (1, 48, 48); raises `QueueFullError` when the queue is full.
+
+        `tta` asks for another test-time augmentation than the predictor's for this face.
+        """
         if self._stopped.is_set():
             raise RuntimeError("the batcher is stopped")
         future: Future[BatchResult] = Future()
         try:
-            self._queue.put_nowait(_Item(inputs, future))
+            self._queue.put_nowait(_Item(inputs, future, tta))
         except queue.Full:
             raise QueueFullError(
                 f"the service is at capacity ({self._queue.maxsize} images queued): retry in a moment"
@@ -132,15 +136,29 @@ class MicroBatcher:
             items, stop = self._gather(first)
             self._announce_room()
             items = [item for item in items if item.future.set_running_or_notify_cancel()]
-            if not items:
-                continue
-            try:
-                probabilities = self.predictor.predict_tensors(torch.stack([item.inputs for item in items]))
-            except Exception as exc:  # fail this batch's requests, keep serving the next ones
-                logger.exception("forward pass failed for a batch of %d", len(items))
-                for item in items:
-                    item.future.set_exception(exc)
-                continue
-            self.batches_run += 1
-            for item, row in zip(items, probabilities, strict=True):
-                item.future.set_result(BatchResult(probabilities=row, batch_size=len(items)))
+            for group in by_tta(items):
+                self._forward(group)
+
+    def _forward(self, items: list[_Item]) -> None:
+        """One forward pass for items that share a TTA mode; resolves their Futures."""
+        try:
+            probabilities = self.predictor.predict_tensors(torch.stack([item.inputs for item in items]), items[0].tta)
+        except Exception as exc:  # fail this batch's requests, keep serving the next ones
+            logger.exception("forward pass failed for a batch of %d", len(items))
+            for item in items:
+                item.future.set_exception(exc)
+            return
+        self.batches_run += 1
+        for item, row in zip(items, probabilities, strict=True):
+            item.future.set_result(BatchResult(probabilities=row, batch_size=len(items)))
+
+
+def by_tta(items: list[_Item]) -> list[list[_Item]]:
+    """The items grouped by the TTA mode they asked for, each group in queue order.
+
+    The views of one mode are one tensor, so a batch that mixes modes takes one pass per mode.
+    """
+    groups: dict[str | None, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(item.tta, []).append(item)
+    return list(groups.values())

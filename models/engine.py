@@ -131,9 +131,17 @@ class Engine:
         """`prepare` on one of the engine's prepare threads; the Future carries its result or error."""
         return self._prepare_pool.submit(self.prepare, data, all_faces=all_faces, require_face=require_face)
 
-    def submit(self, face: FaceInput) -> Future[BatchResult]:
-        """Queue one face for the next forward pass; raises `QueueFullError` when over capacity."""
-        return self.batcher.submit(face.inputs)
+    def submit(self, face: FaceInput, tta: str | None = None) -> Future[BatchResult]:
+        """Queue one face for the next forward pass; raises `QueueFullError` when over capacity.
+
+        `tta` asks for another test-time augmentation than the served one for this face.
+        """
+        # The served mode goes as None, so its faces share one forward pass however they asked.
+        return self.batcher.submit(face.inputs, None if tta in (None, self.predictor.tta) else tta)
+
+    def tta_for(self, requested: str | None) -> str:
+        """The test-time augmentation a face submitted with `requested` is answered with."""
+        return self.predictor.tta if requested is None else requested
 
     def prediction(self, result: BatchResult) -> Prediction:
         """A batch row → a `Prediction`."""

@@ -29,6 +29,17 @@ TTA_MODES = ("none", "flip", "tencrop")
 # mirror image of each, averaged. Enlarging rather than cropping smaller keeps the network's
 # 48×48 input; 52 was among the best geometries measured (docs/tta.md). Ten forward passes.
 TENCROP_RESIZE = 52
+# The forward pass runs fastest per image near batch 32 and slows beyond it as the activations
+# outgrow the caches (benchmarks/results/infer.json: fp32 456 images/s at 32, 307 at 128), so the
+# views of a large batch (ten-crop makes 320 of 32 faces) go through in chunks of this size.
+FORWARD_CHUNK = 32
+
+
+def check_tta(mode: str) -> str:
+    """`mode` if it is a TTA mode the predictor offers; raises ValueError otherwise."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
+    return mode
 
 
 def tta_views(inputs: torch.Tensor, mode: str) -> torch.Tensor:
@@ -64,9 +75,7 @@ class Predictor:
         self.device = torch.device("cpu")
         self.use_bf16 = resolve_bf16(precision, self.device)
         # The checkpoint says which TTA its stored metrics were measured with; serve the same.
-        self.tta = tta if tta is not None else str(checkpoint.metrics.get("tta", "none"))
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
+        self.tta = check_tta(tta if tta is not None else str(checkpoint.metrics.get("tta", "none")))
         # channels_last: bf16 convolutions in oneDNN run about 2× faster in NHWC (benchmarks/infer.py).
         # BatchNorm folded into the layer before it, Dropout dropped: the same function, less work.
         network = fuse_for_inference(checkpoint.network).to(self.device)
@@ -83,15 +92,24 @@ class Predictor:
         """Class names in logit order."""
         return self.checkpoint.classes
 
-    def served_metrics(self) -> dict[str, Any]:
-        """The stored evaluation figures that describe what this predictor serves.
+    def measured_tta_modes(self) -> tuple[str, ...]:
+        """The TTA modes whose figures the checkpoint stores, the one it was measured with first."""
+        metrics = self.checkpoint.metrics
+        if "accuracy" not in metrics:
+            return ()
+        main = str(metrics.get("tta", "none"))
+        alternatives = [mode for mode in metrics.get("tta_alternatives", {}) if mode in TTA_MODES and mode != main]
+        return (main, *alternatives)
+
+    def served_metrics(self, tta: str | None = None) -> dict[str, Any]:
+        """The stored evaluation figures that describe what this predictor serves (or `tta` would).
 
         The checkpoint's metrics are measured with one TTA mode; `training.evaluate --also-tta`
         stores other modes under `tta_alternatives`. Serving one of those gives its figures.
         """
         metrics = dict(self.checkpoint.metrics)
         # evaluate never stores the main mode among the alternatives, so this is a no-op for it
-        metrics.update(metrics.get("tta_alternatives", {}).get(self.tta, {}))
+        metrics.update(metrics.get("tta_alternatives", {}).get(self.tta if tta is None else tta, {}))
         return metrics
 
     @property
@@ -105,13 +123,17 @@ class Predictor:
         for batch_size in batch_sizes:
             self.predict_tensors(torch.zeros(batch_size, 1, size, size))
 
-    def predict_tensors(self, inputs: torch.Tensor) -> np.ndarray:
-        """Normalised faces (N, 1, 48, 48) float32 → probabilities (N, classes) float64."""
+    def predict_tensors(self, inputs: torch.Tensor, tta: str | None = None) -> np.ndarray:
+        """Normalised faces (N, 1, 48, 48) float32 → probabilities (N, classes) float64.
+
+        `tta` overrides this predictor's test-time augmentation for this call (None: `self.tta`).
+        """
+        mode = self.tta if tta is None else check_tta(tta)
         inputs = inputs.to(self.device)
         count = inputs.shape[0]
         with self._lock, torch.inference_mode(), autocast(self.device, self.use_bf16):
-            views = tta_views(inputs, self.tta).contiguous(memory_format=torch.channels_last)
-            logits = self.network(views).float()  # one forward pass over every view of every face
+            views = tta_views(inputs, mode).contiguous(memory_format=torch.channels_last)
+            logits = torch.cat([self.network(chunk) for chunk in views.split(FORWARD_CHUNK)]).float()
             probabilities = torch.softmax(logits, dim=1).reshape(-1, count, logits.shape[1]).mean(dim=0)
         result: np.ndarray = probabilities.double().numpy()
         normalised: np.ndarray = result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip

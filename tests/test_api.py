@@ -134,6 +134,46 @@ def test_metrics_describe_the_served_model(server: Server) -> None:
     assert body["served_tta"] == body["tta"] == stored.get("tta", "none")
 
 
+def test_tta_modes_of_the_api_are_the_predictors() -> None:
+    from typing import get_args
+
+    from app.routes import TtaMode
+    from models.predictor import TTA_MODES
+
+    assert get_args(TtaMode) == TTA_MODES
+
+
+def test_a_request_can_ask_for_ten_crop_and_gets_what_the_predictor_computes(server: Server) -> None:
+    from models.predictor import Predictor
+
+    default = post_file(server, face_png(5)).json()
+    asked = post_file(server, face_png(5), params={"tta": "tencrop"}).json()
+    assert (default["tta"], asked["tta"]) == ("none", "tencrop")
+    assert_prediction(asked)
+    # The server's precision (auto: bf16 here when the CPU has it) and its code path, in-process.
+    tencrop = Predictor.from_checkpoint(SHIPPED_CHECKPOINT, tta="tencrop").predict([make_face(5)])[0]
+    assert asked["probabilities"] == pytest.approx(tencrop.probabilities, abs=2e-3)
+    assert asked["probabilities"] != pytest.approx(default["probabilities"], abs=1e-3)
+    files = [("files", ("a.png", face_png(5))), ("files", ("b.png", face_png(6)))]
+    batch = httpx.post(f"{server.url}/predict/batch", files=files, params={"tta": "tencrop"}, timeout=30).json()
+    assert batch["tta"] == "tencrop"
+    assert batch["results"][0]["probabilities"] == pytest.approx(asked["probabilities"], abs=2e-3)
+    assert httpx.post(f"{server.url}/predict/batch", files=files, timeout=30).json()["tta"] == "none"
+
+
+def test_metrics_give_the_figures_of_the_tta_asked_for(server: Server) -> None:
+    stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
+    default = httpx.get(f"{server.url}/metrics").json()
+    assert default["measured_tta"] == [stored["tta"], *stored["tta_alternatives"]]
+    for mode, figures in stored["tta_alternatives"].items():
+        body = httpx.get(f"{server.url}/metrics", params={"tta": mode}).json()
+        assert (body["tta"], body["served_tta"]) == (mode, default["served_tta"])
+        for key in ("accuracy", "macro_f1", "loss", "per_class", "confusion_matrix", "num_images"):
+            assert body[key] == figures[key]
+    refused = httpx.get(f"{server.url}/metrics", params={"tta": "fivecrop"})
+    assert refused.status_code == 422 and "tta" in refused.json()["detail"]
+
+
 def test_ten_crop_server_answers_and_reports_ten_crop_figures(tmp_path: Path) -> None:
     import torch
 
@@ -152,11 +192,19 @@ def test_ten_crop_server_answers_and_reports_ten_crop_figures(tmp_path: Path) ->
             0.75,
             0.7,
         )
+        assert body["measured_tta"] == ["none", "tencrop"]
+        missing = httpx.get(f"{server.url}/metrics", params={"tta": "flip"})
+        assert missing.status_code == 404
+        assert "no figures measured with tta=flip" in missing.json()["detail"]
+        assert "none, tencrop" in missing.json()["detail"]
         served = post_file(server, face_png(5)).json()["probabilities"]
+        asked_plain = post_file(server, face_png(5), params={"tta": "none"}).json()
     expected = Predictor.from_checkpoint(checkpoint, precision="fp32", tta="tencrop").predict([make_face(5)])[0]
     plain = Predictor.from_checkpoint(checkpoint, precision="fp32", tta="none").predict([make_face(5)])[0]
     assert served == pytest.approx(expected.probabilities, abs=1e-4)
     assert served != pytest.approx(plain.probabilities, abs=1e-4)
+    assert asked_plain["tta"] == "none"
+    assert asked_plain["probabilities"] == pytest.approx(plain.probabilities, abs=1e-4)
 
 
 def test_prometheus_metrics_count_requests(server: Server) -> None:
@@ -204,6 +252,7 @@ ERROR_ROWS = [
         422,
         "require_face",
     ),
+    ("bad tta value", {"files": {"file": ("f.png", face_png())}, "params": {"tta": "fivecrop"}}, 422, "tta"),
     (
         "no face required",
         {"files": {"file": ("w.png", encode(Image.new("L", (300, 300), 90)))}, "params": {"require_face": "true"}},
@@ -402,8 +451,12 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     assert outcomes.count("200") == requests, outcomes  # all in flight at SIGTERM, none lost
 
 
-def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(server: Server, fer2013_dir: Path) -> None:
-    stored = httpx.get(f"{server.url}/metrics").json()
+@pytest.mark.parametrize("tta", [None, "tencrop"], ids=["served tta", "tta=tencrop asked per request"])
+def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(
+    server: Server, fer2013_dir: Path, tta: str | None
+) -> None:
+    params = {"tta": tta} if tta else {}
+    stored = httpx.get(f"{server.url}/metrics", params=params).json()
     files = sorted((fer2013_dir / "val").glob("*/*"))
     assert len(files) == stored["num_images"]
     correct = 0
@@ -411,6 +464,6 @@ def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(server: Serve
         for start in range(0, len(files), 64):
             chunk = files[start : start + 64]
             upload = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in chunk]
-            results = client.post(f"{server.url}/predict/batch", files=upload).json()["results"]
+            results = client.post(f"{server.url}/predict/batch", files=upload, params=params).json()["results"]
             correct += sum(result["label"] == path.parent.name for result, path in zip(results, chunk, strict=True))
     assert abs(correct / len(files) - stored["accuracy"]) <= 0.005

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,25 @@ def test_concurrent_submits_share_one_forward_pass(predictor: Predictor) -> None
     alone = predictor.predict_tensors(inputs)
     for row, result in zip(alone, results, strict=True):
         assert result.probabilities == pytest.approx(row, abs=1e-3)
+
+
+def test_faces_that_ask_for_another_tta_get_it_in_a_pass_of_their_own(predictor: Predictor) -> None:
+    batcher = MicroBatcher(predictor, max_batch=16, max_wait_ms=200, queue_size=64)
+    modes = [None, "tencrop", None, "flip", "tencrop", None]
+    try:
+        inputs = torch.randn(len(modes), 1, 48, 48).clamp(-1, 1)
+        futures = [batcher.submit(x, mode) for x, mode in zip(inputs, modes, strict=True)]
+        results = [future.result(timeout=30) for future in futures]
+    finally:
+        batcher.close()
+    # One gathering of six faces: a forward pass per mode, each the size of its group.
+    assert [result.batch_size for result in results] == [3, 2, 3, 1, 2, 3]
+    for mode in (None, "tencrop", "flip"):
+        rows = [i for i, asked in enumerate(modes) if asked == mode]
+        expected = predictor.predict_tensors(inputs[rows], mode)
+        for row, i in zip(expected, rows, strict=True):
+            assert results[i].probabilities == pytest.approx(row, abs=1e-3)
+    assert not np.allclose(results[1].probabilities, predictor.predict_tensors(inputs[1:2])[0], atol=1e-3)
 
 
 def test_by_default_a_lone_request_runs_without_waiting_for_company(predictor: Predictor) -> None:

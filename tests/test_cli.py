@@ -56,6 +56,20 @@ def test_predict_csv_matches_the_predictor(image_dir: Path, tmp_path: Path) -> N
     assert [float(rows[0][c]) for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_predict_with_ten_crop_matches_the_ten_crop_predictor(
+    image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.predictor import Predictor
+    from tests.conftest import make_face
+
+    assert main(["predict", str(image_dir / "a.png"), "--tta", "tencrop", "--precision", "fp32"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    expected = Predictor.from_checkpoint(SHIPPED_CHECKPOINT, precision="fp32", tta="tencrop").predict([make_face(1)])
+    plain = Predictor.from_checkpoint(SHIPPED_CHECKPOINT, precision="fp32", tta="none").predict([make_face(1)])
+    assert row["probabilities"] == pytest.approx(expected[0].probabilities, abs=1e-5)
+    assert row["probabilities"] != pytest.approx(plain[0].probabilities, abs=1e-4)
+
+
 def test_fer_console_script_has_help_for_every_command() -> None:
     fer = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parent.parent / ".venv")) / "bin" / "fer"
     if not fer.exists():

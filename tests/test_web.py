@@ -64,15 +64,24 @@ def fer_image(tmp_path: Path) -> Path:
 def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     page = browser.new_page()
     page.goto(f"{server.url}/")
-    page.set_input_files("#file", str(fer_image(tmp_path)))
+    # The shipped checkpoint stores ten-crop figures, so the page offers ten-crop, ticked.
+    page.wait_for_selector("#tencrop", state="visible", timeout=10_000)
+    assert page.is_checked("#tencrop")
+    with page.expect_request(lambda request: "/predict" in request.url) as sent:
+        page.set_input_files("#file", str(fer_image(tmp_path)))
+    assert "tta=tencrop" in sent.value.url
     page.wait_for_function("document.querySelectorAll('[data-testid=bar]').length === 7", timeout=30_000)
     label = page.text_content("#label") or ""
     assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \(\d+%\)$", label), label
     assert not page.is_visible("#error")
+    tencrop = httpx.get(f"{server.url}/metrics", params={"tta": "tencrop"}).json()
+    assert f"{100 * tencrop['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
+    # Unticked: the server's own mode, its figures, and the same image classified again with it.
+    with page.expect_request(lambda request: "/predict" in request.url) as sent:
+        page.uncheck("#tencrop")
+    assert "tta=none" in sent.value.url
     metrics = httpx.get(f"{server.url}/metrics").json()
-    if metrics.get("accuracy") is not None:
-        page.wait_for_function("document.getElementById('accuracy').textContent.length > 0", timeout=10_000)
-        assert f"{100 * metrics['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
+    assert f"{100 * metrics['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
     screenshot = os.environ.get("FER_WEB_SCREENSHOT")
     if screenshot:
         page.screenshot(path=screenshot, full_page=True)
