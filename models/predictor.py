@@ -133,7 +133,7 @@ class Predictor:
         count = inputs.shape[0]
         with self._lock, torch.inference_mode(), autocast(self.device, self.use_bf16):
             views = tta_views(inputs, mode).contiguous(memory_format=torch.channels_last)
-            logits = torch.cat([self.network(chunk) for chunk in views.split(FORWARD_CHUNK)]).float()
+            logits = torch.cat([self.network(chunk) for chunk in torch.split(views, FORWARD_CHUNK)]).float()
             probabilities = torch.softmax(logits, dim=1).reshape(-1, count, logits.shape[1]).mean(dim=0)
         result: np.ndarray = probabilities.double().numpy()
         normalised: np.ndarray = result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip
