@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.preprocess --json benchmarks/results/preprocess.json
 	$(BIN)/python -m benchmarks.precision | tee benchmarks/results/precision.txt
 	$(BIN)/python -m benchmarks.tta | tee benchmarks/results/tta.txt
+	$(BIN)/python -m benchmarks.chunk | tee benchmarks/results/chunk.txt
 	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json
 	$(BIN)/python -m benchmarks.tune --json benchmarks/results/tune.json
 	$(BIN)/python -m benchmarks.profile --json benchmarks/results/profile.json

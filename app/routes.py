@@ -65,7 +65,7 @@ RequireFaceQuery = Query(False, description="answer 422 instead of classifying t
 TtaQuery = Query(
     None,
     description="test-time augmentation for this request instead of the server's (FER_TTA): 'tencrop' averages ten "
-    "views of each face, more accurate and about fifteen times the model time; GET /metrics?tta= gives its figures",
+    "views of each face, more accurate and about ten times the model time; GET /metrics?tta= gives its figures",
 )
 MetricsTtaQuery = Query(None, description="the figures measured with this test-time augmentation instead")
 TtaMode = Literal["none", "flip", "tencrop"]  # models.predictor.TTA_MODES; a test keeps the two the same

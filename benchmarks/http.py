@@ -125,7 +125,7 @@ def measure(
             errors = sum(count for status, count in result["statuses"].items() if status != "200")
             result["errors"] = errors
             print(
-                f"{name:<8} {workload:<14} c={concurrency:<4} {result['requests_per_s']:>7.1f} req/s  "
+                f"{name:<8} {workload:<21} c={concurrency:<4} {result['requests_per_s']:>7.1f} req/s  "
                 f"p50 {result['p50_ms']:>7.1f}  p95 {result['p95_ms']:>7.1f}  p99 {result['p99_ms']:>7.1f} ms  "
                 f"cpu {result['server_cpu_cores']:.2f}  rss {result['peak_rss_mb']:.0f} MB  errors {errors}  "
                 f"batch {result['mean_batch'] or 0:.1f}",
@@ -179,6 +179,8 @@ def main() -> int:
         ("batch of 32", "/predict/batch", workdir / "batch32", content_type),
         # The same face as a raw image/jpeg body: what multipart parsing costs.
         ("predict 48x48 raw", "/predict", workdir / "face.jpg", "image/jpeg"),
+        # Ten-crop asked for per request: ten views per face, the accuracy mode (docs/tta.md).
+        ("predict 48x48 tencrop", "/predict?tta=tencrop", workdir / "face", content_type),
     ]
     service_workloads = [workload for workload in service_workloads if args.only in workload[0]]
     if not service_workloads:

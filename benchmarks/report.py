@@ -75,6 +75,10 @@ def render(results: Path) -> str:
     lines += printed_section(
         results / "tta.txt", "Test-time augmentation on val (`python -m benchmarks.tta`; served with `FER_TTA`)"
     )
+    lines += printed_section(
+        results / "chunk.txt",
+        "Ten-crop's views in one pass or in chunks (`python -m benchmarks.chunk`; its machine line may differ)",
+    )
     http = json.loads((results / "http.json").read_text())
     lines += [
         "",

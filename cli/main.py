@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         choices=("checkpoint", *TTA_MODES),
         default="checkpoint",
-        help="test-time augmentation: tencrop averages ten views of each face, more accurate and about fifteen "
+        help="test-time augmentation: tencrop averages ten views of each face, more accurate and about ten "
         "times the model time (docs/tta.md); checkpoint: the mode its stored metrics were measured with",
     )
     predict.add_argument(
