@@ -76,15 +76,15 @@ def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path:
     assert not page.is_visible("#error")
     tencrop = httpx.get(f"{server.url}/metrics", params={"tta": "tencrop"}).json()
     assert f"{100 * tencrop['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
+    screenshot = os.environ.get("FER_WEB_SCREENSHOT")
+    if screenshot:
+        page.screenshot(path=screenshot, full_page=True)
     # Unticked: the server's own mode, its figures, and the same image classified again with it.
     with page.expect_request(lambda request: "/predict" in request.url) as sent:
         page.uncheck("#tencrop")
     assert "tta=none" in sent.value.url
     metrics = httpx.get(f"{server.url}/metrics").json()
     assert f"{100 * metrics['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
-    screenshot = os.environ.get("FER_WEB_SCREENSHOT")
-    if screenshot:
-        page.screenshot(path=screenshot, full_page=True)
     page.close()
 
 
