@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from models.errors import FerError
-from models.predictor import Predictor
+from models.predictor import TTA_VIEWS, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class MicroBatcher:
             items, stop = self._gather(first)
             self._announce_room()
             items = [item for item in items if item.future.set_running_or_notify_cancel()]
-            for group in by_tta(items):
+            for group in by_tta(items, self.predictor.tta):
                 self._forward(group)
 
     def _forward(self, items: list[_Item]) -> None:
@@ -153,12 +153,14 @@ class MicroBatcher:
             item.future.set_result(BatchResult(probabilities=row, batch_size=len(items)))
 
 
-def by_tta(items: list[_Item]) -> list[list[_Item]]:
-    """The items grouped by the TTA mode they asked for, each group in queue order.
+def by_tta(items: list[_Item], served_tta: str) -> list[list[_Item]]:
+    """The items grouped by the TTA mode they asked for, each group in queue order, cheapest mode first.
 
     The views of one mode are one tensor, so a batch that mixes modes takes one pass per mode.
+    Cheapest first: a plain face gathered with ten-crop ones then waits for its own short pass
+    only, not for their ten views each (the shortest job first keeps the mean wait lowest).
     """
     groups: dict[str | None, list[_Item]] = {}
     for item in items:
         groups.setdefault(item.tta, []).append(item)
-    return list(groups.values())
+    return sorted(groups.values(), key=lambda group: TTA_VIEWS[group[0].tta or served_tta])

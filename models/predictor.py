@@ -25,6 +25,8 @@ from models.runtime import autocast, resolve_bf16
 logger = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "tencrop")
+# Forward passes per face in each mode: what a face costs, relative to no TTA.
+TTA_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
 # Ten-crop: the face enlarged to 52×52, its four corner crops and centre crop at 48×48, and the
 # mirror image of each, averaged. Enlarging rather than cropping smaller keeps the network's
 # 48×48 input; 52 was among the best geometries measured (docs/tta.md). Ten forward passes.

@@ -49,6 +49,22 @@ def test_faces_that_ask_for_another_tta_get_it_in_a_pass_of_their_own(predictor:
     assert not np.allclose(results[1].probabilities, predictor.predict_tensors(inputs[1:2])[0], atol=1e-3)
 
 
+def test_in_a_mixed_gathering_the_cheaper_mode_is_answered_first(predictor: Predictor) -> None:
+    batcher = MicroBatcher(predictor, max_batch=16, max_wait_ms=200, queue_size=64)
+    answered: list[str] = []
+    try:
+        futures = []
+        for mode in ("tencrop", "flip", None, "tencrop"):
+            future = batcher.submit(torch.zeros(1, 48, 48), mode)
+            future.add_done_callback(lambda _, mode=mode: answered.append(str(mode)))
+            futures.append(future)
+        for future in futures:
+            future.result(timeout=30)
+    finally:
+        batcher.close()
+    assert answered == ["None", "flip", "tencrop", "tencrop"]  # the served mode (none), then by views per face
+
+
 def test_by_default_a_lone_request_runs_without_waiting_for_company(predictor: Predictor) -> None:
     batcher = MicroBatcher(predictor)  # the service's defaults
     try:

@@ -20,6 +20,8 @@ from tests.conftest import SHIPPED_CHECKPOINT
 class GatedPredictor:
     """Answers like a predictor, but each forward pass waits until the test opens the gate."""
 
+    tta = "none"
+
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.started = threading.Event()
