@@ -82,8 +82,9 @@ class RequestGuard:
             if isinstance(state.get("batch_size"), int) and state["batch_size"] > 0:
                 self.telemetry.batch_size.observe(state["batch_size"])
             logger.info(
-                "%s %s %d %.1fms batch=%s id=%s",
-                scope.get("method"), scope.get("path"), status, elapsed_s * 1000, state.get("batch_size", "-"), request_id,
+                "%s %s %d %.1fms batch=%s tta=%s id=%s",
+                scope.get("method"), scope.get("path"), status, elapsed_s * 1000, state.get("batch_size", "-"),
+                state.get("tta", "-"), request_id,
             )  # fmt: skip
 
     def _guarded_receive(self, receive: Receive) -> Receive:

@@ -159,6 +159,7 @@ def test_a_request_can_ask_for_ten_crop_and_gets_what_the_predictor_computes(ser
     assert batch["tta"] == "tencrop"
     assert batch["results"][0]["probabilities"] == pytest.approx(asked["probabilities"], abs=2e-3)
     assert httpx.post(f"{server.url}/predict/batch", files=files, timeout=30).json()["tta"] == "none"
+    assert " tta=tencrop id=" in server.log() and " tta=none id=" in server.log()  # the access log says which
 
 
 def test_metrics_give_the_figures_of_the_tta_asked_for(server: Server) -> None:
