@@ -2,6 +2,10 @@
 channels_last, and bf16 channels_last on the fused network the service runs (BatchNorm folded
 in, `models.network.fuse_for_inference`), against the machine's measured matmul peak.
 
+On a CPU without AVX-512 BF16 or AMX, oneDNN only emulates bf16 (far slower than fp32, and the
+service runs fp32 there), so the bf16 rows are replaced by fp32 channels_last on the fused
+network, the path served on such a CPU.
+
     python -m benchmarks.infer --json benchmarks/results/infer.json
 """
 
@@ -18,9 +22,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.machine import machine_line, write_results
 from models.checkpoint import load_checkpoint
 from models.network import fuse_for_inference
+from models.runtime import cpu_supports_bf16
 
 BATCH_SIZES = (1, 8, 32, 128)
 MODES = ("fp32", "fp32_channels_last", "bf16_channels_last", "bf16_channels_last_fused")
+MODES_WITHOUT_BF16 = ("fp32", "fp32_channels_last", "fp32_channels_last_fused")
 
 
 def flops_per_image(network: torch.nn.Module) -> float:
@@ -75,18 +81,21 @@ def main() -> int:
     print(machine_line())
     network = load_checkpoint(args.checkpoint).network.eval()
     flops = flops_per_image(network)
-    peak_fp32, peak_bf16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
+    bf16 = cpu_supports_bf16()
+    peak_fp32 = matmul_peak_gflops(torch.float32)
+    peak_bf16 = matmul_peak_gflops(torch.bfloat16) if bf16 else None
     print(
-        f"forward FLOPs per image: {flops / 1e6:.1f} M; matmul peak fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s"
+        f"forward FLOPs per image: {flops / 1e6:.1f} M; matmul peak fp32 {peak_fp32:.0f} GFLOP/s, "
+        + (f"bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else "bf16 not timed (no AVX-512 BF16 or AMX: emulated)")
     )
     rows = []
-    for mode in MODES:
+    for mode in MODES if bf16 else MODES_WITHOUT_BF16:
         model = fuse_for_inference(network) if mode.endswith("_fused") else network
         if mode != "fp32":
             model = model.to(memory_format=torch.channels_last)
         for batch_size in BATCH_SIZES:
             row = {"mode": mode, **time_forward(model, mode, batch_size, args.seconds)}
-            peak = peak_bf16 if mode.startswith("bf16") else peak_fp32
+            peak = peak_bf16 if mode.startswith("bf16") and peak_bf16 else peak_fp32
             row["fraction_of_peak"] = row["images_per_s"] * flops / (peak * 1e9)
             rows.append(row)
     base = next(r["images_per_s"] for r in rows if r["mode"] == "fp32" and r["batch"] == 1)

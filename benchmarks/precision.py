@@ -15,6 +15,7 @@ import torch
 from benchmarks.machine import machine_line
 from models.predictor import Predictor
 from models.preprocessing import normalise
+from models.runtime import cpu_supports_bf16
 from training.data import default_data_dir, load_split
 
 
@@ -30,8 +31,16 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=Path("models/checkpoint.pth"), help="checkpoint to measure")
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $FER2013_DIR)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument(
+        "--emulated", action="store_true", help="compare even where the CPU only emulates bf16 (slow, and not served)"
+    )
     args = parser.parse_args()
     print(machine_line() + f", batch {args.batch_size}")
+    if not cpu_supports_bf16() and not args.emulated:
+        print(
+            "skipped: this CPU has no AVX-512 BF16 or AMX, so the service runs fp32 here (--emulated compares anyway)"
+        )
+        return 0
     fp32 = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
     bf16 = Predictor.from_checkpoint(args.checkpoint, precision="bf16")
     split = load_split((args.data_dir or default_data_dir()) / "val", fp32.checkpoint.preprocessing)
