@@ -138,7 +138,7 @@ async def predict(
     data = await read_image(request)
     inputs = await prepare(engine, data, all_faces=faces == "all", require_face=require_face)
     answers, batch_size = await classify(engine, inputs, tta)
-    request.state.batch_size, request.state.tta = batch_size, engine.tta_for(tta)
+    request.state.batch_size, request.state.tta = batch_size, engine.predictor.resolve_tta(tta)
     body = {**answers[0], "tta": request.state.tta, "model": model_info(engine)}
     if faces == "all":
         body["faces"] = answers
@@ -199,7 +199,7 @@ async def predict_batch(
     futures = await queue_room.submit_all(lambda face: engine.submit(face, tta), faces, deadline)
     results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
     outcomes, request.state.batch_size = in_upload_order(engine, prepared, results)
-    request.state.tta = engine.tta_for(tta)
+    request.state.tta = engine.predictor.resolve_tta(tta)
     body = [{**outcome, "filename": name} for (name, _), outcome in zip(blobs, outcomes, strict=True)]
     return JSONResponse({"results": body, "tta": request.state.tta, "model": model_info(engine)})
 

@@ -46,7 +46,7 @@ class BatchResult:
 class _Item:
     inputs: torch.Tensor  # (1, 48, 48) float32
     future: Future[BatchResult]
-    tta: str | None  # None: the predictor's own mode
+    tta: str  # the TTA mode this face is answered with
 
 
 class MicroBatcher:
@@ -79,9 +79,11 @@ class MicroBatcher:
         """
         if self._stopped.is_set():
             raise RuntimeError("the batcher is stopped")
+        # Resolved here, so faces of the served mode share one pass however they asked for it.
+        mode = self.predictor.resolve_tta(tta)
         future: Future[BatchResult] = Future()
         try:
-            self._queue.put_nowait(_Item(inputs, future, tta))
+            self._queue.put_nowait(_Item(inputs, future, mode))
         except queue.Full:
             raise QueueFullError(
                 f"the service is at capacity ({self._queue.maxsize} images queued): retry in a moment"
@@ -136,7 +138,7 @@ class MicroBatcher:
             items, stop = self._gather(first)
             self._announce_room()
             items = [item for item in items if item.future.set_running_or_notify_cancel()]
-            for group in by_tta(items, self.predictor.tta):
+            for group in by_tta(items):
                 self._forward(group)
 
     def _forward(self, items: list[_Item]) -> None:
@@ -153,14 +155,14 @@ class MicroBatcher:
             item.future.set_result(BatchResult(probabilities=row, batch_size=len(items)))
 
 
-def by_tta(items: list[_Item], served_tta: str) -> list[list[_Item]]:
+def by_tta(items: list[_Item]) -> list[list[_Item]]:
     """The items grouped by the TTA mode they asked for, each group in queue order, cheapest mode first.
 
     The views of one mode are one tensor, so a batch that mixes modes takes one pass per mode.
     Cheapest first: a plain face gathered with ten-crop ones then waits for its own short pass
     only, not for their ten views each (the shortest job first keeps the mean wait lowest).
     """
-    groups: dict[str | None, list[_Item]] = {}
+    groups: dict[str, list[_Item]] = {}
     for item in items:
         groups.setdefault(item.tta, []).append(item)
-    return sorted(groups.values(), key=lambda group: TTA_VIEWS[group[0].tta or served_tta])
+    return sorted(groups.values(), key=lambda group: TTA_VIEWS[group[0].tta])

@@ -136,12 +136,7 @@ class Engine:
 
         `tta` asks for another test-time augmentation than the served one for this face.
         """
-        # The served mode goes as None, so its faces share one forward pass however they asked.
-        return self.batcher.submit(face.inputs, None if tta in (None, self.predictor.tta) else tta)
-
-    def tta_for(self, requested: str | None) -> str:
-        """The test-time augmentation a face submitted with `requested` is answered with."""
-        return self.predictor.tta if requested is None else requested
+        return self.batcher.submit(face.inputs, tta)
 
     def prediction(self, result: BatchResult) -> Prediction:
         """A batch row → a `Prediction`."""

@@ -103,6 +103,10 @@ class Predictor:
         alternatives = [mode for mode in metrics.get("tta_alternatives", {}) if mode in TTA_MODES and mode != main]
         return (main, *alternatives)
 
+    def resolve_tta(self, tta: str | None) -> str:
+        """The TTA mode a call asking for `tta` gets: this predictor's own for None; raises ValueError if unknown."""
+        return self.tta if tta is None else check_tta(tta)
+
     def served_metrics(self, tta: str | None = None) -> dict[str, Any]:
         """The stored evaluation figures that describe what this predictor serves (or `tta` would).
 
@@ -111,7 +115,7 @@ class Predictor:
         """
         metrics = dict(self.checkpoint.metrics)
         # evaluate never stores the main mode among the alternatives, so this is a no-op for it
-        metrics.update(metrics.get("tta_alternatives", {}).get(self.tta if tta is None else tta, {}))
+        metrics.update(metrics.get("tta_alternatives", {}).get(self.resolve_tta(tta), {}))
         return metrics
 
     @property
@@ -130,7 +134,7 @@ class Predictor:
 
         `tta` overrides this predictor's test-time augmentation for this call (None: `self.tta`).
         """
-        mode = self.tta if tta is None else check_tta(tta)
+        mode = self.resolve_tta(tta)
         inputs = inputs.to(self.device)
         count = inputs.shape[0]
         with self._lock, torch.inference_mode(), autocast(self.device, self.use_bf16):

@@ -20,11 +20,12 @@ from tests.conftest import SHIPPED_CHECKPOINT
 class GatedPredictor:
     """Answers like a predictor, but each forward pass waits until the test opens the gate."""
 
-    tta = "none"
-
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.started = threading.Event()
+
+    def resolve_tta(self, tta: str | None) -> str:
+        return tta or "none"
 
     def predict_tensors(self, inputs: torch.Tensor, tta: str | None = None) -> np.ndarray:
         self.started.set()
