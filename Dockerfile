@@ -11,6 +11,7 @@ COPY pyproject.toml README.md ./
 COPY models models
 COPY training training
 COPY app app
+COPY cli cli
 RUN pip install --no-cache-dir .
 
 FROM ${BASE_IMAGE}

@@ -12,7 +12,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from app.main import create_app, engine_config
+from app.main import create_app
 from app.settings import Settings, settings_error_line
 from models.engine import Engine
 from models.errors import CheckpointError
@@ -27,7 +27,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine.load(settings.checkpoint, engine_config(settings))
+        engine = Engine.load(settings.checkpoint, settings.engine_config())
     except CheckpointError as exc:
         print(f"fer-service: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.queue_room import QueueRoom
 from app.settings import Settings
 from app.telemetry import Telemetry
 from models.engine import Engine
@@ -30,13 +29,6 @@ def get_telemetry(request: Request) -> Telemetry:
     return telemetry
 
 
-def get_queue_room(request: Request) -> QueueRoom:
-    """Turns and wake-ups for batch uploads waiting for room in the batching queue."""
-    queue_room: QueueRoom = request.app.state.queue_room
-    return queue_room
-
-
 EngineDep = Annotated[Engine, Depends(get_engine)]
-QueueRoomDep = Annotated[QueueRoom, Depends(get_queue_room)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]

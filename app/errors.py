@@ -1,4 +1,10 @@
-"""The one place where errors become HTTP responses: a table from exception class to status."""
+"""The one place where errors become HTTP responses: a table from exception class to status.
+
+The core's domain errors (`models.errors`) and the HTTP layer's own refusals (below) are all
+exceptions; `STATUS_BY_ERROR` gives each its status, and every error body, whoever sends it (an
+exception handler, the request guard, a batch item), is built from it. The README's error table
+is this table (tests/test_docs.py checks the two agree).
+"""
 
 from __future__ import annotations
 
@@ -9,50 +15,94 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from models.batching import QueueFullError
-from models.errors import ImageTooLargeError, InvalidImageError, NoFaceError, UnsupportedImageError
+from models.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    NoFaceError,
+    NotMeasuredError,
+    QueueFullError,
+    UnsupportedImageError,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class RequestProblem(Exception):
-    """A request the HTTP layer refuses before the core sees it (no file, wrong content type …)."""
+    """A request the HTTP layer refuses before the core sees it; the subclass says which status."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        self.status = status
         self.detail = detail
 
 
-# The README's error table is this table.
+class MalformedBody(RequestProblem):
+    """The multipart body could not be parsed."""
+
+
+class UploadStalled(RequestProblem):
+    """The client stopped sending the body."""
+
+
+class UploadTooLarge(RequestProblem):
+    """More bytes or more files than the limits allow."""
+
+
+class NotAnImageUpload(RequestProblem):
+    """A body that is neither multipart nor an image."""
+
+
+class MissingUpload(RequestProblem):
+    """No file where one was expected, or text where a file was expected."""
+
+
+class NotReady(RequestProblem):
+    """The model is still loading or warming up."""
+
+
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidImageError: 400,  # empty, undecodable, truncated
-    ImageTooLargeError: 413,  # over max_upload_bytes or max_pixels
+    MalformedBody: 400,
+    NotMeasuredError: 404,  # /metrics?tta= for a mode the checkpoint has no figures for
+    UploadStalled: 408,
+    ImageTooLargeError: 413,  # over max_pixels
+    UploadTooLarge: 413,  # over max_upload_bytes or max_batch_files
     UnsupportedImageError: 415,  # a file, but not an accepted image type
+    NotAnImageUpload: 415,
     NoFaceError: 422,  # require_face=true and no face found
+    MissingUpload: 422,
+    RequestValidationError: 422,  # a bad query value
     QueueFullError: 503,  # over capacity: retry after a moment
+    NotReady: 503,
 }
 RETRY_AFTER_S = "1"
 
 
 def status_for(exc: Exception) -> int:
-    """The HTTP status of a domain error (500 for anything not in the table)."""
-    if isinstance(exc, RequestProblem):
-        return exc.status
-    for error_type, status in STATUS_BY_ERROR.items():
-        if isinstance(exc, error_type):
-            return status
+    """The HTTP status of an error (500 for anything not in the table: a bug)."""
+    for error_type in type(exc).__mro__:
+        if error_type in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[error_type]
     return 500
 
 
-def error_response(status: int, detail: str) -> JSONResponse:
-    """The one error body: {"detail": "..."}; 503 carries Retry-After."""
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def error_response(
+    exc: Exception,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error body, {"detail": "..."} (plus `extra`), with the table's status; a 503 carries Retry-After."""
+    status = status_for(exc)
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_S
+    body = {**(extra or {}), "detail": str(exc) if detail is None else detail}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(status_for(exc), str(exc))
+async def _known_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -61,18 +111,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     for error in exc.errors():
         where = " ".join(str(part) for part in error.get("loc", ()))
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return error_response(422, "; ".join(parts) or "invalid request")
+    return error_response(exc, "; ".join(parts) or "invalid request")
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
     logger.error("unexpected error in %s %s (request %s)", request.method, request.url.path, request_id, exc_info=exc)
-    return error_response(500, f"internal error: report request id {request_id}")
+    return JSONResponse({"detail": f"internal error: report request id {request_id}"}, status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the table on the app."""
-    for error_type in (*STATUS_BY_ERROR, RequestProblem):
-        app.add_exception_handler(error_type, _domain_error)
+    for error_type in STATUS_BY_ERROR:
+        if error_type is not RequestValidationError:
+            app.add_exception_handler(error_type, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)

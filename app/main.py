@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.errors import install_error_handlers
 from app.middleware import RequestGuard
-from app.queue_room import QueueRoom
 from app.routes import router
 from app.settings import Settings
 from app.telemetry import make_telemetry
 from models.checkpoint import FORMAT_VERSION
-from models.engine import Engine, EngineConfig
+from models.engine import Engine
 
 logger = logging.getLogger(__name__)
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's knobs from the settings."""
-    return EngineConfig(
-        precision=settings.precision,
-        tta=None if settings.tta == "checkpoint" else settings.tta,
-        threads=settings.threads,
-        max_batch=settings.max_batch,
-        max_wait_ms=settings.max_wait_ms,
-        queue_size=settings.queue_size,
-        max_pixels=settings.max_pixels,
-        prepare_workers=settings.prepare_workers,
-    )
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -42,25 +27,24 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engine or Engine.load(settings.checkpoint, engine_config(settings))
+        loaded = engine or Engine.load(settings.checkpoint, settings.engine_config())
         app.state.engine = loaded
-        app.state.queue_room = queue_room = QueueRoom(asyncio.get_running_loop())
-        loaded.batcher.add_room_listener(queue_room.notify_threadsafe)
-        checkpoint = loaded.predictor.checkpoint
+        served = loaded.metrics() if loaded.measured_tta_modes() else {}
         logger.info(
             "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, with %d threads",
-            checkpoint.path, FORMAT_VERSION, checkpoint.version, loaded.predictor.served_metrics().get("accuracy", "not measured"),
-            loaded.predictor.precision, loaded.predictor.tta, settings.threads,
+            loaded.checkpoint_path, FORMAT_VERSION, loaded.model.version, served.get("accuracy", "not measured"),
+            loaded.precision, loaded.served_tta, settings.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
         threading.Thread(target=loaded.warm_up, name="fer-warmup", daemon=True).start()
         try:
             yield
         finally:
-            loaded.batcher.remove_room_listener(queue_room.notify_threadsafe)
             loaded.close()
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts from the installed fastapi-offline wheel, not a CDN,
+    # like the web page: they work on a machine without internet.
+    app = FastAPIOffline(
         title="fer-service",
         version="0.1.0",
         description="Facial-emotion recognition: upload a face or a photo, get the seven class probabilities.",
@@ -68,7 +52,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.telemetry = make_telemetry(
-        lambda: float(app.state.engine.batcher.queue_depth) if hasattr(app.state, "engine") else 0.0
+        lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -7,7 +7,6 @@ Content-Length before reading a byte, count a chunked body as it streams, and co
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import RequestProblem
+from app.errors import UploadStalled, UploadTooLarge, error_response
 from app.telemetry import Telemetry
 
 logger = logging.getLogger("app.access")
@@ -24,8 +23,10 @@ logger = logging.getLogger("app.access")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def _too_large_detail(limit: int) -> str:
-    return f"the upload is larger than {limit:,} bytes: send a smaller image (downscale or recompress it)"
+def _too_large(limit: int) -> UploadTooLarge:
+    return UploadTooLarge(
+        f"the upload is larger than {limit:,} bytes: send a smaller image (downscale or recompress it)"
+    )
 
 
 class RequestGuard:
@@ -70,7 +71,9 @@ class RequestGuard:
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
-                await self._refuse(send_with_id, 413, _too_large_detail(self.max_upload_bytes))
+                # Refused before reading a byte; the unread body cannot be skipped safely, so close.
+                refusal = error_response(_too_large(self.max_upload_bytes), headers={"connection": "close"})
+                await refusal(scope, receive, send_with_id)
                 return
             await self.app(scope, self._guarded_receive(receive), send_with_id)
         finally:
@@ -98,30 +101,14 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), timeout=self.body_timeout_s)
             except TimeoutError:
-                raise RequestProblem(
-                    408, f"the upload stalled for {self.body_timeout_s:g} s: send the whole body without pausing"
+                raise UploadStalled(
+                    f"the upload stalled for {self.body_timeout_s:g} s: send the whole body without pausing"
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if received > self.max_upload_bytes:
-                    raise RequestProblem(413, _too_large_detail(self.max_upload_bytes))
+                    raise _too_large(self.max_upload_bytes)
             return message
 
         return guarded
-
-    @staticmethod
-    async def _refuse(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),  # the unread body cannot be skipped safely
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from models.engine import Engine, FaceAnswer, ImageAnswer, ModelInfo
+
 EXAMPLE_PROBABILITIES = {
     "angry": 0.031,
     "disgust": 0.002,
@@ -22,12 +24,22 @@ class FaceOut(BaseModel):
 
     box: list[int] = Field(..., description="[x, y, width, height]", examples=[[212, 96, 180, 180]])
 
+    @classmethod
+    def from_answer(cls, face: FaceAnswer) -> FaceOut | None:
+        """Where the face was found; None when the whole image was classified."""
+        return cls(box=face.box.as_list()) if face.box else None
 
-class ModelInfo(BaseModel):
+
+class ModelOut(BaseModel):
     """Which model answered."""
 
     version: str = Field(..., examples=["EmotionRecognitionModelPyTorch-3f1c2a9b7d10"])
     sha256: str = Field(..., examples=["3f1c2a9b7d10..."])
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> ModelOut:
+        """The engine's model info as the API shows it."""
+        return cls(version=info.version, sha256=info.sha256)
 
 
 class FacePrediction(BaseModel):
@@ -38,13 +50,31 @@ class FacePrediction(BaseModel):
     probabilities: dict[str, float] = Field(..., examples=[EXAMPLE_PROBABILITIES])
     face: FaceOut | None = Field(None, description="null when the whole image was classified")
 
+    @classmethod
+    def from_face(cls, face: FaceAnswer) -> FacePrediction:
+        """One face's answer."""
+        prediction = face.prediction
+        return cls(
+            label=prediction.label,
+            confidence=prediction.confidence,
+            probabilities=prediction.probabilities,
+            face=FaceOut.from_answer(face),
+        )
+
 
 class PredictionOut(FacePrediction):
     """The answer of POST /predict: the largest face, plus every face with faces=all."""
 
-    model: ModelInfo
+    model: ModelOut
     faces: list[FacePrediction] | None = Field(None, description="every face, largest first (faces=all only)")
     tta: str = Field(..., description="the test-time augmentation this answer was computed with", examples=["none"])
+
+    @classmethod
+    def from_answer(cls, answer: ImageAnswer, model: ModelInfo, *, every_face: bool) -> PredictionOut:
+        """The largest face's answer at the top, and every face under `faces` when asked for."""
+        faces = [FacePrediction.from_face(face) for face in answer.faces]
+        extra = {"faces": faces} if every_face else {}
+        return cls(**faces[0].model_dump(exclude_unset=True), tta=answer.tta, model=ModelOut.from_info(model), **extra)
 
 
 class ItemError(BaseModel):
@@ -64,13 +94,23 @@ class BatchItem(BaseModel):
     filename: str | None = None
     error: ItemError | None = None
 
+    @classmethod
+    def from_answer(cls, answer: ImageAnswer, filename: str | None) -> BatchItem:
+        """An image's answer in its place."""
+        return cls(**FacePrediction.from_face(answer.faces[0]).model_dump(exclude_unset=True), filename=filename)
+
+    @classmethod
+    def from_error(cls, error: Exception, filename: str | None, status: int) -> BatchItem:
+        """An image's error in its place."""
+        return cls(error=ItemError(status=status, detail=str(error)), filename=filename)
+
 
 class BatchOut(BaseModel):
     """The answer of POST /predict/batch, in upload order."""
 
     results: list[BatchItem]
     tta: str = Field(..., description="the test-time augmentation these answers were computed with", examples=["none"])
-    model: ModelInfo
+    model: ModelOut
 
 
 class ErrorOut(BaseModel):
@@ -82,7 +122,7 @@ class ErrorOut(BaseModel):
 class MetricsOut(BaseModel):
     """The evaluation metrics stored in the checkpoint, and the model they describe."""
 
-    model: ModelInfo
+    model: ModelOut
     classes: list[str]
     accuracy: float | None = None
     loss: float | None = None
@@ -106,6 +146,21 @@ class MetricsOut(BaseModel):
         "?tta= on /predict, /predict/batch and /metrics",
     )
     extra: dict[str, Any] = Field(default_factory=dict, description="other stored figures")
+
+    @classmethod
+    def from_engine(cls, engine: Engine, figures: dict[str, Any]) -> MetricsOut:
+        """Stored figures, the ones this model names as fields and the rest under `extra`."""
+        own = {"model", "classes", "served_precision", "served_tta", "measured_tta", "extra"}
+        known = set(cls.model_fields) - own
+        return cls(
+            **{key: value for key, value in figures.items() if key in known},
+            extra={key: value for key, value in figures.items() if key not in known},
+            model=ModelOut.from_info(engine.model),
+            classes=list(engine.classes),
+            served_precision=engine.precision,
+            served_tta=engine.served_tta,
+            measured_tta=list(engine.measured_tta_modes()),
+        )
 
 
 class StatusOut(BaseModel):

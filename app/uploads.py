@@ -6,7 +6,7 @@ from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import RequestProblem
+from app.errors import MalformedBody, MissingUpload, NotAnImageUpload, UploadTooLarge
 
 HOW_TO_SEND = (
     "send the image as multipart field 'file' (curl -F file=@face.jpg) or as the raw body with Content-Type image/*"
@@ -17,15 +17,13 @@ async def read_form(request: Request, max_files: int) -> FormData:
     """Parse a multipart body, turning Starlette's parser errors into our statuses."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise RequestProblem(
-            415, f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}"
-        )
+        raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}")
     try:
         return await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
         if "Too many files" in str(exc.detail):
-            raise RequestProblem(413, f"too many files: at most {max_files} images per request") from None
-        raise RequestProblem(400, f"the multipart body could not be parsed ({exc.detail})") from None
+            raise UploadTooLarge(f"too many files: at most {max_files} images per request") from None
+        raise MalformedBody(f"the multipart body could not be parsed ({exc.detail})") from None
 
 
 def single_file(form: FormData) -> UploadFile:
@@ -33,15 +31,13 @@ def single_file(form: FormData) -> UploadFile:
     values = form.getlist("file")
     if not values:
         others = ", ".join(sorted({str(key) for key in form})) or "none"
-        raise RequestProblem(
-            422, f"no file: the multipart field 'file' is missing (fields sent: {others}); {HOW_TO_SEND}"
-        )
+        raise MissingUpload(f"no file: the multipart field 'file' is missing (fields sent: {others}); {HOW_TO_SEND}")
     if len(values) > 1:
-        raise RequestProblem(422, "send exactly one file in 'file'; use POST /predict/batch with 'files' for several")
+        raise MissingUpload("send exactly one file in 'file'; use POST /predict/batch with 'files' for several")
     upload = values[0]
     if isinstance(upload, str):
-        raise RequestProblem(
-            422, "the field 'file' holds text, not a file: attach the image as a file (curl -F file=@face.jpg)"
+        raise MissingUpload(
+            "the field 'file' holds text, not a file: attach the image as a file (curl -F file=@face.jpg)"
         )
     return upload
 
@@ -62,21 +58,29 @@ async def read_image(request: Request) -> bytes:
         and request.headers.get("content-length", "0") in ("0", "")
         and "transfer-encoding" not in request.headers
     ):
-        raise RequestProblem(422, f"no file: the request has no body; {HOW_TO_SEND}")
-    raise RequestProblem(415, f"Content-Type {content_type or 'missing'!r} is not an image upload: {HOW_TO_SEND}")
+        raise MissingUpload(f"no file: the request has no body; {HOW_TO_SEND}")
+    raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not an image upload: {HOW_TO_SEND}")
 
 
 def uploaded_files(form: FormData) -> list[UploadFile]:
     """The files in the repeated field 'files' of a batch upload."""
     values = form.getlist("files")
     if not values:
-        raise RequestProblem(
-            422,
+        raise MissingUpload(
             "no files: send the images in the repeated multipart field 'files' (curl -F files=@a.jpg -F files=@b.jpg)",
         )
     uploads = []
     for value in values:
         if isinstance(value, str):
-            raise RequestProblem(422, "a 'files' field holds text, not a file: attach every image as a file")
+            raise MissingUpload("a 'files' field holds text, not a file: attach every image as a file")
         uploads.append(value)
     return uploads
+
+
+async def read_files(request: Request, max_files: int) -> list[tuple[str | None, bytes]]:
+    """The (filename, bytes) of every file in the repeated multipart field 'files', in upload order."""
+    form = await read_form(request, max_files=max_files)
+    try:
+        return [(upload.filename, await upload.read()) for upload in uploaded_files(form)]
+    finally:
+        await form.close()

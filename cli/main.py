@@ -8,26 +8,27 @@ detection and predictor as the service. `train`, `evaluate` and `plots` hand the
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import csv
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TextIO
 
-import torch
-
+from app.settings import Settings
 from models.checkpoint import load_checkpoint
-from models.engine import FaceInput, prepare_faces
+from models.engine import Engine, EngineConfig, ImageAnswer
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
-from models.faces import FaceDetector
-from models.predictor import TTA_MODES, Predictor
+from models.runtime import PRECISIONS
+from models.tta import TTA_MODES, TtaMode
 from training.helpformat import DefaultsHelpFormatter
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoint.pth"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 PASS_THROUGH = ("train", "evaluate", "plots")
 
@@ -41,40 +42,79 @@ def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def predict_files(predictor: Predictor, files: list[Path], batch_size: int, progress: bool) -> Iterator[dict[str, Any]]:
-    """One result dict per file, in order; unreadable files get an "error"."""
-    detector = FaceDetector()
-    spec = predictor.checkpoint.preprocessing
-    from tqdm import tqdm
+def result_row(path: Path, answer: ImageAnswer | Exception) -> dict[str, Any]:
+    """One file's result as `fer predict` writes it (the same fields as an answer of the service)."""
+    if isinstance(answer, Exception):
+        return {"path": str(path), "error": str(answer)}
+    face = answer.faces[0]
+    return {
+        "path": str(path),
+        "label": face.prediction.label,
+        "confidence": face.prediction.confidence,
+        "probabilities": face.prediction.probabilities,
+        "face": face.box.as_list() if face.box else None,
+    }
 
-    bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        prepared: list[tuple[Path, FaceInput | str]] = []
-        for path in chunk:
+
+async def classify_files(
+    engine: Engine, files: list[Path], chunk: int, tta: TtaMode | None
+) -> AsyncIterator[dict[str, Any]]:
+    """One result per file, in order, through the engine; unreadable files get an "error"."""
+    for start in range(0, len(files), chunk):
+        paths = files[start : start + chunk]
+        blobs: list[bytes | OSError] = []
+        for path in paths:
             try:
-                prepared.append((path, prepare_faces(path.read_bytes(), detector, spec)[0]))
-            except (FerError, OSError) as exc:
-                prepared.append((path, str(exc)))
-        inputs = [item for _, item in prepared if isinstance(item, FaceInput)]
-        rows = iter(predictor.predict_tensors(torch.stack([f.inputs for f in inputs])) if inputs else [])
-        for path, item in prepared:
-            if isinstance(item, str):
-                yield {"path": str(path), "error": item}
-                continue
-            prediction = predictor.to_predictions(next(rows)[None, :])[0]
-            yield {
-                "path": str(path),
-                "label": prediction.label,
-                "confidence": prediction.confidence,
-                "probabilities": prediction.probabilities,
-                "face": item.box.as_list() if item.box else None,
-            }
-        bar.update(len(chunk))
-    bar.close()
+                blobs.append(path.read_bytes())
+            except OSError as exc:
+                blobs.append(exc)
+        readable = [blob for blob in blobs if isinstance(blob, bytes)]
+        answers = iter(await engine.classify_batch(readable, tta=tta))
+        for path, blob in zip(paths, blobs, strict=True):
+            yield result_row(path, blob if isinstance(blob, OSError) else next(answers))
 
 
-def write_results(results: Iterator[dict[str, Any]], output_format: str, classes: Sequence[str], out: TextIO) -> int:
+def progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm's bar on stderr when it is installed (the `train` extra); otherwise nothing is drawn."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(SimpleNamespace(update=lambda count: None))
+    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`fer predict`: every file through the engine, written as it comes; 1 when every file failed."""
+    config = EngineConfig(
+        precision=args.precision, tta=args.tta, max_batch=args.batch_size, queue_size=max(256, 2 * args.batch_size)
+    )
+    engine = Engine.load(args.checkpoint or Settings().checkpoint, config)
+    files = list(iter_images(args.paths))
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    out = args.output.open("w", newline="") if args.output else sys.stdout
+
+    async def run() -> int:
+        with progress_bar(len(files), progress) as bar:
+
+            async def rows() -> AsyncIterator[dict[str, Any]]:
+                async for row in classify_files(engine, files, 2 * args.batch_size, None):
+                    bar.update(1)
+                    yield row
+
+            return await write_results(rows(), args.format, engine.classes, out)
+
+    try:
+        failures = asyncio.run(run())
+    finally:
+        engine.close()
+        if args.output:
+            out.close()
+    return 1 if failures == len(files) and files else 0
+
+
+async def write_results(
+    results: AsyncIterator[dict[str, Any]], output_format: str, classes: Sequence[str], out: TextIO
+) -> int:
     """Write results as JSON lines, CSV or a table; returns the number of failed files."""
     failures = 0
     writer = csv.writer(out) if output_format == "csv" else None
@@ -82,7 +122,7 @@ def write_results(results: Iterator[dict[str, Any]], output_format: str, classes
         writer.writerow(["path", "label", "confidence", *classes, "face", "error"])
     elif output_format == "table":
         out.write(f"{'label':<9} {'conf':>5}  path\n")
-    for result in results:
+    async for result in results:
         failures += "error" in result
         if output_format == "jsonl":
             out.write(json.dumps(result) + "\n")
@@ -117,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="classify local images or folders, no server needed", formatter_class=defaults
     )
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
-    predict.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint to use")
+    predict.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
+    )
     predict.add_argument("--format", choices=("jsonl", "table", "csv"), default="jsonl", help="output format")
     predict.add_argument("--output", type=Path, default=None, help="write here instead of standard output")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    predict.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="forward-pass precision")
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision")
     predict.add_argument(
         "--tta",
         choices=("checkpoint", *TTA_MODES),
@@ -138,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write the network as ONNX or TorchScript", formatter_class=defaults)
     export.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="export format")
-    export.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint to export")
+    export.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint to export (default: $FER_CHECKPOINT or the shipped one)",
+    )
     export.add_argument("--output", type=Path, default=None, help="output file (default: model.onnx or model.pt)")
 
     serve = commands.add_parser("serve", help="run the HTTP service (FER_* settings apply)", formatter_class=defaults)
@@ -162,22 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "predict":
-            tta = None if args.tta == "checkpoint" else args.tta
-            predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=tta)
-            files = list(iter_images(args.paths))
-            progress = sys.stderr.isatty() if args.progress is None else args.progress
-            out = args.output.open("w", newline="") if args.output else sys.stdout
-            try:
-                failures = write_results(
-                    predict_files(predictor, files, args.batch_size, progress), args.format, predictor.classes, out
-                )
-            finally:
-                if args.output:
-                    out.close()
-            return 1 if failures == len(files) and files else 0
+            return predict_command(args)
         if args.command == "export":
             output = args.output or Path("model.onnx" if args.format == "onnx" else "model.pt")
-            export_network(load_checkpoint(args.checkpoint), output, args.format)
+            export_network(load_checkpoint(args.checkpoint or Settings().checkpoint), output, args.format)
             print(f"wrote {output}")
             return 0
         if args.command == "serve":

@@ -24,14 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.errors import FerError
-from models.predictor import TTA_VIEWS, Predictor
+from models.errors import QueueFullError
+from models.predictor import Predictor
+from models.tta import TTA_VIEWS, TtaMode
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(FerError):
-    """The batching queue is full: the service is over capacity for now."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +43,14 @@ class BatchResult:
 class _Item:
     inputs: torch.Tensor  # (1, 48, 48) float32
     future: Future[BatchResult]
-    tta: str  # the TTA mode this face is answered with
+    tta: TtaMode  # the TTA mode this face is answered with
 
 
 class MicroBatcher:
     """Owns the worker thread and the bounded queue in front of a `Predictor`."""
 
-    def __init__(
-        self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 0.0, queue_size: int = 256
-    ) -> None:
+    def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float, queue_size: int) -> None:
+        """The knobs and their defaults are `models.engine.EngineConfig`'s."""
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be ≥ 1 and max_wait_ms ≥ 0")
         self.predictor = predictor
@@ -72,18 +68,13 @@ class MicroBatcher:
         """Items waiting for a forward pass."""
         return self._queue.qsize()
 
-    def submit(self, inputs: torch.Tensor, tta: str | None = None) -> Future[BatchResult]:
-        """Queue one normalised face (1, 48, 48); raises `QueueFullError` when the queue is full.
-
-        `tta` asks for another test-time augmentation than the predictor's for this face.
-        """
+    def submit(self, inputs: torch.Tensor, tta: TtaMode) -> Future[BatchResult]:
+        """Queue one normalised face (1, 48, 48) to be answered with `tta`; raises `QueueFullError` when full."""
         if self._stopped.is_set():
             raise RuntimeError("the batcher is stopped")
-        # Resolved here, so faces of the served mode share one pass however they asked for it.
-        mode = self.predictor.resolve_tta(tta)
         future: Future[BatchResult] = Future()
         try:
-            self._queue.put_nowait(_Item(inputs, future, mode))
+            self._queue.put_nowait(_Item(inputs, future, tta))
         except queue.Full:
             raise QueueFullError(
                 f"the service is at capacity ({self._queue.maxsize} images queued): retry in a moment"
@@ -162,7 +153,7 @@ def by_tta(items: list[_Item]) -> list[list[_Item]]:
     Cheapest first: a plain face gathered with ten-crop ones then waits for its own short pass
     only, not for their ten views each (the shortest job first keeps the mean wait lowest).
     """
-    groups: dict[str, list[_Item]] = {}
+    groups: dict[TtaMode, list[_Item]] = {}
     for item in items:
         groups.setdefault(item.tta, []).append(item)
     return sorted(groups.values(), key=lambda group: TTA_VIEWS[group[0].tta])

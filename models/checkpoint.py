@@ -6,7 +6,9 @@ Keys (format_version 1):
     state_dict      the unwrapped module's tensors
     classes         list[str], class names in logit order
     preprocessing   `PreprocessingSpec` as a dict (size, grayscale, mean, std, interpolation)
-    metrics         dict measured by `training.evaluate` on the val split ({} until evaluated)
+    metrics         dict measured by `training.evaluate` on the val split ({} until evaluated):
+                    the figures of one TTA mode (its name under "tta", "none" when absent) and
+                    those of other modes under "tta_alternatives" (mode → figures)
     training        dict: recipe, the TrainConfig, the epoch chosen, the per-epoch history
     created_at      ISO-8601 UTC time of saving
     torch_version   the torch that wrote it
@@ -29,8 +31,11 @@ from torch import nn
 from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.preprocessing import PreprocessingSpec
+from models.tta import TTA_MODES, TtaMode, check_tta
 
 FORMAT_VERSION = 1
+# The model the project ships, beside this module; the service and `fer` default to it.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint.pth"
 CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 REQUIRED_KEYS = ("format_version", "architecture", "state_dict", "classes", "preprocessing", "metrics", "training")
 
@@ -53,6 +58,28 @@ class Checkpoint:
     def version(self) -> str:
         """A short, stable model version: the architecture and the first 12 hex digits of the file hash."""
         return f"{self.architecture}-{self.sha256[:12]}"
+
+    @property
+    def measured_tta(self) -> TtaMode:
+        """The TTA mode the main stored metrics were measured with: the one to serve by default."""
+        return check_tta(str(self.metrics.get("tta", "none")))
+
+    def measured_tta_modes(self) -> tuple[TtaMode, ...]:
+        """The TTA modes whose figures the checkpoint stores, the main one first; () before evaluation."""
+        if "accuracy" not in self.metrics:
+            return ()
+        main = self.measured_tta
+        others = [mode for mode in TTA_MODES if mode != main and mode in self.metrics.get("tta_alternatives", {})]
+        return (main, *others)
+
+    def metrics_for(self, tta: TtaMode) -> dict[str, Any] | None:
+        """The stored figures that describe serving with `tta`; None when that mode was never measured."""
+        if tta not in self.measured_tta_modes():
+            return None
+        figures = {key: value for key, value in self.metrics.items() if key != "tta_alternatives"}
+        if tta != self.measured_tta:
+            figures.update(self.metrics["tta_alternatives"][tta])
+        return figures
 
 
 def save_checkpoint(
@@ -133,6 +160,25 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
     return payload
 
 
+def store_metrics(path: Path, metrics: dict[str, Any], alternatives: dict[str, dict[str, Any]] | None = None) -> None:
+    """Store evaluation figures in a checkpoint file, leaving everything else as it was.
+
+    `metrics` were measured with the TTA mode named in `metrics["tta"]` (what the service serves
+    by default); `alternatives` maps other modes to their figures, which `?tta=` serves.
+    """
+    stored = dict(metrics)
+    stored.pop("tta_alternatives", None)
+    check_tta(str(stored.get("tta", "none")))
+    others = {mode: figures for mode, figures in (alternatives or {}).items() if mode != stored.get("tta", "none")}
+    for mode in others:
+        check_tta(mode)
+    if others:
+        stored["tta_alternatives"] = others
+    payload = read_checkpoint_dict(path)
+    payload["metrics"] = stored
+    atomic_torch_save(payload, path)
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load a checkpoint with `weights_only=True` and build its network in eval mode.
 
@@ -161,6 +207,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"checkpoint {path}: weights do not fit {architecture} with {len(classes)} classes ({first[:300]})"
         ) from None
     network.eval()
+    try:
+        check_tta(str(payload["metrics"].get("tta", "none")))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: its metrics name an unknown TTA mode ({exc})") from None
     return Checkpoint(
         path=path,
         network=network,

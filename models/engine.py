@@ -1,28 +1,67 @@
-"""The serving engine: predictor + face detector + micro-batcher, behind two calls.
+"""The serving engine: the one façade over decoding, face detection, batching and the predictor.
 
-`prepare` turns upload bytes into model inputs, one per face; it is CPU-bound, so
-`prepare_in_pool` runs it on the engine's threads, and callers run it inline only when `is_quick`
-says the upload is a small face crop. `submit` queues one input for the next batched forward
-pass. Nothing here knows HTTP.
+`classify` takes one upload's bytes and options and returns its face predictions;
+`classify_batch` does the same for several uploads at once. The engine decides where each step
+runs (a small face crop is decoded inline, a photo on the engine's prepare threads), queues the
+faces for the micro-batcher, waits for room when a batch upload needs it, cancels what nobody
+will read, and turns rows of probabilities into `Prediction`s. The service, `fer predict` and
+any other caller go through it; the predictor, batcher, detector and queue admission are its
+internals. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
-from models.errors import NoFaceError
+from models.errors import FerError, NoFaceError, NotMeasuredError
 from models.faces import FACE_CROP_MAX_SIDE, FaceBox, FaceDetector
 from models.predictor import Prediction, Predictor
-from models.preprocessing import PreprocessingSpec, decode_image, peek_size, preprocess
+from models.preprocessing import decode_image, peek_size, preprocess
+from models.runtime import Precision
+from models.tta import ServedTta, TtaMode
 
 logger = logging.getLogger(__name__)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the default for the thread counts)."""
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of the engine, with its default; the service's settings derive theirs from these."""
+
+    precision: Precision = "auto"
+    tta: ServedTta = "checkpoint"
+    threads: int = field(default_factory=cpu_count)  # torch intra-op threads
+    # Decoding and face detection of photos: one thread per core keeps the cores busy without
+    # dozens of threads contending (and each holding decode buffers) under load.
+    prepare_workers: int = field(default_factory=cpu_count)
+    # 32 images per forward pass: images/s at batch 32 is near the plateau on 2 cores (benchmarks/infer.py)
+    max_batch: int = 32
+    # No waiting: a lone request runs at once, and under load the requests that queue during one
+    # forward pass form the next batch (benchmarks/RESULTS.md measured 0 against 2 ms).
+    max_wait_ms: float = 0.0
+    queue_size: int = 256  # faces waiting for a forward pass; beyond it a single image is refused
+    max_pixels: int = 40_000_000
+    # How long the faces of one batch upload may wait for their turn and room in the queue.
+    batch_patience_s: float = 10.0
+
+
+ENGINE_DEFAULTS = EngineConfig()
 
 
 @dataclass(frozen=True)
@@ -34,41 +73,33 @@ class FaceInput:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """The engine's knobs; the service fills them from its settings."""
+class FaceAnswer:
+    """One face's prediction, where it was found (None: the whole image), and its batch's size."""
 
-    precision: str = "auto"
-    tta: str | None = None  # None: what the checkpoint's metrics were measured with
-    threads: int = 2
-    max_batch: int = 32
-    max_wait_ms: float = 0.0
-    queue_size: int = 256
-    max_pixels: int = 40_000_000
-    prepare_workers: int = 2  # threads that decode photos and detect faces
+    prediction: Prediction
+    box: FaceBox | None
+    batch_size: int
 
 
-def prepare_faces(
-    data: bytes,
-    detector: FaceDetector,
-    spec: PreprocessingSpec,
-    *,
-    max_pixels: int | None = None,
-    all_faces: bool = False,
-    require_face: bool = False,
-) -> list[FaceInput]:
-    """Image bytes → one model input per face; the whole image when no face is found.
+@dataclass(frozen=True)
+class ImageAnswer:
+    """One upload's answer: its faces, largest first (one entry with box None when none was found)."""
 
-    Raises:
-        InvalidImageError, UnsupportedImageError, ImageTooLargeError: bad image data.
-        NoFaceError: `require_face` and no face was found.
-    """
-    image = decode_image(data, max_pixels=max_pixels)
-    faces = detector.find_faces(image, all_faces=all_faces)
-    if faces:
-        return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
-    if require_face:
-        raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
-    return [FaceInput(preprocess(image, spec), None)]
+    faces: tuple[FaceAnswer, ...]
+    tta: TtaMode
+
+    @property
+    def batch_size(self) -> int:
+        """The largest forward pass any of its faces rode in."""
+        return max(face.batch_size for face in self.faces)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model answers: its version and file hash."""
+
+    version: str
+    sha256: str
 
 
 # A face crop this small decodes and preprocesses in about 0.1 ms with no face detection, less
@@ -89,20 +120,82 @@ class Engine:
     """Loads once at start-up; `ready` turns true after the warm-up."""
 
     def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
-        self.predictor = predictor
+        self._predictor = predictor
         self.config = config
-        self.detector = FaceDetector()
-        self.batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
+        self._detector = FaceDetector()
+        self._batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
+        self._batcher.add_room_listener(self._announce_room)
+        # One admission queue per event loop (an asyncio lock belongs to one loop); the service
+        # has one, and a CLI or a test may run several loops one after the other.
+        self._rooms: dict[asyncio.AbstractEventLoop, QueueRoom] = {}
         # A few threads, not one per request: decoding and detection are CPU-bound (OpenCV and
         # Pillow release the GIL), so more threads than cores only add contention and memory.
         self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
         self._ready = threading.Event()
 
     @classmethod
-    def load(cls, checkpoint: Path, config: EngineConfig) -> Engine:
+    def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
         """Load the checkpoint (weights only); raises `CheckpointError` with a one-line reason."""
+        config = config or EngineConfig()
         torch.set_num_threads(config.threads)
         return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
+
+    # What is served.
+
+    @property
+    def model(self) -> ModelInfo:
+        """The served checkpoint's version and sha256."""
+        checkpoint = self._predictor.checkpoint
+        return ModelInfo(version=checkpoint.version, sha256=checkpoint.sha256)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The file the model was loaded from."""
+        return self._predictor.checkpoint.path
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in the order of every answer's probabilities."""
+        return self._predictor.classes
+
+    @property
+    def precision(self) -> str:
+        """ "bf16" or "fp32": what the forward pass runs in."""
+        return self._predictor.precision
+
+    @property
+    def served_tta(self) -> TtaMode:
+        """The TTA mode of a request that names none."""
+        return self._predictor.tta
+
+    def resolve_tta(self, tta: TtaMode | None) -> TtaMode:
+        """The mode a request asking for `tta` (None: the served one) is answered with."""
+        return self._predictor.resolve_tta(tta)
+
+    def measured_tta_modes(self) -> tuple[TtaMode, ...]:
+        """The TTA modes whose evaluation figures the checkpoint stores, the one it was measured with first."""
+        return self._predictor.checkpoint.measured_tta_modes()
+
+    def metrics(self, tta: TtaMode | None = None) -> dict[str, Any]:
+        """The stored evaluation figures that describe serving with `tta` (None: the served mode).
+
+        Raises:
+            NotMeasuredError: the checkpoint has no figures for that mode.
+        """
+        mode = self.resolve_tta(tta)
+        figures = self._predictor.checkpoint.metrics_for(mode)
+        if figures is None:
+            measured = ", ".join(self.measured_tta_modes()) or "nothing yet"
+            raise NotMeasuredError(
+                f"this checkpoint stores no figures measured with tta={mode}; it has them for: {measured} "
+                f"(training.evaluate --also-tta {mode} --write-metrics adds them)"
+            )
+        return figures
+
+    @property
+    def queue_depth(self) -> int:
+        """Faces waiting for a forward pass."""
+        return self._batcher.queue_depth
 
     @property
     def ready(self) -> bool:
@@ -111,38 +204,109 @@ class Engine:
 
     def warm_up(self) -> None:
         """Build oneDNN kernels for the batch sizes the batcher forms, then declare readiness."""
-        self.predictor.warm_up((1, 2, 4, 8, min(32, self.config.max_batch), self.config.max_batch))
+        self._predictor.warm_up((1, 2, 4, 8, min(32, self.config.max_batch), self.config.max_batch))
         self._ready.set()
 
-    def prepare(self, data: bytes, *, all_faces: bool = False, require_face: bool = False) -> list[FaceInput]:
-        """Decode, find the face(s) and preprocess; see `prepare_faces`."""
-        return prepare_faces(
-            data,
-            self.detector,
-            self.predictor.checkpoint.preprocessing,
-            max_pixels=self.config.max_pixels,
-            all_faces=all_faces,
-            require_face=require_face,
-        )
+    # The calls.
 
-    def prepare_in_pool(
-        self, data: bytes, *, all_faces: bool = False, require_face: bool = False
-    ) -> Future[list[FaceInput]]:
-        """`prepare` on one of the engine's prepare threads; the Future carries its result or error."""
-        return self._prepare_pool.submit(self.prepare, data, all_faces=all_faces, require_face=require_face)
+    async def classify(
+        self, data: bytes, *, all_faces: bool = False, require_face: bool = False, tta: TtaMode | None = None
+    ) -> ImageAnswer:
+        """One upload → its largest face's prediction (every face's with `all_faces`).
 
-    def submit(self, face: FaceInput, tta: str | None = None) -> Future[BatchResult]:
-        """Queue one face for the next forward pass; raises `QueueFullError` when over capacity.
-
-        `tta` asks for another test-time augmentation than the served one for this face.
+        Raises:
+            InvalidImageError, UnsupportedImageError, ImageTooLargeError: bad image data.
+            NoFaceError: `require_face` and no face was found.
+            QueueFullError: over capacity; nothing of this upload stays queued.
         """
-        return self.batcher.submit(face.inputs, tta)
+        mode = self.resolve_tta(tta)
+        faces = await self._prepare(data, all_faces=all_faces, require_face=require_face)
+        futures: list[Future[BatchResult]] = []
+        try:
+            for face in faces:
+                futures.append(self._batcher.submit(face.inputs, mode))
+            results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+        except BaseException:
+            # A full queue or a caller that went away: the faces already queued are taken back
+            # out, so no forward pass computes answers nobody will read.
+            for future in futures:
+                future.cancel()
+            raise
+        return ImageAnswer(tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True)), mode)
 
-    def prediction(self, result: BatchResult) -> Prediction:
-        """A batch row → a `Prediction`."""
-        return self.predictor.to_predictions(result.probabilities[None, :])[0]
+    async def classify_batch(
+        self, uploads: Sequence[bytes], *, require_face: bool = False, tta: TtaMode | None = None
+    ) -> list[ImageAnswer | FerError]:
+        """Several uploads → each one's largest face, or the error that takes its place, in order.
+
+        The faces wait for room in the queue (taking turns with other batch uploads) up to
+        `batch_patience_s`; past it the whole call raises `QueueFullError`, since capacity is not
+        any one image's fault.
+        """
+        mode = self.resolve_tta(tta)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.batch_patience_s
+        prepared = await asyncio.gather(*(self._prepare_one(data, require_face) for data in uploads))
+        faces = [item for item in prepared if isinstance(item, FaceInput)]
+        futures = await self._room(loop).submit_all(
+            lambda face: self._batcher.submit(face.inputs, mode), faces, deadline
+        )
+        try:
+            results = iter(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return [
+            ImageAnswer((self._answer(item, next(results)),), mode) if isinstance(item, FaceInput) else item
+            for item in prepared
+        ]
 
     def close(self) -> None:
         """Finish queued work and stop the prepare and batching threads."""
         self._prepare_pool.shutdown(wait=True)
-        self.batcher.close()
+        self._batcher.remove_room_listener(self._announce_room)
+        self._batcher.close()
+
+    # Internals.
+
+    def _prepare_faces(self, data: bytes, all_faces: bool, require_face: bool) -> list[FaceInput]:
+        """Decode, find the face(s) and preprocess: one input per face, the whole image when none is found."""
+        image = decode_image(data, max_pixels=self.config.max_pixels)
+        faces = self._detector.find_faces(image, all_faces=all_faces)
+        spec = self._predictor.checkpoint.preprocessing
+        if faces:
+            return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
+        if require_face:
+            raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
+        return [FaceInput(preprocess(image, spec), None)]
+
+    async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> list[FaceInput]:
+        """Small face crops inline, anything that may need face detection on the prepare threads."""
+        if is_quick(data):
+            return self._prepare_faces(data, all_faces, require_face)
+        return await asyncio.wrap_future(self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face))
+
+    async def _prepare_one(self, data: bytes, require_face: bool) -> FaceInput | FerError:
+        """The upload's largest face, or its error in its place."""
+        try:
+            return (await self._prepare(data, all_faces=False, require_face=require_face))[0]
+        except FerError as exc:
+            return exc
+
+    def _answer(self, face: FaceInput, result: BatchResult) -> FaceAnswer:
+        prediction = self._predictor.to_predictions(result.probabilities[None, :])[0]
+        return FaceAnswer(prediction=prediction, box=face.box, batch_size=result.batch_size)
+
+    def _room(self, loop: asyncio.AbstractEventLoop) -> QueueRoom:
+        room = self._rooms.get(loop)
+        if room is None:
+            room = QueueRoom(loop)
+            # Copy on write: the batcher's thread reads the rooms without a lock. Closed loops go.
+            self._rooms = {known: kept for known, kept in self._rooms.items() if not known.is_closed()} | {loop: room}
+        return room
+
+    def _announce_room(self) -> None:
+        """Room was freed in the queue: called from the batcher's worker thread."""
+        for room in self._rooms.values():
+            room.notify_threadsafe()

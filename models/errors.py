@@ -7,6 +7,8 @@ The tree::
     ├── UnsupportedImageError   a real file, but not an image type we accept (SVG, PDF, animated)
     ├── ImageTooLargeError      over the byte or pixel limit (decompression bombs included)
     ├── NoFaceError             a face was required and none was found
+    ├── NotMeasuredError        figures were asked for a TTA mode the checkpoint has none for
+    ├── QueueFullError          over capacity: the batching queue has no room
     └── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
 
 Each message says what was wrong and what the caller can do about it.
@@ -33,6 +35,14 @@ class ImageTooLargeError(FerError):
 
 class NoFaceError(FerError):
     """A face was required and the detector found none."""
+
+
+class NotMeasuredError(FerError):
+    """The checkpoint stores no evaluation figures for what was asked."""
+
+
+class QueueFullError(FerError):
+    """The batching queue is full: the service is over capacity for now."""
 
 
 class CheckpointError(FerError):

@@ -44,6 +44,10 @@ class PreprocessingSpec:
     mean: float = 0.5
     std: float = 0.5
     interpolation: str = "bilinear"
+    # Ten-crop TTA enlarges the face to this side and crops the input size from it; enlarging
+    # rather than cropping smaller keeps the network's 48×48 input; 52 was among the best
+    # geometries measured (docs/tta.md). Checkpoints written before it existed get this default.
+    tencrop_resize: int = 52
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the checkpoint."""
@@ -55,6 +59,8 @@ class PreprocessingSpec:
         spec = cls(**data)
         if spec.interpolation not in RESAMPLING_FILTERS:
             raise ValueError(f"unknown interpolation {spec.interpolation!r}")
+        if spec.tencrop_resize < spec.size:
+            raise ValueError(f"tencrop_resize {spec.tencrop_resize} is smaller than the input size {spec.size}")
         return spec
 
 
@@ -173,9 +179,18 @@ def normalise(pixels: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
     return (pixels.to(torch.float32) / 255.0 - spec.mean) / spec.std
 
 
+def to_model_input(pixels: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
+    """uint8 faces (N, size, size) → the normalised model input (N, 1, size, size) float32.
+
+    The last step of every path into the network: serving (`preprocess`), evaluation and
+    training batches of cached pixels all end here, so none repeats the normalisation.
+    """
+    return normalise(pixels, spec).unsqueeze(1)
+
+
 def preprocess(image: Image.Image, spec: PreprocessingSpec) -> torch.Tensor:
     """A decoded face → the normalised model input, (1, size, size) float32."""
-    return normalise(torch.from_numpy(face_pixels(image, spec)), spec).unsqueeze(0)
+    return to_model_input(torch.from_numpy(face_pixels(image, spec))[None], spec)[0]
 
 
 def preprocess_bytes(data: bytes, spec: PreprocessingSpec, max_pixels: int | None = None) -> torch.Tensor:

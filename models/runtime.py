@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
+
+# "auto": bf16 where the CPU (or GPU) runs it natively, else fp32.
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 # vdpbf16ps (AVX-512 BF16) or AMX tiles make bf16 matmuls faster than fp32; without them
 # oneDNN emulates bf16 and it is slower than fp32.
@@ -28,7 +33,7 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_bf16(precision: str, device: torch.device) -> bool:
     """Whether to autocast to bf16 for `precision` ("auto", "bf16" or "fp32") on `device`."""
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision == "fp32":
         return False

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import CLASSES, load_checkpoint, read_checkpoint_dict, save_checkpoint
+from models.checkpoint import CLASSES, load_checkpoint, read_checkpoint_dict, save_checkpoint, store_metrics
 from models.errors import CheckpointError
 from models.network import EmotionRecognitionModelPyTorch
 from models.preprocessing import PreprocessingSpec
@@ -23,7 +23,9 @@ def test_checkpoint_round_trips_through_weights_only_load(checkpoint_path: Path)
     raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     assert raw["architecture"] == "EmotionRecognitionModelPyTorch"
     assert raw["classes"] == list(CLASSES)
-    assert raw["preprocessing"] == {"size": 48, "grayscale": True, "mean": 0.5, "std": 0.5, "interpolation": "bilinear"}
+    assert raw["preprocessing"] == {
+        "size": 48, "grayscale": True, "mean": 0.5, "std": 0.5, "interpolation": "bilinear", "tencrop_resize": 52,
+    }  # fmt: skip
     loaded = load_checkpoint(checkpoint_path)
     assert loaded.classes == CLASSES
     assert loaded.preprocessing == PreprocessingSpec()
@@ -119,3 +121,33 @@ def test_pickle_that_carries_code_is_refused_and_inert(tmp_path: Path) -> None:
 
 def test_saved_checkpoint_is_readable_by_other_users(checkpoint_path: Path) -> None:
     assert checkpoint_path.stat().st_mode & 0o044 == 0o044  # group and others may read (umask 022)
+
+
+def test_a_checkpoint_written_before_the_ten_crop_geometry_was_stored_gets_the_default(checkpoint_path: Path) -> None:
+    payload = read_checkpoint_dict(checkpoint_path)
+    del payload["preprocessing"]["tencrop_resize"]
+    torch.save(payload, checkpoint_path)
+    assert load_checkpoint(checkpoint_path).preprocessing.tencrop_resize == 52
+
+
+def test_stored_metrics_say_which_tta_modes_were_measured_and_give_each_its_figures(checkpoint_path: Path) -> None:
+    assert load_checkpoint(checkpoint_path).measured_tta_modes() == ("none",)  # "tta" absent: measured without
+    main = {"accuracy": 0.6, "macro_f1": 0.5, "tta": "flip", "num_images": 10}
+    store_metrics(checkpoint_path, main, {"tencrop": {"accuracy": 0.7, "tta": "tencrop"}, "flip": {"accuracy": 0.1}})
+    loaded = load_checkpoint(checkpoint_path)
+    assert loaded.measured_tta == "flip"
+    assert loaded.measured_tta_modes() == ("flip", "tencrop")  # the main mode is never an alternative
+    assert loaded.metrics_for("flip") == main
+    assert loaded.metrics_for("tencrop") == {**main, "accuracy": 0.7, "tta": "tencrop"}
+    assert loaded.metrics_for("none") is None
+    assert loaded.training == {"recipe": "test"}  # everything else is left as it was
+
+
+def test_metrics_of_an_unknown_tta_mode_are_refused(checkpoint_path: Path) -> None:
+    with pytest.raises(ValueError, match="tta must be one of"):
+        store_metrics(checkpoint_path, {"accuracy": 0.5, "tta": "twentycrop"})
+    payload = read_checkpoint_dict(checkpoint_path)
+    payload["metrics"] = {"accuracy": 0.5, "tta": "twentycrop"}
+    torch.save(payload, checkpoint_path)
+    with pytest.raises(CheckpointError, match="unknown TTA mode"):
+        load_checkpoint(checkpoint_path)

@@ -1,13 +1,21 @@
-"""Which uploads the service prepares inline on the event loop, and which it hands to a thread."""
+"""The engine, the serving façade: which uploads it prepares inline, and what its calls return."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
 from PIL import Image
 
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
-from models.engine import QUICK_MAX_BYTES, is_quick
-from tests.conftest import make_face
-from tests.images import encode
+from models.checkpoint import read_checkpoint_dict
+from models.engine import QUICK_MAX_BYTES, Engine, EngineConfig, ImageAnswer, is_quick
+from models.errors import InvalidImageError, NoFaceError, NotMeasuredError
+from tests.conftest import SHIPPED_CHECKPOINT, make_face
+from tests.images import encode, face_png, scene_with_face
 
 
 def test_small_face_crops_are_prepared_inline() -> None:
@@ -30,3 +38,69 @@ def test_undecodable_and_oversized_bytes_are_not_quick() -> None:
     assert not is_quick(b"not an image at all")
     assert not is_quick(b"")
     assert not is_quick(face_jpeg_48() + b"\0" * QUICK_MAX_BYTES)
+
+
+# The façade: what one call returns for the kinds of uploads the service sees.
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    loaded = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(precision="fp32", threads=1, prepare_workers=1))
+    yield loaded
+    loaded.close()
+
+
+def test_a_face_crop_is_classified_whole_with_the_served_mode(engine: Engine) -> None:
+    answer = asyncio.run(engine.classify(face_png(1)))
+    assert answer.tta == engine.served_tta == "none"
+    (face,) = answer.faces
+    assert face.box is None and face.batch_size == 1
+    assert list(face.prediction.probabilities) == list(engine.classes)
+    assert sum(face.prediction.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_every_face_of_a_photo_comes_back_largest_first(engine: Engine) -> None:
+    data, (x, y, w, h) = scene_with_face(left=380, top=150, side=110)
+    answer = asyncio.run(engine.classify(data, all_faces=True, require_face=True))
+    assert answer.faces[0].box is not None
+    bx, by, bw, _ = answer.faces[0].box.as_list()
+    assert abs(bx - x) <= 0.15 * w and abs(by - y) <= 0.15 * h and abs(bw - w) <= 0.2 * w
+    areas = [face.box.area for face in answer.faces if face.box]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_a_request_may_ask_for_another_tta_mode(engine: Engine) -> None:
+    plain = asyncio.run(engine.classify(face_png(5)))
+    tencrop = asyncio.run(engine.classify(face_png(5), tta="tencrop"))
+    assert tencrop.tta == "tencrop"
+    assert tencrop.faces[0].prediction.probabilities != pytest.approx(plain.faces[0].prediction.probabilities)
+
+
+def test_bad_uploads_raise_domain_errors(engine: Engine) -> None:
+    with pytest.raises(InvalidImageError):
+        asyncio.run(engine.classify(b"not an image"))
+    with pytest.raises(NoFaceError):
+        asyncio.run(engine.classify(encode(Image.new("RGB", (300, 300), (90, 90, 90))), require_face=True))
+
+
+def test_a_batch_answers_in_order_with_each_bad_upload_in_its_place(engine: Engine) -> None:
+    answers = asyncio.run(engine.classify_batch([face_png(1), b"junk", face_png(2)]))
+    assert isinstance(answers[0], ImageAnswer) and isinstance(answers[2], ImageAnswer)
+    assert isinstance(answers[1], InvalidImageError)
+    alone = asyncio.run(engine.classify(face_png(2)))
+    assert answers[2].faces[0].prediction.probabilities == pytest.approx(alone.faces[0].prediction.probabilities)
+
+
+def test_stored_figures_are_served_per_mode_and_unmeasured_modes_are_refused(engine: Engine, tmp_path: Path) -> None:
+    assert engine.metrics()["accuracy"] == engine.metrics("none")["accuracy"]
+    assert engine.metrics("tencrop")["tta"] == "tencrop"
+    payload = read_checkpoint_dict(SHIPPED_CHECKPOINT)
+    payload["metrics"].pop("tta_alternatives")
+    torch.save(payload, tmp_path / "plain.pth")
+    plain = Engine.load(tmp_path / "plain.pth", EngineConfig(threads=1, prepare_workers=1))
+    try:
+        assert plain.measured_tta_modes() == ("none",)
+        with pytest.raises(NotMeasuredError, match="--also-tta tencrop"):
+            plain.metrics("tencrop")
+    finally:
+        plain.close()

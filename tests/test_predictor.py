@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.predictor import TENCROP_RESIZE, Predictor, tta_views
+from models.predictor import Predictor
+from models.preprocessing import PreprocessingSpec
+from models.tta import TtaMode, tta_views
 from tests.conftest import SHIPPED_CHECKPOINT
+
+TENCROP_RESIZE = PreprocessingSpec().tencrop_resize
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +21,8 @@ def faces() -> torch.Tensor:
 
 
 def test_ten_crop_views_are_five_crops_of_the_enlarged_face_and_their_mirrors(faces: torch.Tensor) -> None:
-    views = tta_views(faces, "tencrop")
+    assert load_checkpoint(SHIPPED_CHECKPOINT).preprocessing.tencrop_resize == TENCROP_RESIZE == 52
+    views = tta_views(faces, "tencrop", TENCROP_RESIZE)
     assert views.shape == (10 * 3, 1, 48, 48)
     crops, mirrors = views[:15].reshape(5, 3, 1, 48, 48), views[15:].reshape(5, 3, 1, 48, 48)
     assert torch.equal(mirrors, crops.flip(-1))
@@ -25,12 +30,12 @@ def test_ten_crop_views_are_five_crops_of_the_enlarged_face_and_their_mirrors(fa
     assert torch.equal(crops[0], enlarged[..., :48, :48])  # top-left
     assert torch.equal(crops[3], enlarged[..., -48:, -48:])  # bottom-right
     assert torch.equal(crops[4], enlarged[..., 2:50, 2:50])  # centre
-    assert torch.equal(tta_views(faces, "none"), faces)
-    assert torch.equal(tta_views(faces, "flip"), torch.cat([faces, faces.flip(-1)]))
+    assert torch.equal(tta_views(faces, "none", TENCROP_RESIZE), faces)
+    assert torch.equal(tta_views(faces, "flip", TENCROP_RESIZE), torch.cat([faces, faces.flip(-1)]))
 
 
 @pytest.mark.parametrize("mode", ["none", "flip", "tencrop"])
-def test_each_face_gets_the_same_answer_alone_or_in_a_batch(faces: torch.Tensor, mode: str) -> None:
+def test_each_face_gets_the_same_answer_alone_or_in_a_batch(faces: torch.Tensor, mode: TtaMode) -> None:
     predictor = Predictor(load_checkpoint(SHIPPED_CHECKPOINT), precision="fp32", tta=mode)
     together = predictor.predict_tensors(faces)
     alone = np.concatenate([predictor.predict_tensors(face[None]) for face in faces])
@@ -42,11 +47,16 @@ def test_ten_crop_averages_the_probabilities_of_its_views(faces: torch.Tensor) -
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
     tencrop = Predictor(checkpoint, precision="fp32", tta="tencrop").predict_tensors(faces)
     plain = Predictor(checkpoint, precision="fp32", tta="none")
-    views = plain.predict_tensors(tta_views(faces, "tencrop")).reshape(10, 3, -1)
+    views = plain.predict_tensors(tta_views(faces, "tencrop", TENCROP_RESIZE)).reshape(10, 3, -1)
     np.testing.assert_allclose(tencrop, views.mean(axis=0), atol=1e-5)
     assert not np.allclose(tencrop, plain.predict_tensors(faces), atol=1e-3)
 
 
 def test_unknown_tta_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="tta must be one of none, flip, tencrop"):
-        Predictor(load_checkpoint(SHIPPED_CHECKPOINT), tta="twentycrop")
+        Predictor(load_checkpoint(SHIPPED_CHECKPOINT), tta="twentycrop")  # type: ignore[arg-type]
+
+
+def test_checkpoint_means_the_mode_the_stored_metrics_were_measured_with() -> None:
+    checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
+    assert Predictor(checkpoint).tta == checkpoint.measured_tta == checkpoint.metrics.get("tta", "none")

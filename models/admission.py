@@ -1,4 +1,4 @@
-"""Waiting for room in the batching queue, for uploads that bring many faces at once.
+"""Queue admission: waiting for room in the batching queue, for uploads that bring many faces at once.
 
 A single image that finds the queue full gets 503 at once. A `/predict/batch` upload brings up
 to `max_batch_files` faces: refusing the ones that do not fit would fail a request the service
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
-from models.batching import QueueFullError
+from models.errors import QueueFullError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
