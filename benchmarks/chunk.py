@@ -18,7 +18,8 @@ import models.predictor as predictor_module
 from benchmarks.machine import machine_line
 from benchmarks.tta import faces_per_second
 from models.checkpoint import load_checkpoint
-from models.predictor import TTA_MODES, Predictor
+from models.predictor import Predictor
+from models.tta import TTA_MODES
 
 
 def main() -> int:

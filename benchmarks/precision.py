@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.machine import machine_line
 from models.predictor import Predictor
-from models.preprocessing import normalise
+from models.preprocessing import to_model_input
 from models.runtime import cpu_supports_bf16
 from training.data import default_data_dir, load_split
 
@@ -44,7 +44,7 @@ def main() -> int:
     fp32 = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
     bf16 = Predictor.from_checkpoint(args.checkpoint, precision="bf16")
     split = load_split((args.data_dir or default_data_dir()) / "val", fp32.checkpoint.preprocessing)
-    inputs = normalise(torch.from_numpy(split.pixels), fp32.checkpoint.preprocessing).unsqueeze(1)
+    inputs = to_model_input(torch.from_numpy(split.pixels), fp32.checkpoint.preprocessing)
     p32, speed32 = probabilities(fp32, inputs, args.batch_size)
     p16, speed16 = probabilities(bf16, inputs, args.batch_size)
     drift = np.abs(p32 - p16)

@@ -13,8 +13,9 @@ import torch
 
 from benchmarks.machine import machine_line
 from models.checkpoint import load_checkpoint
-from models.predictor import TTA_MODES, Predictor
-from models.preprocessing import normalise
+from models.predictor import Predictor
+from models.preprocessing import to_model_input
+from models.tta import TTA_MODES
 from training.data import default_data_dir, load_split
 from training.evaluate import evaluate_predictor
 
@@ -38,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
     split = load_split((args.data_dir or default_data_dir()) / "val", checkpoint.preprocessing)
-    inputs = normalise(torch.from_numpy(split.pixels), checkpoint.preprocessing).unsqueeze(1)
+    inputs = to_model_input(torch.from_numpy(split.pixels), checkpoint.preprocessing)
     print(machine_line() + f", batch {args.batch_size}, {len(split)} val images")
     print(f"{'tta':<8} {'accuracy':>8} {'macro-F1':>8} {'loss':>7} {'faces/s':>8}")
     for mode in TTA_MODES:

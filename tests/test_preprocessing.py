@@ -99,7 +99,7 @@ def test_unsupported_format_is_refused() -> None:
 
 
 def test_serving_and_evaluation_give_the_same_tensor(tmp_path: Path) -> None:
-    from models.preprocessing import normalise
+    from models.preprocessing import to_model_input
     from tests.conftest import write_dataset
     from training.data import load_split
 
@@ -107,7 +107,7 @@ def test_serving_and_evaluation_give_the_same_tensor(tmp_path: Path) -> None:
     split = load_split(root, SPEC, cache_dir=tmp_path / "cache")
     for index, relative in enumerate(split.paths):
         served = preprocess_bytes((root / relative).read_bytes(), SPEC)
-        evaluated = normalise(torch.from_numpy(split.pixels[index]), SPEC).unsqueeze(0)
+        evaluated = to_model_input(torch.from_numpy(split.pixels[index : index + 1]), SPEC)[0]
         assert torch.equal(served, evaluated)
 
 

@@ -11,6 +11,8 @@ class TrainConfig:
     """Every knob of a training run. The recipe picks the defaults; flags override them."""
 
     recipe: str = "default"
+    # The network, by its name in `models.network.ARCHITECTURES`; the checkpoint records it too.
+    architecture: str = "EmotionRecognitionModelPyTorch"
     epochs: int = 45  # the shipped model: 45 epochs × 224 steps on a 2-core CPU, about 2 h
     batch_size: int = 128
     optimizer: str = "adamw"  # "adamw", "adam" or "sgd" (Nesterov momentum 0.9)

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from models.checkpoint import atomic_torch_save, read_checkpoint_dict
+from models.checkpoint import store_metrics
 from models.errors import FerError
-from models.predictor import TTA_MODES, Predictor
-from models.preprocessing import normalise
+from models.predictor import Predictor
+from models.tta import TTA_MODES
 from training.data import Split, default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
-from training.metrics import classification_metrics, expected_calibration_error
+from training.loop import predict_split
+from training.metrics import classification_metrics, expected_calibration_error, mean_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +31,17 @@ def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256
     """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, calibration, per class, confusion."""
     if split.classes != predictor.classes:
         raise ValueError(f"the split's classes {split.classes} differ from the checkpoint's {predictor.classes}")
-    spec = predictor.checkpoint.preprocessing
-    chunks = []
-    for start in range(0, len(split), batch_size):
-        pixels = torch.from_numpy(split.pixels[start : start + batch_size])
-        chunks.append(predictor.predict_tensors(normalise(pixels, spec).unsqueeze(1)))
-    probabilities = np.concatenate(chunks)
-    picked = probabilities[np.arange(len(split)), split.labels]
+    # The predictor's own forward pass: its precision, its TTA and the fused network, as served.
+    probabilities = predict_split(
+        predictor.predict_tensors, split, predictor.checkpoint.preprocessing, batch_size=batch_size
+    )
     metrics = classification_metrics(split.labels, probabilities.argmax(1), split.classes)
-    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    metrics["loss"] = mean_cross_entropy(split.labels, probabilities)
     metrics["calibration_error"] = expected_calibration_error(split.labels, probabilities)
     metrics["precision"] = predictor.precision
     metrics["tta"] = predictor.tta
     metrics["preprocessing"] = predictor.checkpoint.preprocessing.to_dict()
     return metrics
-
-
-def write_metrics(checkpoint_path: Path, metrics: dict[str, Any]) -> None:
-    """Store `metrics` in the checkpoint file, leaving everything else as it was."""
-    payload = read_checkpoint_dict(checkpoint_path)
-    payload["metrics"] = metrics
-    atomic_torch_save(payload, checkpoint_path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -92,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tta",
-        choices=TTA_MODES,
-        default=None,
-        help="test-time augmentation (default: what the checkpoint's metrics say, else none)",
+        choices=("checkpoint", *TTA_MODES),
+        default="checkpoint",
+        help="test-time augmentation; checkpoint = the mode its stored metrics were measured with (none before any)",
     )
     parser.add_argument(
         "--also-tta",
@@ -137,13 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for measured in (metrics, *alternatives.values()):
         measured["split"] = split_dir.name
         print(format_table(measured))
-    if alternatives:
-        metrics["tta_alternatives"] = alternatives
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(metrics, indent=1))
+        with_alternatives = {**metrics, "tta_alternatives": alternatives} if alternatives else metrics
+        args.json.write_text(json.dumps(with_alternatives, indent=1))
     if args.write_metrics:
-        write_metrics(args.checkpoint, metrics)
+        store_metrics(args.checkpoint, metrics, alternatives)
         logger.info("stored the metrics in %s", args.checkpoint)
     return 0
 

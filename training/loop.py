@@ -1,8 +1,9 @@
-"""The training loop: epochs over an in-memory split, resumable state, per-epoch history.
+"""The training loop, along the seams of torchvision's references/classification/train.py.
 
-State (`state.pt` in the run folder) is written atomically after every epoch and holds the
-model, optimiser, scheduler, early-stopping counters, RNG states and history, as plain types
-and tensors so that it too loads with `weights_only=True`.
+`train_one_epoch` trains one epoch, `evaluate` measures the model being trained on the val split
+(through `predict_split`, the batched loop `training.evaluate` measures the predictor with),
+`training.state.select_epoch` decides whose weights the run hands back, and
+`training.state.RunState` holds everything `--resume` needs. `train` puts them together.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,18 +25,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.checkpoint import atomic_torch_save
-from models.network import EmotionRecognitionModelPyTorch
-from models.preprocessing import PreprocessingSpec, normalise
+from models.network import build_network
+from models.preprocessing import PreprocessingSpec, to_model_input
 from models.runtime import autocast, resolve_bf16
 from training.augment import augment_batch
 from training.config import TrainConfig
 from training.data import Split
+from training.metrics import mean_cross_entropy
+from training.state import STATE_FILE, RunState, select_epoch
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
+
+# Model input (N, 1, H, W) float32 → class probabilities (N, classes) float64.
+Forward = Callable[[torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -93,28 +97,127 @@ def cosine_lr(config: TrainConfig, step: int, total_steps: int, steps_per_epoch:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def evaluate_split(
-    model: nn.Module,
+def predict_split(
+    forward: Forward,
     split: Split,
     spec: PreprocessingSpec,
-    device: torch.device,
-    use_bf16: bool,
+    *,
     batch_size: int = 512,
-) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and the predictions (N,) of `model` on a split, in eval mode."""
-    model.eval()
-    total_loss = 0.0
-    predictions = []
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Run `forward` over a split in batches of model input; the probabilities (N, classes) float64."""
+    chunks = []
     with torch.inference_mode():
         for start in range(0, len(split), batch_size):
-            pixels = torch.from_numpy(split.pixels[start : start + batch_size]).to(device)
-            labels = torch.from_numpy(split.labels[start : start + batch_size]).to(device)
-            inputs = normalise(pixels, spec).unsqueeze(1).contiguous(memory_format=torch.channels_last)
-            with autocast(device, use_bf16):
-                logits = model(inputs).float()
-            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            predictions.append(logits.argmax(1).cpu())
-    return total_loss / len(split), torch.cat(predictions).numpy()
+            pixels = torch.from_numpy(split.pixels[start : start + batch_size])
+            chunks.append(forward(to_model_input(pixels if device is None else pixels.to(device), spec)))
+    return np.concatenate(chunks)
+
+
+def evaluate(
+    model: nn.Module, split: Split, spec: PreprocessingSpec, device: torch.device, use_bf16: bool
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model being trained on a split, in eval mode.
+
+    This is the per-epoch val figure: the training network as it is (unfused, autocast as in
+    training, no TTA). The checkpoint's stored metrics come from `training.evaluate` instead,
+    through the predictor that serves it.
+    """
+    model.eval()
+
+    def forward(inputs: torch.Tensor) -> np.ndarray:
+        with autocast(device, use_bf16):
+            logits = model(inputs.contiguous(memory_format=torch.channels_last)).float()
+        # float64 softmax: the loss is its log, and float32 probabilities underflow to 0
+        probabilities: np.ndarray = torch.softmax(logits.double(), dim=1).cpu().numpy()
+        return probabilities
+
+    probabilities = predict_split(forward, split, spec, device=device)
+    accuracy = float((probabilities.argmax(1) == split.labels).mean())
+    return mean_cross_entropy(split.labels, probabilities), accuracy
+
+
+def seed_generators(seed: int, device: torch.device, rank: int, world: int) -> tuple[torch.Generator, torch.Generator]:
+    """Seed torch's global generator (initialisation, dropout); returns (permutation, augmentation) generators.
+
+    The permutation generator is the same on every rank, so the ranks shard one shuffle.
+    Augmentation differs per rank; with one process it is the same generator, as before DDP existed.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    augment_generator = generator if world == 1 else torch.Generator(device=device).manual_seed(seed + 1000 * rank)
+    return generator, augment_generator
+
+
+def log_epoch(record: dict[str, float], epochs: int) -> None:
+    """One summary line per epoch: progress bars do not survive in `nohup` logs."""
+    logger.info(
+        "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e | %.1fs, %.0f img/s",
+        record["epoch"], epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
+        record["val_accuracy"], record["lr"], record["seconds"], record["train_images_per_second"],
+    )  # fmt: skip
+
+
+def train_one_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    *,
+    config: TrainConfig,
+    spec: PreprocessingSpec,
+    generator: torch.Generator,
+    epoch: int,
+    steps: int,
+    use_bf16: bool,
+) -> tuple[float, float, int]:
+    """Train one epoch of `steps` batches; returns (mean train loss, train accuracy, images seen).
+
+    Args:
+        pixels: the whole training split, (N, H, W) uint8 on the training device.
+        labels: its labels, (N,) int64 on the same device.
+        order: this rank's shuffled indices into `pixels` for this epoch.
+        generator: the augmentation's random generator.
+        steps: batches per epoch, the same on every rank (DistributedDataParallel syncs each step).
+    """
+    net.train()
+    total_steps = steps * config.epochs
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", disable=None, leave=False)
+    for step in bar:
+        if config.schedule == "cosine":
+            lr = cosine_lr(config, (epoch - 1) * steps + step, total_steps, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        inputs = to_model_input(pixels[index], spec)  # (B, 1, 48, 48) float32
+        inputs = augment_batch(inputs, config, generator).contiguous(memory_format=torch.channels_last)
+        batch_labels = labels[index]
+        with autocast(pixels.device, use_bf16):
+            logits = net(inputs)
+        loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave backward untyped
+        optimizer.step()
+        seen += batch_labels.numel()
+        correct += int((logits.argmax(1) == batch_labels).sum())
+        loss_sum += float(loss.detach()) * batch_labels.numel()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / seen, correct / seen, seen
+
+
+def start_run(config: TrainConfig, num_classes: int, device: torch.device, generator: torch.Generator) -> RunState:
+    """A fresh run's state: the network built from `config.architecture`, its optimiser and plateau scheduler."""
+    model = build_network(config.architecture, num_classes=num_classes).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
+    )
+    return RunState(
+        config=config, model=model, optimizer=optimizer, plateau=plateau, generator=generator, device=device
+    )
 
 
 def train(
@@ -126,7 +229,7 @@ def train(
     resume: bool = False,
     spec: PreprocessingSpec | None = None,
 ) -> TrainResult:
-    """Train the seed architecture; writes `state.pt` and `history.json` in `run_dir` every epoch.
+    """Train `config.architecture`; writes `state.pt` and `history.json` in `run_dir` every epoch.
 
     Under torchrun with several processes it trains with DistributedDataParallel: every rank
     draws the same permutation and takes its own shard of it, and rank 0 alone writes files.
@@ -134,159 +237,61 @@ def train(
     spec = spec or PreprocessingSpec()
     device = select_device()
     rank, world = init_distributed(device)
-    is_writer = rank == 0
-    if is_writer:
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu" and config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     use_bf16 = resolve_bf16(config.precision, device)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)  # the permutation: the same on every rank
-    # Augmentation differs per rank; with one process it is the same generator, as before DDP existed.
-    augment_generator = (
-        generator if world == 1 else torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
-    )
-
-    model = EmotionRecognitionModelPyTorch(num_classes=len(train_split.classes)).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
-    )
-    steps_per_epoch = len(train_split) // (config.batch_size * world)
-    total_steps = steps_per_epoch * config.epochs
-
-    history: list[dict[str, float]] = []
-    start_epoch = 1
-    best: dict[str, Any] = {"val_loss": math.inf, "val_accuracy": -1.0, "epoch": 0, "state_dict": None}
-    epochs_since_improvement = 0
-    schedule = [{"from_epoch": 1, "epochs": config.epochs}]
-    state_path = run_dir / STATE_FILE
+    generator, augment_generator = seed_generators(config.seed, device, rank, world)
+    state = start_run(config, len(train_split.classes), device, generator)
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"{state_path}: no state to resume; start the run without --resume")
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        saved = {k: v for k, v in state["config"].items() if k != "epochs"}
-        if saved != {k: v for k, v in config.to_dict().items() if k != "epochs"}:
-            raise ValueError(f"{state_path}: the run was started with other settings; resume with the same flags")
-        if state["config"]["epochs"] != config.epochs:
-            # Allowed so that a CPU run can be extended; the cosine schedule stretches from here on.
-            logger.warning("resuming with --epochs %d instead of %d", config.epochs, state["config"]["epochs"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        plateau.load_state_dict(state["plateau"])
-        # Generator states are CPU byte tensors on every device (a CUDA generator refuses a CUDA
-        # tensor), and map_location has just moved them to the training device.
-        generator.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from the device's global generator
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        history = list(state["history"])
-        best = dict(state["best"])
-        epochs_since_improvement = int(state["epochs_since_improvement"])
-        start_epoch = int(state["epoch"]) + 1
-        schedule = list(state.get("schedule", [{"from_epoch": 1, "epochs": int(state["config"]["epochs"])}]))
-        if schedule[-1]["epochs"] != config.epochs:
-            schedule.append({"from_epoch": start_epoch, "epochs": config.epochs})
-        logger.info("resumed %s at epoch %d", run_dir, start_epoch)
-
+        state.load(run_dir / STATE_FILE)
+        logger.info("resumed %s at epoch %d", run_dir, state.epoch + 1)
     train_pixels = torch.from_numpy(train_split.pixels).to(device)  # (N, 48, 48) uint8
     train_labels = torch.from_numpy(train_split.labels).to(device)
-    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    steps = len(train_split) // (config.batch_size * world)
+    net: nn.Module = DistributedDataParallel(state.model) if world > 1 else state.model
     if world > 1:
         logger.info("rank %d of %d (DistributedDataParallel, %s)", rank, world, dist.get_backend())
     stopped_early = False
-    for epoch in range(start_epoch, config.epochs + 1):
-        if config.early_stop_patience and epochs_since_improvement >= config.early_stop_patience:
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if state.selection.has_stalled(config.early_stop_patience):
             stopped_early = True
             break
-        net.train()
         started = time.perf_counter()
         order = torch.randperm(len(train_split), generator=generator, device=device)[rank::world]
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=None, leave=False)
-        for step_in_epoch in bar:
-            if config.schedule == "cosine":
-                lr = cosine_lr(config, (epoch - 1) * steps_per_epoch + step_in_epoch, total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            index = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
-            inputs = normalise(train_pixels[index], spec).unsqueeze(1)  # (B, 1, 48, 48) float32
-            inputs = augment_batch(inputs, config, augment_generator).contiguous(memory_format=torch.channels_last)
-            labels = train_labels[index]
-            with autocast(device, use_bf16):
-                logits = net(inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave backward untyped
-            optimizer.step()
-            seen += labels.numel()
-            correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += float(loss.detach()) * labels.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        train_loss, train_accuracy, seen = train_one_epoch(
+            net, state.optimizer, train_pixels, train_labels, order,
+            config=config, spec=spec, generator=augment_generator, epoch=epoch, steps=steps, use_bf16=use_bf16,
+        )  # fmt: skip
         train_seconds = time.perf_counter() - started
-        val_loss, val_predictions = evaluate_split(model, val_split, spec, device, use_bf16)
-        val_accuracy = float((val_predictions == val_split.labels).mean())
+        val_loss, val_accuracy = evaluate(state.model, val_split, spec, device, use_bf16)
         if config.schedule == "plateau":
-            plateau.step(val_loss)
+            state.plateau.step(val_loss)
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": state.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
             "train_images_per_second": seen / train_seconds,
         }
-        history.append(record)
-        if val_loss < best["val_loss"]:
-            epochs_since_improvement = 0
-        else:
-            epochs_since_improvement += 1
-        improved = (
-            (config.selection == "val_loss" and val_loss < best["val_loss"])
-            or (config.selection == "val_accuracy" and val_accuracy > best["val_accuracy"])
-            or config.selection == "final"
-        )
-        if val_loss < best["val_loss"]:
-            best["val_loss"] = val_loss
-        if val_accuracy > best["val_accuracy"]:
-            best["val_accuracy"] = val_accuracy
-        if improved:
-            best["epoch"] = epoch
-            best["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        logger.info(
-            "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e | %.1fs, %.0f img/s",
-            epoch, config.epochs, record["train_loss"], record["train_accuracy"], val_loss, val_accuracy,
-            record["lr"], record["seconds"], record["train_images_per_second"],
-        )  # fmt: skip
-        if not is_writer:
-            continue
-        atomic_torch_save(
-            {
-                "config": config.to_dict(),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "plateau": plateau.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                "history": history,
-                "best": best,
-                "epochs_since_improvement": epochs_since_improvement,
-                "schedule": schedule,
-            },
-            state_path,
-        )
-        (run_dir / HISTORY_FILE).write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
-    if best["state_dict"] is None:
+        state.epoch = epoch
+        state.history.append(record)
+        state.selection = select_epoch(state.selection, config.selection, epoch, val_loss, val_accuracy, state.model)
+        log_epoch(record, config.epochs)
+        if rank == 0:
+            state.save(run_dir / STATE_FILE)
+            history = {"config": config.to_dict(), "history": state.history}
+            (run_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    if state.selection.state_dict is None:
         raise RuntimeError("no epoch was trained: raise --epochs or start a new run")
     return TrainResult(
-        state_dict=best["state_dict"],
-        chosen_epoch=int(best["epoch"]),
-        history=history,
+        state_dict=state.selection.state_dict,
+        chosen_epoch=state.selection.epoch,
+        history=state.history,
         stopped_early=stopped_early,
-        schedule=schedule,
+        schedule=state.schedule,
     )

@@ -44,6 +44,12 @@ def classification_metrics(
     }
 
 
+def mean_cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean -log of the probability given to the true class; a probability of 0 counts as 1e-12."""
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(picked, 1e-12, None)).mean())
+
+
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
     """How far the top probability is from being right that often: 0 is perfectly calibrated.
 

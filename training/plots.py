@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from models.errors import FerError  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
-from models.preprocessing import normalise  # noqa: E402
+from models.preprocessing import to_model_input  # noqa: E402
 from training.data import default_data_dir, load_split  # noqa: E402
 from training.helpformat import DefaultsHelpFormatter  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = load_split(split_dir, checkpoint.preprocessing)
         chosen = np.random.default_rng(args.seed).choice(len(split), size=9, replace=False)
         pixels = split.pixels[chosen]
-        inputs = normalise(torch.from_numpy(pixels), checkpoint.preprocessing).unsqueeze(1)
+        inputs = to_model_input(torch.from_numpy(pixels), checkpoint.preprocessing)
         guesses = predictor.predict_tensors(inputs).argmax(1)
         plot_samples(
             pixels, [split.classes[i] for i in split.labels[chosen]], [checkpoint.classes[i] for i in guesses],

@@ -1,4 +1,4 @@
-"""Train the seed architecture on FER2013 and write a checkpoint with its val metrics.
+"""Train a network on FER2013 and write a checkpoint with its val metrics.
 
 python -m training.train --run-dir runs/default --output models/checkpoint.pth
 python -m training.train --run-dir runs/default --output models/checkpoint.pth --resume
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import save_checkpoint
-from models.network import EmotionRecognitionModelPyTorch
+from models.checkpoint import save_checkpoint, store_metrics
+from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
 from training.config import RECIPES, config_for
 from training.data import default_data_dir, load_split
-from training.evaluate import evaluate_predictor, format_table, write_metrics
+from training.evaluate import evaluate_predictor, format_table
 from training.helpformat import DefaultsHelpFormatter
 from training.loop import train
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags; unset recipe flags take the recipe's values (training/config.py)."""
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
-        description="Train EmotionRecognitionModelPyTorch on a FER2013 folder layout (train/ and val/).",
+        description="Train a network (see --architecture) on a FER2013 folder layout (train/ and val/).",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(RECIPES),
         default="default",
         help="'seed' reproduces the seed notebook; 'default' trains the shipped model",
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=sorted(ARCHITECTURES),
+        default=None,
+        help="the network to train, by name (every recipe: EmotionRecognitionModelPyTorch)",
     )
     parser.add_argument(
         "--data-dir",
@@ -146,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_for(
         args.recipe,
+        architecture=args.architecture,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -181,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0  # rank 0 writes the checkpoint
-    network = EmotionRecognitionModelPyTorch(num_classes=len(train_split.classes))
+    network = build_network(config.architecture, num_classes=len(train_split.classes))
     network.load_state_dict(result.state_dict)
     save_checkpoint(
         output,
@@ -201,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The stored metrics are measured the way `training.evaluate` measures them, through the predictor.
     metrics = evaluate_predictor(Predictor.from_checkpoint(output), val_split)
     metrics["split"] = "val"
-    write_metrics(output, metrics)
+    store_metrics(output, metrics)
     (args.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(format_table(metrics))
     print(f"wrote {output} (epoch {result.chosen_epoch} of {len(result.history)})")
