@@ -1,15 +1,23 @@
-"""Shared fixtures: a tiny generated dataset, a tiny trained checkpoint, the real data when present."""
+"""Shared fixtures: a tiny generated dataset, the real data when present, one in-process server."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from models.checkpoint import CLASSES
+from models.checkpoint import CLASSES, load_checkpoint
+from models.predictor import Predictor
+from models.preprocessing import preprocess
+
+if TYPE_CHECKING:
+    from tests.server import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CHECKPOINT = ROOT / "models" / "checkpoint.pth"
@@ -26,6 +34,16 @@ def make_face(seed: int, size: int = 48) -> Image.Image:
     face = np.where((abs(yy - mouth_y) < 0.03) & (abs(xx - 0.5) < 0.15 + 0.1 * rng.uniform()), 40, face)
     face = face + rng.normal(0, 12, face.shape)
     return Image.fromarray(np.clip(face, 0, 255).astype(np.uint8), mode="L")
+
+
+def reference_probabilities(
+    image: Image.Image, *, checkpoint: Path = SHIPPED_CHECKPOINT, precision: str = "auto", tta: str = "checkpoint"
+) -> dict[str, float]:
+    """What the predictor computes for one image, in process: class → probability, in checkpoint order."""
+    loaded = load_checkpoint(checkpoint)
+    predictor = Predictor(loaded, precision=precision, tta=tta)  # type: ignore[arg-type]
+    row = predictor.predict_tensors(torch.stack([preprocess(image, loaded.preprocessing)]))[0]
+    return {name: float(p) for name, p in zip(loaded.classes, row, strict=True)}
 
 
 def write_dataset(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
@@ -57,3 +75,12 @@ def fer2013_dir() -> Path:
     if not (path / "val").is_dir():
         pytest.skip(f"FER2013_DIR={value} has no val/ folder: the full-val checks need the real dataset")
     return path
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[AppServer]:
+    """The service with its default settings and the shipped checkpoint, in process, shared by every module."""
+    from tests.server import app_serving
+
+    with app_serving(checkpoint=SHIPPED_CHECKPOINT) as running:
+        yield running

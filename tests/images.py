@@ -41,3 +41,13 @@ def scene_with_face(left: int, top: int, side: int) -> tuple[bytes, tuple[int, i
     scene = Image.new("RGB", (640, 480), (120, 130, 140))
     scene.paste(head, (left - side // 2, top - side // 2))
     return encode(scene, "JPEG", quality=92), (left, top, side, side)
+
+
+def crowd_jpeg(positions: list[tuple[int, int]], side: int = 90) -> bytes:
+    """The astronaut's head, `side` wide, at each (left, top) of a 640×480 grey scene: one face per position."""
+    scene = Image.new("RGB", (640, 480), (120, 130, 140))
+    for left, top in positions:
+        one = Image.open(io.BytesIO(scene_with_face(left, top, side)[0]))
+        box = (left - side // 2, top - side // 2, left + side + side // 2, top + side + side // 2)
+        scene.paste(one.crop(box), box[:2])
+    return encode(scene, "JPEG", quality=92)

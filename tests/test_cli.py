@@ -1,19 +1,27 @@
+"""`fer`: predict, export and every command's help, in process; one run of the real console script."""
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import subprocess
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from cli.main import main
 from models.checkpoint import CLASSES, load_checkpoint
 from models.preprocessing import preprocess_bytes
-from tests.conftest import SHIPPED_CHECKPOINT
+from tests.conftest import ROOT, SHIPPED_CHECKPOINT, make_face, reference_probabilities
 from tests.images import face_png, scene_with_face
 
 
@@ -59,27 +67,94 @@ def test_predict_csv_matches_the_predictor(image_dir: Path, tmp_path: Path) -> N
 def test_predict_with_ten_crop_matches_the_ten_crop_predictor(
     image_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from models.predictor import Predictor
-    from tests.conftest import make_face
-
     assert main(["predict", str(image_dir / "a.png"), "--tta", "tencrop", "--precision", "fp32"]) == 0
     row = json.loads(capsys.readouterr().out)
-    expected = Predictor.from_checkpoint(SHIPPED_CHECKPOINT, precision="fp32", tta="tencrop").predict([make_face(1)])
-    plain = Predictor.from_checkpoint(SHIPPED_CHECKPOINT, precision="fp32", tta="none").predict([make_face(1)])
-    assert row["probabilities"] == pytest.approx(expected[0].probabilities, abs=1e-5)
-    assert row["probabilities"] != pytest.approx(plain[0].probabilities, abs=1e-4)
+    expected = reference_probabilities(make_face(1), precision="fp32", tta="tencrop")
+    plain = reference_probabilities(make_face(1), precision="fp32", tta="none")
+    assert row["probabilities"] == pytest.approx(expected, abs=1e-5)
+    assert row["probabilities"] != pytest.approx(plain, abs=1e-4)
 
 
-def test_fer_console_script_has_help_for_every_command() -> None:
-    fer = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parent.parent / ".venv")) / "bin" / "fer"
-    if not fer.exists():
-        pytest.skip(f"{fer} is not installed: run make install")
-    for command in ([], ["predict"], ["export"], ["serve"], ["train"], ["evaluate"], ["plots"]):
-        result = subprocess.run([str(fer), *command, "--help"], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "usage:" in result.stdout
-        # flags that fall back to a computed value say so in their help; "(default: None)" would contradict it
-        assert "(default: None)" not in result.stdout, command
+@pytest.mark.parametrize("command", ["", "predict", "export", "serve", "train", "evaluate", "plots"])
+def test_fer_has_help_for_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*filter(None, [command]), "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    # flags that fall back to a computed value say so in their help; "(default: None)" would contradict it
+    assert "(default: None)" not in out
+
+
+# What each extra brings that the base install does not; the test below checks that `fer predict`
+# needs none of it. At least these must be among them, or the computation below has gone wrong.
+KNOWN_EXTRAS_ONLY = {
+    *("tqdm", "matplotlib"),  # train
+    *("onnx", "onnxruntime", "onnxscript"),  # export
+    *("pytest", "hypothesis", "schemathesis", "playwright"),  # dev
+}
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """The installed distributions these requirements pull in, transitively (extras of dependencies included)."""
+    found: set[str] = set()
+    todo = [Requirement(text) for text in requirements]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            needs = requires(requirement.name) or []
+        except PackageNotFoundError:
+            continue  # not installed here (another platform's dependency)
+        found.add(key[0])
+        for text in needs:
+            need = Requirement(text)
+            wanted = need.marker is None or any(
+                need.marker.evaluate({**default_environment(), "extra": extra}) for extra in ("", *key[1])
+            )
+            if wanted:
+                todo.append(need)
+    return found
+
+
+def extras_only_modules() -> set[str]:
+    """Top-level modules whose every distribution comes only with the extras (train, export, dev)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = installed_closure(project["dependencies"])
+    extras = installed_closure([text for texts in project["optional-dependencies"].values() for text in texts])
+    only_extras = extras - base
+    return {
+        module
+        for module, distributions in packages_distributions().items()
+        if {canonicalize_name(name) for name in distributions} <= only_extras
+    }
+
+
+def test_fer_predict_works_from_an_install_without_the_extras(tmp_path: Path) -> None:
+    blocked = extras_only_modules()
+    assert blocked >= KNOWN_EXTRAS_ONLY, KNOWN_EXTRAS_ONLY - blocked
+    # Imported at start-up by the child: None in sys.modules is what `import` meets for a module that is not
+    # installed (ModuleNotFoundError), and importlib.util.find_spec then answers None, as without the package.
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import sys\n\nsys.modules.update(dict.fromkeys({sorted(blocked)!r}))\n"
+    )
+    (tmp_path / "face.png").write_bytes(face_png(1))
+    # The real console script where it is installed (make install), `python -m cli` where it is not.
+    fer = Path(sys.executable).parent / "fer"
+    command = [str(fer)] if fer.exists() else [sys.executable, "-m", "cli"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [*command, "predict", str(tmp_path / "face.png"), "--format", "jsonl", "--progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["label"] in CLASSES and list(row["probabilities"]) == list(CLASSES)
+    assert "1/1" not in result.stderr  # with --progress, tqdm would have drawn its bar: the block held
 
 
 def sample_faces(fer2013_dir: Path | None) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +12,7 @@ from PIL import Image
 from models.errors import FerError
 from models.preprocessing import PreprocessingSpec, preprocess_bytes
 from tests.conftest import make_face
+from tests.server import AppServer
 
 SPEC = PreprocessingSpec()
 SEEDS = [
@@ -58,16 +58,7 @@ def test_seeds_are_valid_images() -> None:
         assert Image.open(io.BytesIO(data)).size == (48, 48)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tests.conftest import SHIPPED_CHECKPOINT
-    from tests.server import serving
-
-    with serving(tmp_path_factory.mktemp("schema") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT)) as running:
-        yield running
-
-
-def test_every_route_honours_its_schema(server) -> None:  # type: ignore[no-untyped-def]
+def test_every_route_honours_its_schema(server: AppServer) -> None:
     import schemathesis
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (

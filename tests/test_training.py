@@ -225,7 +225,7 @@ def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: P
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "training.train", "--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--output", str(output),
-        "--cache-dir", str(tmp_path / "cache"), "--epochs", "2", "--batch-size", "8", "--threads", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "8", "--threads", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -234,7 +234,7 @@ def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 of 2 (DistributedDataParallel, gloo)" in result.stderr
     raw = torch.load(output, map_location="cpu", weights_only=True)
-    assert [row["epoch"] for row in raw["training"]["history"]] == [1, 2]
+    assert [row["epoch"] for row in raw["training"]["history"]] == [1]
     # 140 images, 2 ranks × batch 8 → 8 steps a rank, 64 images seen by rank 0 per epoch
     assert raw["training"]["history"][0]["train_images_per_second"] > 0
     assert load_checkpoint(output).classes == CLASSES

@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import SHIPPED_CHECKPOINT
 from tests.images import face_png
-from tests.server import Server, serving
+from tests.server import AppServer, get
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -28,14 +25,8 @@ def test_page_is_self_contained() -> None:
     assert "/predict" in html and "/metrics" in html
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("web") / "server.log", checkpoint=str(SHIPPED_CHECKPOINT)) as running:
-        yield running
-
-
-def test_index_is_served(server: Server) -> None:
-    response = httpx.get(f"{server.url}/")
+def test_index_is_served(server: AppServer) -> None:
+    response = get(f"{server.url}/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "fer-service" in response.text
@@ -61,7 +52,7 @@ def fer_image(tmp_path: Path) -> Path:
     return path
 
 
-def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_upload_shows_label_bars_and_accuracy(server: AppServer, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     page = browser.new_page()
     page.goto(f"{server.url}/")
     # The shipped checkpoint stores ten-crop figures, so the page offers ten-crop, ticked.
@@ -74,7 +65,7 @@ def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path:
     label = page.text_content("#label") or ""
     assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \(\d+%\)$", label), label
     assert not page.is_visible("#error")
-    tencrop = httpx.get(f"{server.url}/metrics", params={"tta": "tencrop"}).json()
+    tencrop = get(f"{server.url}/metrics", params={"tta": "tencrop"}).json()
     assert f"{100 * tencrop['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
     screenshot = os.environ.get("FER_WEB_SCREENSHOT")
     if screenshot:
@@ -83,12 +74,12 @@ def test_upload_shows_label_bars_and_accuracy(server: Server, browser, tmp_path:
     with page.expect_request(lambda request: "/predict" in request.url) as sent:
         page.uncheck("#tencrop")
     assert "tta=none" in sent.value.url
-    metrics = httpx.get(f"{server.url}/metrics").json()
+    metrics = get(f"{server.url}/metrics").json()
     assert f"{100 * metrics['accuracy']:.1f}%" in (page.text_content("#accuracy") or "")
     page.close()
 
 
-def test_upload_of_a_text_file_shows_a_readable_error(server: Server, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_upload_of_a_text_file_shows_a_readable_error(server: AppServer, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     notes = tmp_path / "notes.txt"
     notes.write_text("this is not a photo")
     page = browser.new_page()
