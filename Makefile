@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FER2013_DIR ?= ../shared/datasets/fer2013
-export FER2013_DIR
+KDEF_DIR ?= ../shared/datasets/kdef-dev
+export FER2013_DIR KDEF_DIR
 
 .PHONY: install serve test lint format train evaluate plots bench soak docker clean
 
@@ -50,6 +51,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.tta | tee benchmarks/results/tta.txt
 	$(BIN)/python -m benchmarks.chunk | tee benchmarks/results/chunk.txt
 	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json
+	$(BIN)/python -m benchmarks.photos --json benchmarks/results/photos.json
+	$(BIN)/python -m benchmarks.framing --out docs/framing.md
 	$(BIN)/python -m benchmarks.tune --json benchmarks/results/tune.json
 	$(BIN)/python -m benchmarks.profile --json benchmarks/results/profile.json
 	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app.main import create_app
 from app.settings import Settings, settings_error_line
 from models.engine import Engine
-from models.errors import CheckpointError
+from models.errors import CheckpointError, DetectorError
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = Engine.load(settings.checkpoint, settings.engine_config())
-    except CheckpointError as exc:
+    except (CheckpointError, DetectorError) as exc:
         print(f"fer-service: {exc}", file=sys.stderr)
         return 1
     uvicorn.run(

@@ -23,11 +23,45 @@ class FaceOut(BaseModel):
     """Where a face was found, in the uploaded image's pixels (after EXIF orientation)."""
 
     box: list[int] = Field(..., description="[x, y, width, height]", examples=[[212, 96, 180, 180]])
+    score: float = Field(..., description="the detector's confidence that this is a face, 0-1", examples=[0.93])
+    landmarks: list[list[float]] | None = Field(
+        None,
+        description="[x, y] of the right eye, left eye (the person's), nose tip, right and left mouth corners; "
+        "null for a detector that gives none",
+        examples=[[[250.1, 160.4], [330.8, 158.9], [291.0, 205.2], [258.3, 246.7], [324.9, 245.0]]],
+    )
 
     @classmethod
     def from_answer(cls, face: FaceAnswer) -> FaceOut | None:
         """Where the face was found; None when the whole image was classified."""
-        return cls(box=face.box.as_list()) if face.box else None
+        detected = face.detected
+        if detected is None:
+            return None
+        landmarks = [[round(x, 1), round(y, 1)] for x, y in detected.landmarks] if detected.landmarks else None
+        return cls(box=detected.box.as_list(), score=round(detected.score, 4), landmarks=landmarks)
+
+
+class SearchOut(BaseModel):
+    """What the face search found in a photo (absent for a face crop, which is not searched)."""
+
+    found: int = Field(..., description="faces the detector found")
+    too_small: int = Field(..., description="faces left out for being smaller than FER_MIN_FACE_PX")
+    dropped: int = Field(..., description="faces left out with faces=all beyond FER_MAX_FACES")
+    no_face_reason: str | None = Field(
+        None,
+        description="why the whole image was classified instead of a face: 'none_found' or 'too_small'; "
+        "null when a face was classified",
+    )
+
+    @classmethod
+    def from_answer(cls, answer: ImageAnswer) -> SearchOut | None:
+        """The search's counts; None when the upload was a face crop."""
+        search = answer.search
+        if search is None:
+            return None
+        return cls(
+            found=search.found, too_small=search.too_small, dropped=search.dropped, no_face_reason=search.no_face_reason
+        )
 
 
 class ModelOut(BaseModel):
@@ -68,12 +102,18 @@ class PredictionOut(FacePrediction):
     model: ModelOut
     faces: list[FacePrediction] | None = Field(None, description="every face, largest first (faces=all only)")
     tta: str = Field(..., description="the test-time augmentation this answer was computed with", examples=["none"])
+    search: SearchOut | None = Field(
+        None, description="what the face search found (absent for a face crop of at most 64 px, which is not searched)"
+    )
 
     @classmethod
     def from_answer(cls, answer: ImageAnswer, model: ModelInfo, *, every_face: bool) -> PredictionOut:
         """The largest face's answer at the top, and every face under `faces` when asked for."""
         faces = [FacePrediction.from_face(face) for face in answer.faces]
-        extra = {"faces": faces} if every_face else {}
+        extra: dict[str, Any] = {"faces": faces} if every_face else {}
+        search = SearchOut.from_answer(answer)
+        if search is not None:
+            extra["search"] = search
         return cls(**faces[0].model_dump(exclude_unset=True), tta=answer.tta, model=ModelOut.from_info(model), **extra)
 
 
@@ -92,12 +132,15 @@ class BatchItem(BaseModel):
     probabilities: dict[str, float] | None = None
     face: FaceOut | None = None
     filename: str | None = None
+    search: SearchOut | None = None
     error: ItemError | None = None
 
     @classmethod
     def from_answer(cls, answer: ImageAnswer, filename: str | None) -> BatchItem:
         """An image's answer in its place."""
-        return cls(**FacePrediction.from_face(answer.faces[0]).model_dump(exclude_unset=True), filename=filename)
+        face = FacePrediction.from_face(answer.faces[0]).model_dump(exclude_unset=True)
+        search = SearchOut.from_answer(answer)
+        return cls(**face, filename=filename, **({"search": search} if search else {}))
 
     @classmethod
     def from_error(cls, error: Exception, filename: str | None, status: int) -> BatchItem:

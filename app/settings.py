@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.checkpoint import SHIPPED_CHECKPOINT
+from models.detectors import DetectorName
 from models.engine import ENGINE_DEFAULTS, EngineConfig, cpu_count
 from models.runtime import Precision
 from models.tta import ServedTta
@@ -35,6 +36,13 @@ class Settings(BaseSettings):
     max_pixels: int = Field(ENGINE_DEFAULTS.max_pixels, ge=1)
     threads: int = Field(default_factory=cpu_count, ge=1, le=256)
     prepare_workers: int = Field(default_factory=cpu_count, ge=1, le=256)
+    opencv_threads: int = Field(ENGINE_DEFAULTS.opencv_threads, ge=1, le=256)
+    detector: DetectorName = ENGINE_DEFAULTS.detector
+    detector_model: Path | None = ENGINE_DEFAULTS.detector_model
+    detect_max_side: int = Field(ENGINE_DEFAULTS.detect_max_side, ge=64, le=4096)
+    decode_max_side: int = Field(ENGINE_DEFAULTS.decode_max_side, ge=64, le=100_000)
+    max_faces: int = Field(ENGINE_DEFAULTS.max_faces, ge=1, le=1000)
+    min_face_px: int = Field(ENGINE_DEFAULTS.min_face_px, ge=1, le=10_000)
     precision: Precision = ENGINE_DEFAULTS.precision
     # "tencrop" lifts macro-F1 by 2-3 points for ten forward passes per face (docs/tta.md).
     tta: ServedTta = ENGINE_DEFAULTS.tta
@@ -52,11 +60,18 @@ class Settings(BaseSettings):
             tta=self.tta,
             threads=self.threads,
             prepare_workers=self.prepare_workers,
+            opencv_threads=self.opencv_threads,
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_ms,
             queue_size=self.queue_size,
             max_pixels=self.max_pixels,
             batch_patience_s=self.batch_patience_s,
+            detector=self.detector,
+            detector_model=self.detector_model,
+            detect_max_side=self.detect_max_side,
+            decode_max_side=self.decode_max_side,
+            max_faces=self.max_faces,
+            min_face_px=self.min_face_px,
         )
 
 

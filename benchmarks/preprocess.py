@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
-from models.faces import FaceDetector
-from models.preprocessing import PreprocessingSpec, decode_image, preprocess, to_grayscale
+from models.engine import ENGINE_DEFAULTS
+from models.faces import FacePolicy, find_faces, is_face_crop
+from models.preprocessing import PreprocessingSpec, decode_image, decode_photo, preprocess, to_grayscale, to_rgb
+from models.yunet import YuNetDetector
 
 
 def microseconds(action: Callable[[], object], repeats: int) -> float:
@@ -32,25 +35,33 @@ def microseconds(action: Callable[[], object], repeats: int) -> float:
 
 def stages(data: bytes, repeats: int) -> dict[str, float]:
     spec = PreprocessingSpec()
-    detector = FaceDetector()
+    detector = YuNetDetector()
+    policy = FacePolicy(detect_max_side=ENGINE_DEFAULTS.detect_max_side)
     image = decode_image(data)
-    gray = to_grayscale(image)
+    gray = np.asarray(to_grayscale(image))
+    rgb = np.asarray(to_rgb(image))
 
     def decode_only() -> None:
         raw = Image.open(io.BytesIO(data))
         raw.load()
 
-    face = detector.find_faces(image)
-    crop = face[0].image if face else gray
+    def search(decoded: Image.Image) -> list[Image.Image]:
+        if is_face_crop(decoded):
+            return [decoded]
+        found = find_faces(np.asarray(to_rgb(decoded)), np.asarray(to_grayscale(decoded)), detector, policy)
+        return [face.image for face in found.faces] or [decoded]
+
+    crop = search(image)[0]
     result = {
         "decode": microseconds(decode_only, repeats),
         "orientation": microseconds(lambda: ImageOps.exif_transpose(image), repeats),
         "grayscale": microseconds(lambda: to_grayscale(image), repeats),
-        "face detection": microseconds(lambda: detector.find_faces(image), repeats),
+        "face search (YuNet)": microseconds(lambda: find_faces(rgb, gray, detector, policy), repeats),
         "resize + normalise": microseconds(lambda: preprocess(crop, spec), repeats),
     }
+    max_side = ENGINE_DEFAULTS.decode_max_side
     result["total (decode → tensor)"] = microseconds(
-        lambda: [preprocess(f.image, spec) for f in detector.find_faces(decode_image(data))], repeats
+        lambda: [preprocess(face, spec) for face in search(decode_photo(data, max_side=max_side).image)], repeats
     )
     return result
 

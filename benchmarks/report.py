@@ -136,6 +136,10 @@ def render(results: Path) -> str:
         lines += render_tune(json.loads((results / "tune.json").read_text()))
     if (results / "profile.json").is_file():
         lines += render_profile(json.loads((results / "profile.json").read_text()))
+    if (results / "photos.json").is_file():
+        lines += render_photos(json.loads((results / "photos.json").read_text()))
+    if (results / "threads.json").is_file():
+        lines += render_threads(json.loads((results / "threads.json").read_text()))
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +221,35 @@ def render_profile(profile: dict[str, Any]) -> list[str]:
     for row in profile["parts"]:
         lines.append(f"| {row['part']} | {row['cpu_ms_per_request']:.3f} | {row['share']:.0%} |")
     return lines
+
+
+def service_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Requests/s and latency per server, workload and concurrency."""
+    lines = [
+        "| server | workload | clients | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        cpu_ms = r["server_cpu_cores"] / r["requests_per_s"] * 1000 if r["requests_per_s"] else float("nan")
+        lines.append(
+            f"| {r['server']} | {r['workload']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {cpu_ms:.2f} | {r['errors']} |"
+        )
+    return lines
+
+
+def render_photos(photos: dict[str, Any]) -> list[str]:
+    """The photo path on kdef-dev and the service on photos, both detectors side by side."""
+    lines = ["", "## 7. Real photos (`python -m benchmarks.photos`)", "", f"`{photos['machine']}`", ""]
+    lines += ["kdef-dev through the engine, one client:", "", *photos["kdef_table"], ""]
+    lines += ["The service end to end, each detector in its own server:", "", *service_table(photos["service"])]
+    return lines
+
+
+def render_threads(threads: dict[str, Any]) -> list[str]:
+    """The thread combinations at 8 clients."""
+    lines = ["", "## 8. Threads (`python -m benchmarks.threads`), 8 clients", "", f"`{threads['machine']}`", ""]
+    return lines + service_table(threads["rows"])
 
 
 def main() -> int:

@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 
 from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
+from models.detectors import DetectorName, build_detector
 from models.errors import FerError, NoFaceError, NotMeasuredError
-from models.faces import FACE_CROP_MAX_SIDE, FaceBox, FaceDetector
+from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces, is_face_crop
 from models.predictor import Prediction, Predictor
-from models.preprocessing import decode_image, peek_size, preprocess
+from models.preprocessing import decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
 from models.tta import ServedTta, TtaMode
 
@@ -47,6 +50,9 @@ class EngineConfig:
     precision: Precision = "auto"
     tta: ServedTta = "checkpoint"
     threads: int = field(default_factory=cpu_count)  # torch intra-op threads
+    # OpenCV's own threads per detection: 1, since photos are already searched on `prepare_workers`
+    # threads at once, and OpenCV's pool on top of them oversubscribed the cores (docs/photos.md).
+    opencv_threads: int = 1
     # Decoding and face detection of photos: one thread per core keeps the cores busy without
     # dozens of threads contending (and each holding decode buffers) under load.
     prepare_workers: int = field(default_factory=cpu_count)
@@ -57,6 +63,16 @@ class EngineConfig:
     max_wait_ms: float = 0.0
     queue_size: int = 256  # faces waiting for a forward pass; beyond it a single image is refused
     max_pixels: int = 40_000_000
+    detector: DetectorName = "yunet"
+    detector_model: Path | None = None  # None: the model file shipped beside the detector's module
+    # YuNet on a copy at most 320 px on its longer side: 8 ms a photo on one core, and every
+    # kdef-dev face found (docs/photos.md); a larger side finds smaller faces in big photos.
+    detect_max_side: int = 320
+    # A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps its longer side at least
+    # this: 3× the detection side, so a face YuNet finds at its smallest is still ~30 px to crop.
+    decode_max_side: int = 960
+    max_faces: int = 20  # faces classified per image with faces=all: a crowd answers in bounded time
+    min_face_px: int = 24  # faces whose box is smaller (in the upload's pixels) are not classified
     # How long the faces of one batch upload may wait for their turn and room in the queue.
     batch_patience_s: float = 10.0
 
@@ -66,27 +82,41 @@ ENGINE_DEFAULTS = EngineConfig()
 
 @dataclass(frozen=True)
 class FaceInput:
-    """One face ready for the network: (1, 48, 48) float32, and where it was found."""
+    """One face ready for the network: (1, 48, 48) float32, and what the detector said (upload pixels)."""
 
     inputs: torch.Tensor
-    box: FaceBox | None
+    detected: DetectedFace | None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload's faces ready for the network, and what the face search found."""
+
+    faces: list[FaceInput]
+    search: FaceSearch | None  # None: a face crop, not searched
 
 
 @dataclass(frozen=True)
 class FaceAnswer:
-    """One face's prediction, where it was found (None: the whole image), and its batch's size."""
+    """One face's prediction, what the detector said (None: the whole image), and its batch's size."""
 
     prediction: Prediction
-    box: FaceBox | None
+    detected: DetectedFace | None
     batch_size: int
+
+    @property
+    def box(self) -> FaceBox | None:
+        """Where the face is in the upload (after EXIF orientation); None for the whole image."""
+        return self.detected.box if self.detected else None
 
 
 @dataclass(frozen=True)
 class ImageAnswer:
-    """One upload's answer: its faces, largest first (one entry with box None when none was found)."""
+    """One upload's answer: its faces, largest first (one entry with box None when none was usable)."""
 
     faces: tuple[FaceAnswer, ...]
     tta: TtaMode
+    search: FaceSearch | None = None  # what the detector found; None when the upload was a face crop
 
     @property
     def batch_size(self) -> int:
@@ -122,7 +152,7 @@ class Engine:
     def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
         self._predictor = predictor
         self.config = config
-        self._detector = FaceDetector()
+        self._detector = build_detector(config.detector, config.detector_model)
         self._batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
         self._batcher.add_room_listener(self._announce_room)
         # One admission queue per event loop (an asyncio lock belongs to one loop); the service
@@ -135,10 +165,16 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
-        """Load the checkpoint (weights only); raises `CheckpointError` with a one-line reason."""
+        """Load the checkpoint and the face detector; raises `CheckpointError` or `DetectorError` with one line."""
         config = config or EngineConfig()
         torch.set_num_threads(config.threads)
+        cv2.setNumThreads(config.opencv_threads)  # process-wide, like torch's
         return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
+
+    @property
+    def detector_name(self) -> str:
+        """Which face detector searches photos."""
+        return self._detector.name
 
     # What is served.
 
@@ -220,7 +256,8 @@ class Engine:
             QueueFullError: over capacity; nothing of this upload stays queued.
         """
         mode = self.resolve_tta(tta)
-        faces = await self._prepare(data, all_faces=all_faces, require_face=require_face)
+        prepared = await self._prepare(data, all_faces=all_faces, require_face=require_face)
+        faces = prepared.faces
         futures: list[Future[BatchResult]] = []
         try:
             for face in faces:
@@ -232,7 +269,8 @@ class Engine:
             for future in futures:
                 future.cancel()
             raise
-        return ImageAnswer(tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True)), mode)
+        answers = tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True))
+        return ImageAnswer(answers, mode, prepared.search)
 
     async def classify_batch(
         self, uploads: Sequence[bytes], *, require_face: bool = False, tta: TtaMode | None = None
@@ -247,7 +285,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.batch_patience_s
         prepared = await asyncio.gather(*(self._prepare_one(data, require_face) for data in uploads))
-        faces = [item for item in prepared if isinstance(item, FaceInput)]
+        faces = [item.faces[0] for item in prepared if isinstance(item, PreparedImage)]
         futures = await self._room(loop).submit_all(
             lambda face: self._batcher.submit(face.inputs, mode), faces, deadline
         )
@@ -258,7 +296,9 @@ class Engine:
                 future.cancel()
             raise
         return [
-            ImageAnswer((self._answer(item, next(results)),), mode) if isinstance(item, FaceInput) else item
+            ImageAnswer((self._answer(item.faces[0], next(results)),), mode, item.search)
+            if isinstance(item, PreparedImage)
+            else item
             for item in prepared
         ]
 
@@ -270,33 +310,57 @@ class Engine:
 
     # Internals.
 
-    def _prepare_faces(self, data: bytes, all_faces: bool, require_face: bool) -> list[FaceInput]:
-        """Decode, find the face(s) and preprocess: one input per face, the whole image when none is found."""
-        image = decode_image(data, max_pixels=self.config.max_pixels)
-        faces = self._detector.find_faces(image, all_faces=all_faces)
-        spec = self._predictor.checkpoint.preprocessing
-        if faces:
-            return [FaceInput(preprocess(face.image, spec), face.box) for face in faces]
-        if require_face:
-            raise NoFaceError("no face was found in the image: send a photo with a frontal face, or drop require_face")
-        return [FaceInput(preprocess(image, spec), None)]
+    def _prepare_faces(self, data: bytes, all_faces: bool, require_face: bool) -> PreparedImage:
+        """Decode, find the face(s) and preprocess: one input per face, the whole image when none is usable.
 
-    async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> list[FaceInput]:
+        A JPEG photo is decoded at reduced scale (`decode_max_side`); faces are cut from that
+        and their boxes and landmarks given back in the upload's pixels.
+        """
+        config = self.config
+        photo = decode_photo(data, max_pixels=config.max_pixels, max_side=config.decode_max_side)
+        spec = self._predictor.checkpoint.preprocessing
+        if is_face_crop(photo.image):
+            return PreparedImage([FaceInput(preprocess(photo.image, spec), None)], None)
+        policy = FacePolicy(
+            all_faces=all_faces,
+            max_faces=config.max_faces,
+            min_face_px=config.min_face_px / photo.scale,  # the limit is in the upload's pixels
+            detect_max_side=config.detect_max_side,
+        )
+        gray = to_grayscale(photo.image)
+        rgb = np.asarray(to_rgb(photo.image))
+        search = find_faces(rgb, np.asarray(gray), self._detector, policy)
+        width, height = photo.full_size
+        search = search.scaled(photo.scale, width, height)
+        if search.faces:
+            return PreparedImage(
+                [FaceInput(preprocess(face.image, spec), face.detected) for face in search.faces], search
+            )
+        if require_face:
+            if search.too_small:
+                raise NoFaceError(
+                    f"the {search.too_small} face(s) found are smaller than {config.min_face_px} px: send a photo "
+                    "where the face is larger, or drop require_face"
+                )
+            raise NoFaceError("no face was found in the image: send a photo with a visible face, or drop require_face")
+        return PreparedImage([FaceInput(preprocess(gray, spec), None)], search)
+
+    async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
         """Small face crops inline, anything that may need face detection on the prepare threads."""
         if is_quick(data):
             return self._prepare_faces(data, all_faces, require_face)
         return await asyncio.wrap_future(self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face))
 
-    async def _prepare_one(self, data: bytes, require_face: bool) -> FaceInput | FerError:
-        """The upload's largest face, or its error in its place."""
+    async def _prepare_one(self, data: bytes, require_face: bool) -> PreparedImage | FerError:
+        """The upload prepared for its largest face, or its error in its place."""
         try:
-            return (await self._prepare(data, all_faces=False, require_face=require_face))[0]
+            return await self._prepare(data, all_faces=False, require_face=require_face)
         except FerError as exc:
             return exc
 
     def _answer(self, face: FaceInput, result: BatchResult) -> FaceAnswer:
         prediction = self._predictor.to_predictions(result.probabilities[None, :])[0]
-        return FaceAnswer(prediction=prediction, box=face.box, batch_size=result.batch_size)
+        return FaceAnswer(prediction=prediction, detected=face.detected, batch_size=result.batch_size)
 
     def _room(self, loop: asyncio.AbstractEventLoop) -> QueueRoom:
         room = self._rooms.get(loop)

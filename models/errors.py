@@ -9,7 +9,8 @@ The tree::
     ├── NoFaceError             a face was required and none was found
     ├── NotMeasuredError        figures were asked for a TTA mode the checkpoint has none for
     ├── QueueFullError          over capacity: the batching queue has no room
-    └── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
+    ├── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
+    └── DetectorError           a face detector that cannot be built (missing or damaged model file)
 
 Each message says what was wrong and what the caller can do about it.
 """
@@ -47,3 +48,7 @@ class QueueFullError(FerError):
 
 class CheckpointError(FerError):
     """A checkpoint file is missing, unreadable or does not match the code."""
+
+
+class DetectorError(FerError):
+    """A face detector's model file is missing or damaged, or the detector is not available here."""

@@ -1,33 +1,34 @@
-"""Face detection: find faces in a photo and cut them out for the network.
+"""Finding faces in a photo and cutting them the way FER2013 frames its faces.
+
+A detector is anything with `detect(bgr) -> list[DetectedFace]` (a box, a score and, where the
+detector gives them, five landmarks); `models/yunet.py` is the default and `models/haar.py` the
+2001-era cascade kept for comparison. `find_faces` runs one on a copy downscaled to
+`detect_max_side`, maps the boxes back to the image's pixels, drops faces under the minimum size,
+keeps at most `max_faces` (largest first) and cuts each one with `frame_face`.
 
 An image whose shorter side is at most `FACE_CROP_MAX_SIDE` pixels is taken as a face crop
-already (FER2013 faces are 48×48). A larger photo goes through OpenCV's Haar cascade, which
-ships inside the opencv-python-headless wheel, so nothing is downloaded. Detection costs far
-more than the network, so it runs on a copy downscaled to `detect_max_side`, and the face is
-cropped from the full-resolution image.
+already (FER2013 faces are 48×48) and is not searched.
 
-Measured on 200 FER2013 val faces pasted at 160 px into a flat 640×480 scene, detecting on a
-half-size INTER_AREA copy (/tmp/tune.py probe; figures in docs/SERVICE.md): frontalface_alt2
-found 78% with 2 false boxes at 10.9 ms a photo, frontalface_default 77.5% with 3 at 13.4 ms,
-so alt2 it is. Histogram equalisation cost 23 points of detection rate and was dropped. The
-Haar box is 1/1.04 of the FER crop's side, so a 2% margin per side gives the network the
-framing it was trained on.
+Framing (docs/framing.md has the measurements): on FER2013 val faces pasted into larger scenes,
+the true FER crop is best predicted by YuNet's box (side 0.97× the box, centred on it; the
+landmarks predict it less well), and a square 0.90× the box, moved up by 5% of its side, gave
+the best accuracy on kdef-dev's half profiles and on the pasted faces (as good as their original
+crops) while meeting the frontal target. Levelling the eyes cost accuracy on both (FER2013's
+faces are not levelled either), so it is off.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from models.preprocessing import to_grayscale
-
 FACE_CROP_MAX_SIDE = 64
-DEFAULT_CASCADE = "haarcascade_frontalface_alt2.xml"
+Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,24 @@ class FaceBox:
     width: int
     height: int
 
+    @classmethod
+    def from_float(
+        cls, x: float, y: float, width: float, height: float, image_width: int, image_height: int
+    ) -> FaceBox:
+        """Round a detector's box and clip it to the image."""
+        left, top = max(0, round(x)), max(0, round(y))
+        right, bottom = min(image_width, round(x + width)), min(image_height, round(y + height))
+        return cls(left, top, max(1, right - left), max(1, bottom - top))
+
     @property
     def area(self) -> int:
         """Pixels covered by the box."""
         return self.width * self.height
+
+    @property
+    def side(self) -> int:
+        """The shorter side: what the minimum face size is compared with."""
+        return min(self.width, self.height)
 
     def as_list(self) -> list[int]:
         """[x, y, w, h] for JSON."""
@@ -50,11 +65,133 @@ class FaceBox:
 
 
 @dataclass(frozen=True)
+class DetectedFace:
+    """What a detector reports for one face: its box, its score (0-1) and its landmarks.
+
+    Landmarks, in image pixels: right eye, left eye (the person's), nose tip, right and left
+    mouth corners, as YuNet orders them; None for a detector that gives none.
+    """
+
+    box: FaceBox
+    score: float
+    landmarks: tuple[Point, Point, Point, Point, Point] | tuple[Point, ...] | None = None
+
+    def scaled(self, factor: float, image_width: int, image_height: int) -> DetectedFace:
+        """The same face in an image `factor` times larger."""
+        box = self.box
+        scaled_box = FaceBox.from_float(
+            box.x * factor, box.y * factor, box.width * factor, box.height * factor, image_width, image_height
+        )
+        points = tuple((x * factor, y * factor) for x, y in self.landmarks) if self.landmarks else None
+        return DetectedFace(scaled_box, self.score, points)
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a detected face is cut: the crop's side and centre, and whether the eyes are levelled."""
+
+    # "box": side = scale × the box's longer side, centred on the box;
+    # "landmarks": side = scale × the eyes-to-mouth distance, centred on the landmarks' mean.
+    reference: str = "box"
+    scale: float = 0.9
+    centre_shift: float = -0.05  # the centre moved down by this fraction of the side (up, when negative)
+    level_eyes: bool = False
+
+
+DEFAULT_FRAMING = Framing()
+
+
+class FaceDetector(Protocol):
+    """What the engine needs of a detector: its name, how its faces are cut, and the search."""
+
+    name: str
+    framing: Framing
+
+    def detect(self, bgr: np.ndarray) -> list[DetectedFace]:
+        """Faces in an (H, W, 3) uint8 BGR image, in its pixel coordinates."""
+        ...
+
+
+def crop_geometry(face: DetectedFace, framing: Framing) -> tuple[Point, float, float]:
+    """The crop's centre (x, y), its side and its rotation in degrees (counter-clockwise)."""
+    box = face.box
+    landmarks = face.landmarks if face.landmarks and len(face.landmarks) >= 5 else None
+    if framing.reference == "landmarks" and landmarks:
+        right_eye, left_eye, _nose, mouth_right, mouth_left = landmarks[:5]
+        eyes = ((right_eye[0] + left_eye[0]) / 2, (right_eye[1] + left_eye[1]) / 2)
+        mouth = ((mouth_right[0] + mouth_left[0]) / 2, (mouth_right[1] + mouth_left[1]) / 2)
+        side = framing.scale * max(1.0, math.dist(eyes, mouth))
+        cx, cy = sum(x for x, _ in landmarks[:5]) / 5, sum(y for _, y in landmarks[:5]) / 5
+    else:
+        side = framing.scale * max(box.width, box.height)
+        cx, cy = box.x + box.width / 2, box.y + box.height / 2
+    angle = 0.0
+    if framing.level_eyes and landmarks:
+        # The person's right eye is on the image's left: the line from it to the left eye is
+        # level when its angle is zero.
+        (rx, ry), (lx, ly) = landmarks[0], landmarks[1]
+        angle = math.degrees(math.atan2(ly - ry, lx - rx))
+    return (cx, cy + framing.centre_shift * side), side, angle
+
+
+def frame_face(gray: np.ndarray, face: DetectedFace, framing: Framing = DEFAULT_FRAMING) -> Image.Image:
+    """The face cut from an (H, W) uint8 image as a square at its own resolution, eyes levelled if asked.
+
+    Beyond the image's edge the border pixels are repeated, as FER2013's crops of faces near an
+    edge are not black.
+    """
+    (cx, cy), side, angle = crop_geometry(face, framing)
+    size = max(1, round(side))
+    # Rotate by `angle` about the crop's centre, then move that centre to the output's centre.
+    matrix = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
+    matrix[:, 2] += np.array([size / 2 - cx, size / 2 - cy])
+    crop = cv2.warpAffine(gray, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return Image.fromarray(crop, mode="L")
+
+
+@dataclass(frozen=True)
 class Face:
-    """A face to classify: its grayscale pixels and where it was found (None: the whole image)."""
+    """A face to classify: its grayscale pixels and what the detector said (None: the whole image)."""
 
     image: Image.Image
-    box: FaceBox | None
+    detected: DetectedFace | None
+
+
+@dataclass(frozen=True)
+class FacePolicy:
+    """Which detected faces are classified."""
+
+    all_faces: bool = False
+    max_faces: int = 20  # a crowd photo answers in bounded time
+    min_face_px: float = 24  # in the searched image's pixels: smaller faces carry too little
+    detect_max_side: int = 640
+
+
+@dataclass(frozen=True)
+class FaceSearch:
+    """The faces to classify, how many the detector found, and how many were left out and why."""
+
+    faces: tuple[Face, ...]
+    found: int
+    too_small: int
+    dropped: int  # over max_faces (or beyond the first when one face was asked for)
+
+    @property
+    def no_face_reason(self) -> str | None:
+        """Why no face was classified: "none_found" or "too_small"; None when faces were."""
+        if self.faces:
+            return None
+        return "too_small" if self.too_small else "none_found"
+
+    def scaled(self, factor: float, image_width: int, image_height: int) -> FaceSearch:
+        """The same search with the detections in an image `factor` times larger (the crops stay)."""
+        if factor == 1.0:
+            return self
+        faces = tuple(
+            Face(face.image, face.detected.scaled(factor, image_width, image_height) if face.detected else None)
+            for face in self.faces
+        )
+        return FaceSearch(faces, self.found, self.too_small, self.dropped)
 
 
 def is_face_crop(image: Image.Image) -> bool:
@@ -62,67 +199,29 @@ def is_face_crop(image: Image.Image) -> bool:
     return min(image.size) <= FACE_CROP_MAX_SIDE
 
 
-class FaceDetector:
-    """OpenCV Haar cascade on a downscaled copy; one classifier per thread (OpenCV's are not shared safely)."""
+def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_max_side: int) -> list[DetectedFace]:
+    """Faces in an (H, W, 3) RGB image, found on a copy no larger than `detect_max_side`, largest first."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, detect_max_side / max(width, height))
+    small = rgb
+    if scale < 1.0:
+        # INTER_AREA averages, so no aliasing: a bilinear shrink gave a false face on tests/data/astronaut.jpg.
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    found = detector.detect(np.ascontiguousarray(small[..., ::-1]))  # RGB → BGR, as OpenCV's models expect
+    faces = [face.scaled(1 / scale, width, height) for face in found] if scale < 1.0 else found
+    return sorted(faces, key=lambda face: face.box.area, reverse=True)
 
-    def __init__(
-        self,
-        cascade: str = DEFAULT_CASCADE,
-        detect_max_side: int = 320,
-        margin: float = 0.02,
-        min_neighbors: int = 5,
-    ) -> None:
-        self.cascade_path = Path(cv2.data.haarcascades) / cascade  # type: ignore[attr-defined]
-        if not self.cascade_path.is_file() or cv2.CascadeClassifier(str(self.cascade_path)).empty():
-            raise FileNotFoundError(f"{self.cascade_path}: the Haar cascade is missing from the OpenCV wheel")
-        self.detect_max_side = detect_max_side
-        self.margin = margin
-        self.min_neighbors = min_neighbors
-        self._local = threading.local()
 
-    def _classifier(self) -> cv2.CascadeClassifier:
-        classifier = getattr(self._local, "classifier", None)
-        if classifier is None:
-            classifier = cv2.CascadeClassifier(str(self.cascade_path))
-            self._local.classifier = classifier
-        return classifier
-
-    def detect(self, gray: Image.Image) -> list[FaceBox]:
-        """Faces in an 8-bit grayscale image, in its own pixel coordinates, largest first."""
-        width, height = gray.size
-        scale = min(1.0, self.detect_max_side / max(width, height))
-        pixels: np.ndarray = np.asarray(gray, dtype=np.uint8)
-        if scale < 1.0:
-            # INTER_AREA averages, so no aliasing: a bilinear shrink gave a false face on tests/data/astronaut.jpg.
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-        found = self._classifier().detectMultiScale(
-            pixels, scaleFactor=1.1, minNeighbors=self.min_neighbors, minSize=(24, 24)
-        )
-        boxes = [
-            FaceBox(round(x / scale), round(y / scale), round(w / scale), round(h / scale))
-            for (x, y, w, h) in (found if len(found) else [])
-        ]
-        return sorted(boxes, key=lambda box: box.area, reverse=True)
-
-    def crop(self, gray: Image.Image, box: FaceBox) -> Image.Image:
-        """A square crop around the box grown by `margin` on each side, kept inside the image."""
-        side = round(max(box.width, box.height) * (1 + 2 * self.margin))
-        side = min(side, gray.width, gray.height)
-        cx, cy = box.x + box.width / 2, box.y + box.height / 2
-        left = int(min(max(0, round(cx - side / 2)), gray.width - side))
-        top = int(min(max(0, round(cy - side / 2)), gray.height - side))
-        return gray.crop((left, top, left + side, top + side))
-
-    def find_faces(self, image: Image.Image, all_faces: bool = False) -> list[Face]:
-        """The faces to classify: the largest (or every) detected face, [] when none is found.
-
-        A face crop (shorter side ≤ 64 px) is returned whole with box None, undetected.
-        """
-        gray = to_grayscale(image)
-        if is_face_crop(gray):
-            return [Face(image=gray, box=None)]
-        boxes = self.detect(gray)
-        if not all_faces:
-            boxes = boxes[:1]
-        return [Face(image=self.crop(gray, box), box=box) for box in boxes]
+def find_faces(rgb: np.ndarray, gray: np.ndarray, detector: FaceDetector, policy: FacePolicy) -> FaceSearch:
+    """The faces to classify in a photo: detected, filtered by size, capped and framed as the detector's boxes ask."""
+    detected = detect_faces(detector, rgb, policy.detect_max_side)
+    usable = [face for face in detected if face.box.side >= policy.min_face_px]
+    limit = policy.max_faces if policy.all_faces else 1
+    kept = usable[:limit]
+    return FaceSearch(
+        faces=tuple(Face(frame_face(gray, face, detector.framing), face) for face in kept),
+        found=len(detected),
+        too_small=len(detected) - len(usable),
+        dropped=len(usable) - len(kept),
+    )
