@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from app.schemas import ErrorOut
 from models.errors import (
     ImageTooLargeError,
     InvalidImageError,
@@ -59,6 +61,10 @@ class NotReady(RequestProblem):
     """The model is still loading or warming up."""
 
 
+# RequestValidationError's own docstring is FastAPI's; this is what it means to a client here.
+RequestValidationError.__doc__ = "A query value that is not one of the allowed ones."
+
+
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidImageError: 400,  # empty, undecodable, truncated
     MalformedBody: 400,
@@ -75,6 +81,15 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     NotReady: 503,
 }
 RETRY_AFTER_S = "1"
+
+
+def openapi_responses(*error_types: type[Exception]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can raise these, statuses from the table, texts from their docstrings."""
+    texts: dict[int, list[str]] = {}
+    for error_type in error_types:
+        doc = (error_type.__doc__ or error_type.__name__).strip().splitlines()[0].rstrip(".")
+        texts.setdefault(STATUS_BY_ERROR[error_type], []).append(doc[0].lower() + doc[1:])
+    return {status: {"model": ErrorOut, "description": "; ".join(parts)} for status, parts in sorted(texts.items())}
 
 
 def status_for(exc: Exception) -> int:

@@ -29,11 +29,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = engine or Engine.load(settings.checkpoint, settings.engine_config())
         app.state.engine = loaded
-        served = loaded.metrics() if loaded.measured_tta_modes() else {}
+        served = loaded.metrics()
         logger.info(
-            "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, with %d threads",
+            "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, detector %s, with %d threads",
             loaded.checkpoint_path, FORMAT_VERSION, loaded.model.version, served.get("accuracy", "not measured"),
-            loaded.precision, loaded.served_tta, settings.threads,
+            loaded.precision, loaded.served_tta, loaded.detector_name, settings.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
         threading.Thread(target=loaded.warm_up, name="fer-warmup", daemon=True).start()

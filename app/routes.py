@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
-from app.errors import NotReady, error_response, status_for
-from app.schemas import BatchItem, BatchOut, ErrorOut, MetricsOut, ModelOut, PredictionOut, StatusOut
+from app.errors import (
+    MalformedBody,
+    MissingUpload,
+    NotAnImageUpload,
+    NotReady,
+    UploadStalled,
+    UploadTooLarge,
+    error_response,
+    openapi_responses,
+    status_for,
+)
+from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut
 from app.uploads import read_files, read_image
 from models.engine import ImageAnswer
+from models.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    NoFaceError,
+    NotMeasuredError,
+    QueueFullError,
+    UnsupportedImageError,
+)
 from models.tta import TtaMode
 
 router = APIRouter()
@@ -46,17 +65,11 @@ BATCH_BODY = {
         },
     }
 }
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut, "description": text}
-    for status, text in {
-        400: "empty, undecodable or truncated image",
-        408: "the upload stalled",
-        413: "upload over max_upload_bytes, image over max_pixels, or too many files",
-        415: "not an image type we accept, or not an image upload",
-        422: "no file, bad query value, or no face with require_face=true",
-        503: "at capacity: retry after the Retry-After seconds",
-    }.items()
-}
+# Statuses from the one table (app/errors.py), for the OpenAPI page.
+ERRORS = openapi_responses(
+    InvalidImageError, MalformedBody, UploadStalled, ImageTooLargeError, UploadTooLarge, UnsupportedImageError,
+    NotAnImageUpload, NoFaceError, MissingUpload, RequestValidationError, QueueFullError,
+)  # fmt: skip
 FacesQuery = Query("largest", description="'largest' classifies the largest face; 'all' adds every face, largest first")
 RequireFaceQuery = Query(False, description="answer 422 instead of classifying the whole image when no face is found")
 TtaQuery = Query(
@@ -121,7 +134,7 @@ async def predict_batch(
 @router.get(
     "/metrics",
     response_model=MetricsOut,
-    responses={404: {"model": ErrorOut, "description": "the checkpoint stores no figures for that tta"}},
+    responses=openapi_responses(NotMeasuredError, RequestValidationError),
     summary="The model's evaluation metrics on the val split",
 )
 async def metrics(engine: EngineDep, tta: TtaMode | None = MetricsTtaQuery) -> MetricsOut:
@@ -161,7 +174,7 @@ async def health() -> dict[str, str]:
 @router.get(
     "/ready",
     response_model=StatusOut,
-    responses={503: {"model": StatusOut, "description": "still loading or warming up"}},
+    responses=openapi_responses(NotReady),
     summary="Readiness: 200 once the model is loaded and warmed up",
 )
 async def ready(engine: EngineDep) -> JSONResponse:

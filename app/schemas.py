@@ -159,7 +159,9 @@ class BatchOut(BaseModel):
 class ErrorOut(BaseModel):
     """Every error body."""
 
-    detail: str = Field(..., examples=["the upload is empty: send a JPEG, PNG, GIF, WebP, BMP or TIFF image"])
+    detail: str = Field(
+        ..., examples=["the upload is empty: send a JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF image"]
+    )
 
 
 class MetricsOut(BaseModel):

@@ -36,7 +36,8 @@ def microseconds(action: Callable[[], object], repeats: int) -> float:
 def stages(data: bytes, repeats: int) -> dict[str, float]:
     spec = PreprocessingSpec()
     detector = YuNetDetector()
-    policy = FacePolicy(detect_max_side=ENGINE_DEFAULTS.detect_max_side)
+    defaults = ENGINE_DEFAULTS
+    policy = FacePolicy(False, defaults.max_faces, defaults.min_face_px, defaults.detect_max_side)
     image = decode_image(data)
     gray = np.asarray(to_grayscale(image))
     rgb = np.asarray(to_rgb(image))

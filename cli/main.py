@@ -20,16 +20,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO
 
-from app.settings import Settings
+from pydantic import ValidationError
+
+from app.settings import Settings, settings_error_line
 from models.checkpoint import load_checkpoint
 from models.engine import Engine, EngineConfig, ImageAnswer
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
+from models.preprocessing import IMAGE_SUFFIXES
 from models.runtime import PRECISIONS
 from models.tta import TTA_MODES, TtaMode
 from training.helpformat import DefaultsHelpFormatter
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 PASS_THROUGH = ("train", "evaluate", "plots")
 
 
@@ -43,7 +45,7 @@ def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 def result_row(path: Path, answer: ImageAnswer | Exception) -> dict[str, Any]:
-    """One file's result as `fer predict` writes it (the same fields as an answer of the service)."""
+    """One file's result as `fer predict` writes it: label, confidence, probabilities, the face box."""
     if isinstance(answer, Exception):
         return {"path": str(path), "error": str(answer)}
     face = answer.faces[0]
@@ -88,7 +90,7 @@ def predict_command(args: argparse.Namespace) -> int:
     config = EngineConfig(
         precision=args.precision, tta=args.tta, max_batch=args.batch_size, queue_size=max(256, 2 * args.batch_size)
     )
-    engine = Engine.load(args.checkpoint or Settings().checkpoint, config)
+    engine = Engine.load(args.checkpoint or Settings().checkpoint, config)  # FER_CHECKPOINT, as the service
     files = list(iter_images(args.paths))
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     out = args.output.open("w", newline="") if args.output else sys.stdout
@@ -224,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_main()
     except FerError as exc:
         print(f"fer: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # an invalid FER_* variable, read to find the checkpoint
+        print(f"fer: {settings_error_line(exc)}", file=sys.stderr)
         return 2
     return 2
 

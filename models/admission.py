@@ -64,9 +64,12 @@ class QueueRoom:
                                 await self._room.wait()
                 finally:
                     self._submitting = False
-        except TimeoutError:
+        except BaseException as exc:
+            # A deadline passed or the caller went away: what was queued is computed for nobody.
             for future in futures:
                 future.cancel()
+            if not isinstance(exc, TimeoutError):
+                raise
             raise QueueFullError(
                 f"the service is at capacity: this upload's {len(items)} images waited their turn for room in the "
                 "queue until the deadline; retry in a moment or send fewer images per request"

@@ -29,7 +29,7 @@ from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
 from models.detectors import DetectorName, build_detector
 from models.errors import FerError, NoFaceError, NotMeasuredError
-from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces, is_face_crop
+from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
 from models.predictor import Prediction, Predictor
 from models.preprocessing import decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
@@ -158,6 +158,7 @@ class Engine:
         # One admission queue per event loop (an asyncio lock belongs to one loop); the service
         # has one, and a CLI or a test may run several loops one after the other.
         self._rooms: dict[asyncio.AbstractEventLoop, QueueRoom] = {}
+        self._rooms_lock = threading.Lock()
         # A few threads, not one per request: decoding and detection are CPU-bound (OpenCV and
         # Pillow release the GIL), so more threads than cores only add contention and memory.
         self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
@@ -213,13 +214,20 @@ class Engine:
         return self._predictor.checkpoint.measured_tta_modes()
 
     def metrics(self, tta: TtaMode | None = None) -> dict[str, Any]:
-        """The stored evaluation figures that describe serving with `tta` (None: the served mode).
+        """The stored evaluation figures that describe serving with `tta`.
+
+        With no `tta`: the served mode's figures where they are stored, else the main ones (their
+        "tta" says which mode they describe), else {} for a checkpoint never evaluated.
 
         Raises:
-            NotMeasuredError: the checkpoint has no figures for that mode.
+            NotMeasuredError: `tta` was asked for and the checkpoint has no figures for it.
         """
+        checkpoint = self._predictor.checkpoint
+        if tta is None:
+            served = checkpoint.metrics_for(self.served_tta)
+            return served if served is not None else checkpoint.metrics_for(checkpoint.measured_tta) or {}
         mode = self.resolve_tta(tta)
-        figures = self._predictor.checkpoint.metrics_for(mode)
+        figures = checkpoint.metrics_for(mode)
         if figures is None:
             measured = ", ".join(self.measured_tta_modes()) or "nothing yet"
             raise NotMeasuredError(
@@ -286,6 +294,8 @@ class Engine:
         deadline = loop.time() + self.config.batch_patience_s
         prepared = await asyncio.gather(*(self._prepare_one(data, require_face) for data in uploads))
         faces = [item.faces[0] for item in prepared if isinstance(item, PreparedImage)]
+        if not faces:  # every upload failed: nothing to wait for room for
+            return [item for item in prepared if not isinstance(item, PreparedImage)]
         futures = await self._room(loop).submit_all(
             lambda face: self._batcher.submit(face.inputs, mode), faces, deadline
         )
@@ -319,7 +329,7 @@ class Engine:
         config = self.config
         photo = decode_photo(data, max_pixels=config.max_pixels, max_side=config.decode_max_side)
         spec = self._predictor.checkpoint.preprocessing
-        if is_face_crop(photo.image):
+        if min(photo.full_size) <= FACE_CROP_MAX_SIDE:  # by the upload's size, not the reduced decode's
             return PreparedImage([FaceInput(preprocess(photo.image, spec), None)], None)
         policy = FacePolicy(
             all_faces=all_faces,
@@ -365,9 +375,11 @@ class Engine:
     def _room(self, loop: asyncio.AbstractEventLoop) -> QueueRoom:
         room = self._rooms.get(loop)
         if room is None:
-            room = QueueRoom(loop)
-            # Copy on write: the batcher's thread reads the rooms without a lock. Closed loops go.
-            self._rooms = {known: kept for known, kept in self._rooms.items() if not known.is_closed()} | {loop: room}
+            with self._rooms_lock:  # two loops in two threads must not drop each other's room
+                room = self._rooms.get(loop) or QueueRoom(loop)
+                # Copy on write: the batcher's thread reads the rooms without a lock. Closed loops go.
+                kept = {known: other for known, other in self._rooms.items() if not known.is_closed()}
+                self._rooms = kept | {loop: room}
         return room
 
     def _announce_room(self) -> None:

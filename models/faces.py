@@ -159,12 +159,12 @@ class Face:
 
 @dataclass(frozen=True)
 class FacePolicy:
-    """Which detected faces are classified."""
+    """Which detected faces are classified (the engine fills it from `EngineConfig`)."""
 
-    all_faces: bool = False
-    max_faces: int = 20  # a crowd photo answers in bounded time
-    min_face_px: float = 24  # in the searched image's pixels: smaller faces carry too little
-    detect_max_side: int = 640
+    all_faces: bool  # every face up to max_faces, or the largest only
+    max_faces: int
+    min_face_px: float  # in the searched image's pixels
+    detect_max_side: int
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class FaceSearch:
     faces: tuple[Face, ...]
     found: int
     too_small: int
-    dropped: int  # over max_faces (or beyond the first when one face was asked for)
+    dropped: int  # usable faces beyond max_faces
 
     @property
     def no_face_reason(self) -> str | None:
@@ -217,11 +217,10 @@ def find_faces(rgb: np.ndarray, gray: np.ndarray, detector: FaceDetector, policy
     """The faces to classify in a photo: detected, filtered by size, capped and framed as the detector's boxes ask."""
     detected = detect_faces(detector, rgb, policy.detect_max_side)
     usable = [face for face in detected if face.box.side >= policy.min_face_px]
-    limit = policy.max_faces if policy.all_faces else 1
-    kept = usable[:limit]
+    kept = usable[: policy.max_faces if policy.all_faces else 1]
     return FaceSearch(
         faces=tuple(Face(frame_face(gray, face, detector.framing), face) for face in kept),
         found=len(detected),
         too_small=len(detected) - len(usable),
-        dropped=len(usable) - len(kept),
+        dropped=max(0, len(usable) - policy.max_faces),
     )

@@ -2,7 +2,7 @@
 
 It ships inside the opencv-python-headless 4.x wheels; OpenCV 5 removed `CascadeClassifier`, so
 there `FER_DETECTOR=haar` stops start-up with a one-line reason. It gives no landmarks, so its
-faces are framed from the box alone (`Framing.box_scale`).
+faces are framed from the box alone, with the margin measured for it when it was the default.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImag
 # picture is the photo). HEIF: iPhones' default (HEIC), read by pillow-heif. AVIF: read by Pillow.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "HEIF", "AVIF"})
 FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"
+# What a folder walk (`fer predict DIR`, a dataset folder) takes for an image file.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
 # JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost (Pillow's draft mode).
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 

@@ -81,6 +81,45 @@ def test_face_in_a_photo_is_found_and_boxed(server: AppServer) -> None:
     assert abs(bw - w) <= 0.2 * w and abs(bh - h) <= 0.2 * h
 
 
+def test_a_photo_answer_gives_the_detectors_score_landmarks_and_search(server: AppServer) -> None:
+    data, (x, y, w, h) = scene_with_face(left=380, top=150, side=110)
+    body = post_file(server, data, "scene.jpg").json()
+    face = body["face"]
+    assert 0.9 <= face["score"] <= 1
+    assert len(face["landmarks"]) == 5
+    (rx, ry), (lx, ly), (nx, ny) = face["landmarks"][:3]
+    assert x < rx < nx < lx < x + w and y < ry < ny < y + h  # eyes either side of the nose, inside the box
+    assert body["search"] == {"found": 1, "too_small": 0, "dropped": 0, "no_face_reason": None}
+    crop = post_file(server, face_png(1)).json()
+    assert "search" not in crop and crop["face"] is None  # a face crop is not searched
+
+
+def test_with_no_face_the_answer_says_why(server: AppServer) -> None:
+    body = post_file(server, encode(Image.new("RGB", (300, 300), (90, 90, 90)), "JPEG"), "grey.jpg").json()
+    assert body["face"] is None and body["search"]["no_face_reason"] == "none_found"
+    refused = post_file(
+        server, encode(Image.new("RGB", (300, 300), (90, 90, 90)), "JPEG"), "g.jpg", {"require_face": "true"}
+    )
+    assert refused.status_code == 422 and "no face was found" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_formats_are_accepted(server: AppServer, fmt: str) -> None:
+    data, _ = scene_with_face(left=380, top=150, side=110)
+    converted = encode(Image.open(io.BytesIO(data)), fmt, quality=90)
+    response = post_file(server, converted, f"scene.{fmt.lower()}")
+    assert response.status_code == 200, response.text
+    assert response.json()["face"] is not None
+
+
+def test_faces_all_is_capped_at_max_faces(tmp_path: Path) -> None:
+    data = crowd_jpeg([(60 + 150 * i, 60) for i in range(4)] + [(60 + 150 * i, 300) for i in range(4)])
+    with app_serving(max_faces=3) as capped:
+        body = post_file(capped, data, "crowd.jpg", params={"faces": "all"}).json()
+    assert len(body["faces"]) == 3
+    assert body["search"]["found"] >= 6 and body["search"]["dropped"] == body["search"]["found"] - 3
+
+
 def test_faces_all_returns_every_face_largest_first(server: AppServer) -> None:
     small, _ = scene_with_face(left=100, top=120, side=70)
     scene = Image.open(io.BytesIO(small))

@@ -53,12 +53,22 @@ def test_the_readme_settings_table_names_every_setting_with_its_default() -> Non
         assert documented == f"`{shown}`", name
 
 
-def test_the_engine_defaults_have_one_home() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    from_settings = settings.engine_config()
+def test_the_engine_defaults_have_one_home_and_every_engine_knob_is_a_setting() -> None:
+    assert set(EngineConfig.__dataclass_fields__) <= set(Settings.model_fields)
+    from_settings = Settings(_env_file=None).engine_config()  # type: ignore[call-arg]
     for name in EngineConfig.__dataclass_fields__:
         if name not in ("threads", "prepare_workers"):  # CPU count, the same factory in both
             assert getattr(from_settings, name) == getattr(ENGINE_DEFAULTS, name), name
+    changed = {
+        "max_batch": 7,
+        "queue_size": 9,
+        "max_faces": 3,
+        "min_face_px": 40,
+        "detect_max_side": 500,
+        "tta": "flip",
+    }
+    config = Settings(_env_file=None, **changed).engine_config()  # type: ignore[call-arg]
+    assert {name: getattr(config, name) for name in changed} == changed
 
 
 def test_every_readme_status_row_says_when() -> None:

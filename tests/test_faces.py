@@ -130,6 +130,32 @@ def test_a_large_jpeg_decoded_at_reduced_scale_gives_the_same_face(engine: Engin
     assert small.prediction.probabilities == pytest.approx(whole.prediction.probabilities, abs=0.05)
 
 
+def test_a_turned_phone_photo_decoded_at_reduced_scale_gives_the_box_in_upright_upload_pixels() -> None:
+    upright = scene((1000, 750), [(420, 230, 160)]).resize((4000, 3000), Image.Resampling.BICUBIC)
+    stored = upright.rotate(90, expand=True)  # as the sensor saw it: 3000×4000, to be turned back by EXIF 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=90, exif=exif)
+    photo = decode_photo(buffer.getvalue(), max_side=960)
+    assert photo.scale == 4 and photo.full_size == (4000, 3000)
+    config = EngineConfig(threads=1, prepare_workers=1, min_face_px=900)  # in the upload's pixels
+    strict = Engine.load(SHIPPED_CHECKPOINT, config)
+    lenient = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(threads=1, prepare_workers=1, min_face_px=300))
+    try:
+        found = asyncio.run(lenient.classify(buffer.getvalue()))
+        too_small = asyncio.run(strict.classify(buffer.getvalue()))
+    finally:
+        strict.close()
+        lenient.close()
+    box = found.faces[0].box
+    assert box is not None  # the face is about 640 px wide in the upload, 160 in the decoded image
+    assert abs(box.x + box.width / 2 - 4 * (420 + 80)) <= 0.15 * 640
+    assert abs(box.y + box.height / 2 - 4 * (230 + 80)) <= 0.2 * 640
+    assert 0.75 * 640 <= box.width <= 1.25 * 640
+    assert too_small.search is not None and too_small.search.no_face_reason == "too_small"
+
+
 def test_a_crowd_is_capped_and_the_answer_says_how_many_were_left_out(engine: Engine) -> None:
     heads = [(60 + 190 * (i % 5), 60 + 230 * (i // 5), 100) for i in range(10)]
     data = encode(scene((1000, 520), heads), "JPEG", quality=92)

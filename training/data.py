@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocessing import PreprocessingSpec, decode_image, face_pixels
+from models.preprocessing import IMAGE_SUFFIXES, PreprocessingSpec, decode_image, face_pixels
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_DATA_DIR = Path("../shared/datasets/fer2013")
 
 
