@@ -102,7 +102,10 @@ def main() -> int:
     if not args.kdef.is_dir():
         parser.error(f"{args.kdef}: no kdef-dev here (set KDEF_DIR or --kdef)")
     photos = sorted((path, path.parent.name) for path in args.kdef.glob("*/*.JPG"))
-    detectors: tuple[DetectorName, ...] = ("yunet", "haar")
+    # The Haar path needs OpenCV 4.x (5.x dropped CascadeClassifier): without it, YuNet alone.
+    detectors: tuple[DetectorName, ...] = ("yunet", "haar") if hasattr(cv2, "CascadeClassifier") else ("yunet",)
+    if len(detectors) == 1:
+        print(f"OpenCV {cv2.__version__} has no CascadeClassifier: the Haar path is not measured")
     rows_by_detector = {}
     for name in detectors:
         engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(detector=name))

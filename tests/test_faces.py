@@ -278,3 +278,16 @@ def test_a_face_is_found_in_nearly_every_kdef_dev_photo_at_every_angle(detector:
     for angle, hits in found.items():
         assert sum(hits) / len(hits) >= 0.99, angle
     assert extra == 0
+
+
+def test_the_haar_option_works_on_opencv_4_and_is_refused_in_one_line_on_5() -> None:
+    from models.detectors import build_detector
+
+    if hasattr(cv2, "CascadeClassifier"):
+        picture = scene((800, 600), [(380, 200, 140)])
+        found = detect_faces(build_detector("haar"), np.asarray(picture), detect_max_side=400)
+        assert found and found[0].landmarks is None
+    else:
+        with pytest.raises(DetectorError, match="needs OpenCV 4.x") as refused:
+            build_detector("haar")
+        assert "\n" not in str(refused.value)
