@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from app.schemas import ErrorOut
 from models.errors import (
@@ -61,8 +62,13 @@ class NotReady(RequestProblem):
     """The model is still loading or warming up."""
 
 
+class ShuttingDown(RequestProblem):
+    """The service was stopping and this request ran past the graceful-shutdown window."""
+
+
 # RequestValidationError's own docstring is FastAPI's; this is what it means to a client here.
 RequestValidationError.__doc__ = "A query value that is not one of the allowed ones."
+ClientDisconnect.__doc__ = "The client went away before its upload was complete."
 
 
 STATUS_BY_ERROR: dict[type[Exception], int] = {
@@ -79,6 +85,10 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     RequestValidationError: 422,  # a bad query value
     QueueFullError: 503,  # over capacity: retry after a moment
     NotReady: 503,
+    ShuttingDown: 503,
+    # Never sent (nobody is there to read it): the access log and the metrics count the request
+    # as 499, nginx's "client closed request", instead of a 500 with a traceback.
+    ClientDisconnect: 499,
 }
 RETRY_AFTER_S = "1"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.errors import install_error_handlers
-from app.middleware import RequestGuard
+from app.middleware import InFlight, RequestGuard
 from app.routes import router
 from app.settings import Settings
 from app.telemetry import make_telemetry
@@ -19,11 +20,14 @@ from models.checkpoint import FORMAT_VERSION
 from models.engine import Engine
 
 logger = logging.getLogger(__name__)
+# How long the shutdown waits for cancelled requests to send their 503.
+SHUTDOWN_REPLY_S = 2.0
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine is loaded in the lifespan unless one is passed in (already loaded)."""
     settings = settings or Settings()
+    in_flight = InFlight()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +44,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            # uvicorn cancels the requests still running when its graceful window ends just
+            # before this; they answer 503 in a few event-loop turns, and the process exits soon
+            # after this returns, so give them that moment (bounded) before closing the engine.
+            deadline = asyncio.get_running_loop().time() + SHUTDOWN_REPLY_S
+            while in_flight.count and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
             loaded.close()
 
     # /docs and /redoc load their scripts from the installed fastapi-offline wheel, not a CDN,
@@ -59,6 +69,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     known_paths = {route.path for route in router.routes if hasattr(route, "path")}
     app.add_middleware(
         RequestGuard,
+        in_flight=in_flight,
         max_upload_bytes=settings.max_upload_bytes,
         body_timeout_s=settings.body_timeout_s,
         telemetry=app.state.telemetry,

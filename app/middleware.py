@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import UploadStalled, UploadTooLarge, error_response
+from app.errors import ShuttingDown, UploadStalled, UploadTooLarge, error_response
 from app.telemetry import Telemetry
 
 logger = logging.getLogger("app.access")
@@ -23,10 +23,22 @@ logger = logging.getLogger("app.access")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a path with %0d%0a must not write a fake log line."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
 def _too_large(limit: int) -> UploadTooLarge:
     return UploadTooLarge(
         f"the upload is larger than {limit:,} bytes: send a smaller image (downscale or recompress it)"
     )
+
+
+class InFlight:
+    """How many requests are inside the app now (the lifespan waits for them at shutdown)."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class RequestGuard:
@@ -40,8 +52,10 @@ class RequestGuard:
         body_timeout_s: float,
         telemetry: Telemetry,
         route_of: Callable[[str], str],
+        in_flight: InFlight,
     ) -> None:
         self.app = app
+        self.in_flight = in_flight
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout_s = body_timeout_s
         self.telemetry = telemetry
@@ -58,16 +72,18 @@ class RequestGuard:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         self.telemetry.in_progress.inc()
+        self.in_flight.count += 1
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
@@ -76,7 +92,18 @@ class RequestGuard:
                 await refusal(scope, receive, send_with_id)
                 return
             await self.app(scope, self._guarded_receive(receive), send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when the graceful-shutdown window ends
+            # (it cancels nothing else: a client that leaves gets http.disconnect). Answer them
+            # with a JSON 503 the client can retry elsewhere, not uvicorn's plain-text 500 and a
+            # traceback; the task ends right after, so the cancellation is not needed further.
+            if not started_response:
+                refusal = error_response(
+                    ShuttingDown("the service is shutting down: retry, another replica will answer")
+                )
+                await refusal(scope, receive, send_with_id)
         finally:
+            self.in_flight.count -= 1
             self.telemetry.in_progress.dec()
             elapsed_s = time.perf_counter() - started
             route = self.route_of(scope.get("path", ""))
@@ -86,7 +113,7 @@ class RequestGuard:
                 self.telemetry.batch_size.observe(state["batch_size"])
             logger.info(
                 "%s %s %d %.1fms batch=%s tta=%s id=%s",
-                scope.get("method"), scope.get("path"), status, elapsed_s * 1000, state.get("batch_size", "-"),
+                scope.get("method"), printable(scope.get("path", "")), status, elapsed_s * 1000, state.get("batch_size", "-"),
                 state.get("tta", "-"), request_id,
             )  # fmt: skip
 

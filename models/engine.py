@@ -28,7 +28,7 @@ import torch
 from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
 from models.detectors import DetectorName, build_detector
-from models.errors import FerError, NoFaceError, NotMeasuredError
+from models.errors import FerError, NoFaceError, NotMeasuredError, QueueFullError
 from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
 from models.predictor import Prediction, Predictor
 from models.preprocessing import decode_photo, peek_size, preprocess, to_grayscale, to_rgb
@@ -71,6 +71,13 @@ class EngineConfig:
     # A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps its longer side at least
     # this: 3× the detection side, so a face YuNet finds at its smallest is still ~30 px to crop.
     decode_max_side: int = 960
+    # Pixels (from the headers) of the uploads on or waiting for the prepare threads; beyond
+    # this a photo gets 503 at once, so a flood of big images cannot queue unbounded work:
+    # four images at the pixel limit, or a dozen 12-megapixel phone photos.
+    max_pending_pixels: int = 160_000_000
+    # A decode still reading the data after this long is stopped (a crafted file can take
+    # minutes); a 40-megapixel PNG decodes in about a second here.
+    decode_timeout_s: float = 5.0
     max_faces: int = 20  # faces classified per image with faces=all: a crowd answers in bounded time
     min_face_px: int = 24  # faces whose box is smaller (in the upload's pixels) are not classified
     # How long the faces of one batch upload may wait for their turn and room in the queue.
@@ -163,6 +170,8 @@ class Engine:
         # Pillow release the GIL), so more threads than cores only add contention and memory.
         self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
         self._ready = threading.Event()
+        self._pending_lock = threading.Lock()
+        self._pending_pixels = 0  # declared pixels of the uploads on or waiting for the prepare threads
 
     @classmethod
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
@@ -313,8 +322,12 @@ class Engine:
         ]
 
     def close(self) -> None:
-        """Finish queued work and stop the prepare and batching threads."""
-        self._prepare_pool.shutdown(wait=True)
+        """Stop the prepare and batching threads; photos not yet started are dropped, not decoded.
+
+        A decode already running ends within `decode_timeout_s`, so shutting down is bounded
+        whatever the threads are doing.
+        """
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
         self._batcher.remove_room_listener(self._announce_room)
         self._batcher.close()
 
@@ -327,7 +340,9 @@ class Engine:
         and their boxes and landmarks given back in the upload's pixels.
         """
         config = self.config
-        photo = decode_photo(data, max_pixels=config.max_pixels, max_side=config.decode_max_side)
+        photo = decode_photo(
+            data, max_pixels=config.max_pixels, max_side=config.decode_max_side, timeout_s=config.decode_timeout_s
+        )
         spec = self._predictor.checkpoint.preprocessing
         if min(photo.full_size) <= FACE_CROP_MAX_SIDE:  # by the upload's size, not the reduced decode's
             return PreparedImage([FaceInput(preprocess(photo.image, spec), None)], None)
@@ -356,15 +371,39 @@ class Engine:
         return PreparedImage([FaceInput(preprocess(gray, spec), None)], search)
 
     async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
-        """Small face crops inline, anything that may need face detection on the prepare threads."""
+        """Small face crops inline, anything that may need face detection on the prepare threads.
+
+        Raises:
+            QueueFullError: the images already waiting to be decoded add up to more than
+                `max_pending_pixels`; this one is refused at once instead of waiting behind them.
+        """
         if is_quick(data):
             return self._prepare_faces(data, all_faces, require_face)
-        return await asyncio.wrap_future(self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face))
+        size = peek_size(data)
+        pixels = size[0] * size[1] if size else 0  # undecodable: refused in a moment, costs nothing
+        with self._pending_lock:
+            # One image is always admitted when nothing waits: the pixel limit bounds it alone.
+            if self._pending_pixels and self._pending_pixels + pixels > self.config.max_pending_pixels:
+                raise QueueFullError(
+                    f"the service is decoding {self._pending_pixels:,} pixels of other uploads: retry in a moment"
+                )
+            self._pending_pixels += pixels
+        future = self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face)
+        # Released when the work ends (or is cancelled before it starts), not when the caller
+        # stops waiting: a decode that runs on after its client left still holds the cores.
+        future.add_done_callback(lambda _: self._release_pending(pixels))
+        return await asyncio.wrap_future(future)
+
+    def _release_pending(self, pixels: int) -> None:
+        with self._pending_lock:
+            self._pending_pixels -= pixels
 
     async def _prepare_one(self, data: bytes, require_face: bool) -> PreparedImage | FerError:
         """The upload prepared for its largest face, or its error in its place."""
         try:
             return await self._prepare(data, all_faces=False, require_face=require_face)
+        except QueueFullError:
+            raise  # capacity is not this image's fault: the whole upload gets 503
         except FerError as exc:
             return exc
 

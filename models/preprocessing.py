@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import pillow_heif
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
@@ -37,6 +38,13 @@ IMAGE_SUFFIXES = frozenset(
 )
 # JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost (Pillow's draft mode).
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+# A camera's or an encoder's progressive JPEG has about ten scans (libjpeg's default script has
+# ten); a crafted one repeats a small scan thousands of times, and each scan is a pass over the
+# whole image: 10,000 scans of a 6000×6000 image decoded for 28 s. Refused from the markers.
+MAX_JPEG_SCANS = 64
+# Pillow feeds the decoder this many bytes at a time; the decode deadline is checked between
+# them, so a small block bounds how far past its deadline a slow decode can run.
+DECODE_BLOCK_BYTES = 16 * 1024
 
 pillow_heif.register_heif_opener()
 
@@ -117,7 +125,48 @@ class DecodedPhoto:
         return round(self.image.width * self.scale), round(self.image.height * self.scale)
 
 
-def decode_photo(data: bytes, max_pixels: int | None = None, max_side: int | None = None) -> DecodedPhoto:
+class DecodeDeadlineError(Exception):
+    """Raised inside Pillow's read loop when a decode has run past its deadline."""
+
+
+class _DeadlineBytes(io.BytesIO):
+    """The upload's bytes, which refuse to be read any further once the deadline has passed."""
+
+    def __init__(self, data: bytes, deadline: float) -> None:
+        super().__init__(data)
+        self.deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise DecodeDeadlineError
+        return super().read(size)
+
+
+def check_jpeg_structure(data: bytes) -> None:
+    """Refuse a JPEG with too many scans (a decode-time bomb) or cut off inside its last scan.
+
+    Every scan starts with an SOS marker (FF DA), which cannot occur inside entropy-coded data
+    (an FF there is always followed by 00 or a restart marker), so counting the markers bounds
+    the scans; an embedded thumbnail adds its own one. A complete file has its end-of-image
+    marker (FF D9) after the last scan.
+
+    Raises:
+        ImageTooLargeError: more than `MAX_JPEG_SCANS` scans.
+        InvalidImageError: no end-of-image marker after the last scan.
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(
+            f"the JPEG has {scans:,} scans, and at most {MAX_JPEG_SCANS} are accepted (a photo has about ten; "
+            "each scan is a pass over the whole image): re-save it as a baseline JPEG"
+        )
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise InvalidImageError("the JPEG data is truncated: it ends inside its last scan; send the whole file")
+
+
+def decode_photo(
+    data: bytes, max_pixels: int | None = None, max_side: int | None = None, timeout_s: float | None = None
+) -> DecodedPhoto:
     """Decode image bytes into a loaded, upright PIL image, a JPEG at reduced scale when it is large.
 
     The pixel count is checked from the header, before any pixel is decoded, so a tiny file
@@ -125,6 +174,9 @@ def decode_photo(data: bytes, max_pixels: int | None = None, max_side: int | Non
     `max_side`, a JPEG whose longer side is more than twice that is decoded at the smallest of
     1/2, 1/4 or 1/8 scale that keeps its longer side at least `max_side` (libjpeg's DCT scaling:
     a 12-megapixel photo decodes in about a tenth of the time); other formats decode whole.
+    With `timeout_s`, a decode that is still reading the data after that long is stopped
+    (checked between blocks of `DECODE_BLOCK_BYTES`; formats decoded in one call, HEIF and
+    AVIF, are not interrupted).
 
     Raises:
         InvalidImageError: empty, truncated or not an image at all.
@@ -137,14 +189,17 @@ def decode_photo(data: bytes, max_pixels: int | None = None, max_side: int | Non
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            stream = _DeadlineBytes(data, math.inf)
+            image: Image.Image = Image.open(stream)
     except UnidentifiedImageError:
         kind = _document_kind(data)
         if kind:
             raise UnsupportedImageError(f"this is {kind}, not a photo: send a {FORMAT_NAMES} image") from None
         raise InvalidImageError(f"the data is not a recognisable image: send a {FORMAT_NAMES} file") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}") from None
+    except Image.DecompressionBombError:
+        # Pillow's own guard, far above ours: name our limit, which is the one to go by.
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "what can be decoded safely"
+        raise ImageTooLargeError(f"the image is over {limit}: downscale it before sending") from None
     except Exception as exc:  # Pillow's plugins raise many types for malformed headers
         raise InvalidImageError(f"the image header could not be read ({exc}): the file is damaged") from None
     if image.format not in ACCEPTED_FORMATS:
@@ -157,7 +212,13 @@ def decode_photo(data: bytes, max_pixels: int | None = None, max_side: int | Non
             f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
             f"{max_pixels:,}: downscale it before sending"
         )
+    if image.format in DRAFT_FORMATS:
+        check_jpeg_structure(data)
     scale = 1.0
+    if timeout_s is not None:
+        stream.deadline = time.monotonic() + timeout_s
+        if isinstance(image, ImageFile.ImageFile):
+            image.decodermaxblock = DECODE_BLOCK_BYTES
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -169,8 +230,13 @@ def decode_photo(data: bytes, max_pixels: int | None = None, max_side: int | Non
                 scale = width / image.size[0]
             image.load()
             image = ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}") from None
+    except Image.DecompressionBombError:
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "what can be decoded safely"
+        raise ImageTooLargeError(f"the image is over {limit}: downscale it before sending") from None
+    except DecodeDeadlineError:
+        raise ImageTooLargeError(
+            f"the image took more than {timeout_s:g} s to decode and was stopped: send a smaller or simpler image"
+        ) from None
     except Exception as exc:  # truncated data surfaces as OSError, SyntaxError, ValueError …
         raise InvalidImageError(f"the image data is truncated or corrupt ({exc})") from None
     return DecodedPhoto(image, scale)

@@ -523,6 +523,30 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     assert "Finished server process" in server.log()
 
 
+def test_requests_still_running_when_the_shutdown_window_ends_get_a_json_503(tmp_path: Path) -> None:
+    server = Server(
+        tmp_path / "s.log", checkpoint=str(SHIPPED_CHECKPOINT), body_timeout_s="120", graceful_shutdown_s="1"
+    )
+    body = face_png()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    try:
+        server.wait_ready()
+        # The body is never finished: the request is still running when the window ends.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(head.encode() + body[:10])
+            poll(lambda: in_progress(server) == 1, "the request is in progress")
+            server.process.send_signal(signal.SIGTERM)
+            answer = sock.makefile("rb").read().decode(errors="replace")
+    finally:
+        code = server.stop()
+    status_line, _, rest = answer.partition("\r\n")
+    assert status_line.split(" ", 2)[1] == "503", answer
+    assert "retry-after: 1" in rest.lower()
+    assert "shutting down" in json.loads(rest.split("\r\n\r\n", 1)[1])["detail"]
+    assert code in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log()
+
+
 @pytest.mark.parametrize("tta", [None, "tencrop"], ids=["served tta", "tta=tencrop asked per request"])
 def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(
     server: AppServer, fer2013_dir: Path, tta: str | None

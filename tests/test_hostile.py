@@ -190,3 +190,19 @@ def test_after_every_hostile_case_the_server_is_healthy_and_its_memory_has_not_g
         server.stop()
     assert grown < 1.10, f"RSS grew by {grown - 1:.1%}"
     assert "Traceback" not in server.log()
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_499_without_a_traceback(server: AppServer) -> None:
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\nX-Request-ID: left-early\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\x89PNG\r\n")
+    server.wait_for_log(r"POST /predict 499 .* id=left-early")
+    metrics = get(f"{server.url}/metrics/prometheus").text
+    assert 'fer_requests_total{route="/predict",status="499"}' in metrics
+
+
+def test_a_path_with_a_line_break_cannot_write_a_fake_log_line(server: AppServer) -> None:
+    response = get(f"{server.url}/%0d%0aINFO%20app.access:%20GET%20/ready%20200")
+    assert response.status_code == 404
+    line = server.wait_for_log(r"GET /.*INFO app\.access.* 404 ").group(0)
+    assert "\\r\\n" in line and "\n" not in line
