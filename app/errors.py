@@ -152,3 +152,10 @@ def install_error_handlers(app: FastAPI) -> None:
             app.add_exception_handler(error_type, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+
+
+# What the upload routes (/predict, /predict/batch) can answer besides 200, for the OpenAPI page.
+UPLOAD_ERRORS = openapi_responses(
+    InvalidImageError, MalformedBody, UploadStalled, ImageTooLargeError, UploadTooLarge, UnsupportedImageError,
+    NotAnImageUpload, NoFaceError, MissingUpload, RequestValidationError, QueueFullError,
+)  # fmt: skip

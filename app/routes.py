@@ -10,28 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
-from app.errors import (
-    MalformedBody,
-    MissingUpload,
-    NotAnImageUpload,
-    NotReady,
-    UploadStalled,
-    UploadTooLarge,
-    error_response,
-    openapi_responses,
-    status_for,
-)
+from app.errors import UPLOAD_ERRORS, NotReady, error_response, openapi_responses, status_for
 from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut
 from app.uploads import read_files, read_image
 from models.engine import ImageAnswer
-from models.errors import (
-    ImageTooLargeError,
-    InvalidImageError,
-    NoFaceError,
-    NotMeasuredError,
-    QueueFullError,
-    UnsupportedImageError,
-)
+from models.errors import NotMeasuredError
 from models.tta import TtaMode
 
 router = APIRouter()
@@ -65,11 +48,6 @@ BATCH_BODY = {
         },
     }
 }
-# Statuses from the one table (app/errors.py), for the OpenAPI page.
-ERRORS = openapi_responses(
-    InvalidImageError, MalformedBody, UploadStalled, ImageTooLargeError, UploadTooLarge, UnsupportedImageError,
-    NotAnImageUpload, NoFaceError, MissingUpload, RequestValidationError, QueueFullError,
-)  # fmt: skip
 FacesQuery = Query("largest", description="'largest' classifies the largest face; 'all' adds every face, largest first")
 RequireFaceQuery = Query(False, description="answer 422 instead of classifying the whole image when no face is found")
 TtaQuery = Query(
@@ -84,7 +62,7 @@ MetricsTtaQuery = Query(None, description="the figures measured with this test-t
     "/predict",
     response_model=PredictionOut,
     response_model_exclude_unset=True,
-    responses=ERRORS,
+    responses=UPLOAD_ERRORS,
     openapi_extra=IMAGE_BODY,
     summary="Classify the emotion of the face in one image",
 )
@@ -106,7 +84,7 @@ async def predict(
     "/predict/batch",
     response_model=BatchOut,
     response_model_exclude_unset=True,
-    responses=ERRORS,
+    responses=UPLOAD_ERRORS,
     openapi_extra=BATCH_BODY,
     summary="Classify several images; a bad one gets an error in its place",
 )

@@ -197,12 +197,21 @@ def render_tune(tune: dict[str, Any]) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in tune["rows"]:
-        cpu_ms = r["server_cpu_cores"] / r["requests_per_s"] * 1000 if r["requests_per_s"] else float("nan")
-        lines.append(
-            f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {cpu_ms:.2f} | {r.get('mean_batch') or 0:.1f} | {r['errors']} |"
-        )
+        lines.append(load_row(r, [r["server"], r["concurrency"]], f"{r.get('mean_batch') or 0:.1f}"))
     return lines
+
+
+def load_row(r: dict[str, Any], first: list[object], *extra: str) -> str:
+    """One load point as a table row: the given first cells, then rate, latency, CPU, extras, errors."""
+    cpu_ms = r["server_cpu_cores"] / r["requests_per_s"] * 1000 if r["requests_per_s"] else float("nan")
+    cells = [
+        *map(str, first),
+        f"{r['requests_per_s']:.1f}",
+        f"{r['p50_ms']:.1f}",
+        f"{r['p99_ms']:.1f}",
+        f"{cpu_ms:.2f}",
+    ]
+    return "| " + " | ".join([*cells, *extra, str(r["errors"])]) + " |"
 
 
 def render_profile(profile: dict[str, Any]) -> list[str]:
@@ -229,13 +238,7 @@ def service_table(rows: list[dict[str, Any]]) -> list[str]:
         "| server | workload | clients | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        cpu_ms = r["server_cpu_cores"] / r["requests_per_s"] * 1000 if r["requests_per_s"] else float("nan")
-        lines.append(
-            f"| {r['server']} | {r['workload']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {cpu_ms:.2f} | {r['errors']} |"
-        )
-    return lines
+    return lines + [load_row(r, [r["server"], r["workload"], r["concurrency"]]) for r in rows]
 
 
 def render_photos(photos: dict[str, Any]) -> list[str]:
