@@ -50,6 +50,9 @@ class YuNetDetector:
     framing = DEFAULT_FRAMING  # measured for YuNet's boxes (docs/framing.md)
 
     def __init__(self, model_path: Path = MODEL_FILE, score_threshold: float = SCORE_THRESHOLD) -> None:
+        # OpenCV 5 warns on stderr for every detector it builds (one per thread) that its new
+        # graph engine ignores the preferred target; errors still get through.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         self._model = check_model_file(model_path)
         self.score_threshold = score_threshold
         self._local = threading.local()
