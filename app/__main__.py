@@ -12,6 +12,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from app.connections import server_options
 from app.main import create_app
 from app.settings import Settings, settings_error_line
 from models.engine import Engine
@@ -31,14 +32,7 @@ def main() -> int:
     except (CheckpointError, DetectorError) as exc:
         print(f"fer-service: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(
-        create_app(settings, engine),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # RequestGuard writes one line per request with the id and batch size
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-    )
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, **server_options(settings))
     return 0
 
 

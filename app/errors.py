@@ -58,6 +58,14 @@ class MissingUpload(RequestProblem):
     """No file where one was expected, or text where a file was expected."""
 
 
+class HeadersTooLarge(RequestProblem):
+    """The request line and headers are over the size limit."""
+
+
+class HeadersTooSlow(RequestProblem):
+    """The request line and headers did not arrive in time."""
+
+
 class NotReady(RequestProblem):
     """The model is still loading or warming up."""
 
@@ -76,12 +84,14 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     MalformedBody: 400,
     NotMeasuredError: 404,  # /metrics?tta= for a mode the checkpoint has no figures for
     UploadStalled: 408,
+    HeadersTooSlow: 408,  # written by app/connections.py, then the connection is closed
     ImageTooLargeError: 413,  # over max_pixels
     UploadTooLarge: 413,  # over max_upload_bytes or max_batch_files
     UnsupportedImageError: 415,  # a file, but not an accepted image type
     NotAnImageUpload: 415,
     NoFaceError: 422,  # require_face=true and no face found
     MissingUpload: 422,
+    HeadersTooLarge: 431,  # written by app/connections.py, then the connection is closed
     RequestValidationError: 422,  # a bad query value
     QueueFullError: 503,  # over capacity: retry after a moment
     NotReady: 503,

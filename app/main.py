@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         in_flight=in_flight,
         max_upload_bytes=settings.max_upload_bytes,
         body_timeout_s=settings.body_timeout_s,
+        body_deadline_s=settings.body_deadline_s,
         telemetry=app.state.telemetry,
         route_of=lambda path: path if path in known_paths else "other",
     )

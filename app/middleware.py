@@ -50,6 +50,7 @@ class RequestGuard:
         *,
         max_upload_bytes: int,
         body_timeout_s: float,
+        body_deadline_s: float,
         telemetry: Telemetry,
         route_of: Callable[[str], str],
         in_flight: InFlight,
@@ -58,6 +59,7 @@ class RequestGuard:
         self.in_flight = in_flight
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout_s = body_timeout_s
+        self.body_deadline_s = body_deadline_s
         self.telemetry = telemetry
         self.route_of = route_of
 
@@ -120,14 +122,22 @@ class RequestGuard:
     def _guarded_receive(self, receive: Receive) -> Receive:
         received = 0
         body_done = False
+        # Each read has `body_timeout_s`, and the whole body `body_deadline_s`: a body that drips a
+        # byte just inside the first would otherwise hold its worker indefinitely.
+        deadline = time.monotonic() + self.body_deadline_s
 
         async def guarded() -> Message:
             nonlocal received, body_done
             if body_done:
                 return await receive()
+            remaining = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), timeout=self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), timeout=min(self.body_timeout_s, max(0.0, remaining)))
             except TimeoutError:
+                if remaining <= self.body_timeout_s:
+                    raise UploadStalled(
+                        f"the upload took longer than {self.body_deadline_s:g} s: send it over a faster link, or a smaller image"
+                    ) from None
                 raise UploadStalled(
                     f"the upload stalled for {self.body_timeout_s:g} s: send the whole body without pausing"
                 ) from None

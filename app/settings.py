@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, le=10_000)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(15.0, gt=0, description="a stalled upload is cut off after this many seconds")
+    body_deadline_s: float = Field(120.0, gt=0, description="a whole body must arrive within this many seconds")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_pipelined: int = Field(32, ge=1, le=10_000)
+    max_connections: int = Field(512, ge=1, le=100_000)
+    keep_alive_s: float = Field(5.0, gt=0, le=600)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(20.0, ge=0)
 

@@ -30,6 +30,7 @@ from models.batching import BatchResult, MicroBatcher
 from models.detectors import DetectorName, build_detector
 from models.errors import FerError, NoFaceError, NotMeasuredError, QueueFullError
 from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
+from models.memory import release_memory_after
 from models.predictor import Prediction, Predictor
 from models.preprocessing import decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
@@ -397,6 +398,7 @@ class Engine:
     def _release_pending(self, pixels: int) -> None:
         with self._pending_lock:
             self._pending_pixels -= pixels
+        release_memory_after(pixels)  # on the prepare thread: the decoded image is gone by now
 
     async def _prepare_one(self, data: bytes, require_face: bool) -> PreparedImage | FerError:
         """The upload prepared for its largest face, or its error in its place."""

@@ -27,6 +27,7 @@ import httpx
 import torch
 import uvicorn
 
+from app.connections import server_options
 from app.main import create_app
 from app.settings import Settings
 
@@ -108,9 +109,7 @@ class AppServer:
         config = uvicorn.Config(
             create_app(self.settings),
             log_config=None,  # uvicorn's dictConfig would replace the handlers this capture relies on
-            access_log=False,  # as `python -m app`: RequestGuard writes one line per request
-            ws="none",
-            timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
+            **server_options(self.settings),  # the same protocol, limits and timeouts as `python -m app`
         )
         self.server = uvicorn.Server(config)
         self._capture = _Capture()

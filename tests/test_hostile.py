@@ -3,6 +3,7 @@ and a server that has taken every case is healthy and its memory has not grown."
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,69 @@ def test_a_path_with_a_line_break_cannot_write_a_fake_log_line(server: AppServer
     assert response.status_code == 404
     line = server.wait_for_log(r"GET /.*INFO app\.access.* 404 ").group(0)
     assert "\\r\\n" in line and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def strict_server() -> Iterator[AppServer]:
+    limits = {"header_timeout_s": 1, "body_timeout_s": 1, "body_deadline_s": 1.5, "max_pipelined": 4}
+    with app_serving(checkpoint=SHIPPED_CHECKPOINT, **limits) as running:
+        yield running
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout bounds the wait)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_line_that_never_ends_gets_431_and_is_cut_off(server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /" + b"a" * 20_000)  # and never a line end
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b'"detail": "the request line and headers are over 16,384 bytes"' in answer
+    assert get(f"{server.url}/health").status_code == 200
+
+
+def test_a_silent_or_dripping_connection_gets_408_and_is_closed(strict_server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as silent:
+        assert read_until_closed(silent).startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as dripping:
+        dripping.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        for _ in range(40):  # a header byte every 0.1 s: each byte resets uvicorn's keep-alive timer
+            try:
+                dripping.sendall(b"X")
+            except OSError:
+                break
+            if select.select([dripping], [], [], 0.1)[0]:
+                answer = read_until_closed(dripping)
+                break
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer
+
+
+def test_a_body_that_trickles_past_the_whole_body_deadline_gets_408(strict_server: AppServer) -> None:
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        for _ in range(60):  # a byte every 0.1 s: never stalls for the 1 s per read
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                break
+            if select.select([sock], [], [], 0.1)[0]:
+                answer = read_until_closed(sock)
+                break
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"took longer than 1.5 s" in answer
+
+
+def test_a_client_that_pipelines_without_reading_is_disconnected(strict_server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        answer = read_until_closed(sock)
+    # Closed as soon as more than 4 wait unanswered: at most the one in progress and 4 queued were answered.
+    assert answer.count(b"HTTP/1.1 200 ") <= 5
+    assert get(f"{strict_server.url}/health").status_code == 200

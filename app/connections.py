@@ -1,0 +1,129 @@
+"""Connection-level limits that uvicorn does not set: how big and how slow a request's head may be,
+and how many pipelined requests a connection may queue.
+
+uvicorn's httptools protocol buffers a request line and headers without limit and waits for
+them forever: a client that sends `GET /` and then streams bytes never ends its head, and its
+buffer grows with what it sends; its keep-alive timer is reset by every byte, so a byte a second
+keeps a connection open indefinitely. `GuardedHttpToolsProtocol` counts the bytes of each
+request's head and gives it a deadline from the moment the connection is idle; past either, the
+connection gets a JSON 431 (too large) or 408 (too slow) and is closed. A client that pipelines
+requests without reading the answers queues them in the protocol: past `max_pipelined` the
+connection is closed.
+
+`server_options(settings)` is the one place where the service's uvicorn options are set, for
+`python -m app` and the in-process test server alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.errors import HeadersTooLarge, HeadersTooSlow, status_for
+from app.settings import Settings
+
+
+def _raw_error(exc: Exception) -> bytes:
+    """A whole HTTP/1.1 error response with the table's status and a JSON detail, closing the connection."""
+    body = json.dumps({"detail": str(exc)}).encode()
+    status = status_for(exc)
+    reason = {408: "Request Timeout", 431: "Request Header Fields Too Large"}.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a size and a deadline for each request's head."""
+
+    max_head_bytes = 16 * 1024
+    head_timeout_s = 10.0
+    max_pipelined = 32
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._awaiting_head = True
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head:
+            self._refuse(
+                HeadersTooSlow(f"the request line and headers did not arrive within {self.head_timeout_s:g} s")
+            )
+
+    def _refuse(self, exc: Exception) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_raw_error(exc))
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Counted before parsing, checked after: a head that completes in this chunk is bounded
+        # by the chunk; one that does not has sent more than the limit without ending.
+        if self._awaiting_head and self._head_bytes > self.max_head_bytes:
+            self._refuse(HeadersTooLarge(f"the request line and headers are over {self.max_head_bytes:,} bytes"))
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+        if len(self.pipeline) > self.max_pipelined:
+            # Requests piling up unanswered: a client that does not read. Their memory goes with the connection.
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._awaiting_head = True
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with the settings' limits."""
+    return type(
+        "ServiceHttpProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "max_head_bytes": settings.max_header_bytes,
+            "head_timeout_s": settings.header_timeout_s,
+            "max_pipelined": settings.max_pipelined,
+        },
+    )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the service (everything but the app, the host and the port)."""
+    return {
+        "http": guarded_protocol(settings),
+        "ws": "none",
+        "log_level": settings.log_level,
+        "access_log": False,  # RequestGuard writes one line per request with the id and batch size
+        "timeout_graceful_shutdown": int(settings.graceful_shutdown_s),
+        # Connections and requests at once; beyond it uvicorn answers 503 and closes.
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+    }
