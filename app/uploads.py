@@ -8,6 +8,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import MalformedBody, MissingUpload, NotAnImageUpload, UploadTooLarge
 
+# A multipart body with no part at all is its closing boundary and little else.
+EMPTY_MULTIPART_BYTES = 200
 HOW_TO_SEND = (
     "send the image as multipart field 'file' (curl -F file=@face.jpg) or as the raw body with Content-Type image/*"
 )
@@ -19,11 +21,18 @@ async def read_form(request: Request, max_files: int) -> FormData:
     if not content_type.startswith("multipart/form-data"):
         raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}")
     try:
-        return await request.form(max_files=max_files, max_fields=100)
+        form = await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
         if "Too many files" in str(exc.detail):
             raise UploadTooLarge(f"too many files: at most {max_files} images per request") from None
         raise MalformedBody(f"the multipart body could not be parsed ({exc.detail})") from None
+    declared = request.headers.get("content-length", "")
+    if not form and declared.isdigit() and int(declared) > EMPTY_MULTIPART_BYTES:
+        # A body with content but not one complete part: its closing boundary is missing (the
+        # parser keeps an unterminated part to itself), which "field 'file' is missing" misreads.
+        await form.close()
+        raise MalformedBody("the multipart body has no complete part: is its closing boundary (--BOUNDARY--) missing?")
+    return form
 
 
 def single_file(form: FormData) -> UploadFile:

@@ -325,10 +325,12 @@ class Engine:
     def close(self) -> None:
         """Stop the prepare and batching threads; photos not yet started are dropped, not decoded.
 
-        A decode already running ends within `decode_timeout_s`, so shutting down is bounded
-        whatever the threads are doing.
+        A decode already running is not waited for (it ends within `decode_timeout_s` on its
+        own), so shutting down is bounded whatever the prepare threads are doing.
         """
-        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting: a decode still running ends by its own deadline, and at shutdown the
+        # process should not wait for it (uvicorn ends the process once the lifespan is done).
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self._batcher.remove_room_listener(self._announce_room)
         self._batcher.close()
 

@@ -273,3 +273,13 @@ def test_a_client_that_pipelines_without_reading_is_disconnected(strict_server: 
     # Closed as soon as more than 4 wait unanswered: at most the one in progress and 4 queued were answered.
     assert answer.count(b"HTTP/1.1 200 ") <= 5
     assert get(f"{strict_server.url}/health").status_code == 200
+
+
+# Starlette's parser leaves the unterminated part's spooled file to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_multipart_body_without_its_closing_boundary_is_malformed_not_missing(server: AppServer) -> None:
+    body = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="f.png"\r\n\r\n' + face_png()
+    response = post(
+        f"{server.url}/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b0undary"}
+    )
+    check(response, 400, "closing boundary")
