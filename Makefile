@@ -53,6 +53,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json
 	$(BIN)/python -m benchmarks.photos --json benchmarks/results/photos.json
 	$(BIN)/python -m benchmarks.framing --out docs/framing.md
+	$(BIN)/python -m benchmarks.threads --json benchmarks/results/threads.json
+	$(BIN)/python -m benchmarks.memory | tee benchmarks/results/memory.txt
+	$(BIN)/python -m benchmarks.attacks --json benchmarks/results/attacks.json | tee benchmarks/results/attacks.txt
 	$(BIN)/python -m benchmarks.tune --json benchmarks/results/tune.json
 	$(BIN)/python -m benchmarks.profile --json benchmarks/results/profile.json
 	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md

@@ -17,9 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ShuttingDown, UploadStalled, UploadTooLarge, error_response
 from app.telemetry import Telemetry
+from models.memory import release_memory
 
 logger = logging.getLogger("app.access")
 
+# After a request body this large, freed memory is handed back to the system (models/memory.py).
+LARGE_BODY_BYTES = 1024 * 1024
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -86,6 +89,7 @@ class RequestGuard:
 
         self.telemetry.in_progress.inc()
         self.in_flight.count += 1
+        received_bytes = [0]
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
@@ -93,7 +97,7 @@ class RequestGuard:
                 refusal = error_response(_too_large(self.max_upload_bytes), headers={"connection": "close"})
                 await refusal(scope, receive, send_with_id)
                 return
-            await self.app(scope, self._guarded_receive(receive), send_with_id)
+            await self.app(scope, self._guarded_receive(receive, received_bytes), send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the graceful-shutdown window ends
             # (it cancels nothing else: a client that leaves gets http.disconnect). Answer them
@@ -105,6 +109,8 @@ class RequestGuard:
                 )
                 await refusal(scope, receive, send_with_id)
         finally:
+            if received_bytes[0] >= LARGE_BODY_BYTES:
+                release_memory()  # the body's buffers and spooled parts are freed by now
             self.in_flight.count -= 1
             self.telemetry.in_progress.dec()
             elapsed_s = time.perf_counter() - started
@@ -119,7 +125,7 @@ class RequestGuard:
                 state.get("tta", "-"), request_id,
             )  # fmt: skip
 
-    def _guarded_receive(self, receive: Receive) -> Receive:
+    def _guarded_receive(self, receive: Receive, received_bytes: list[int]) -> Receive:
         received = 0
         body_done = False
         # Each read has `body_timeout_s`, and the whole body `body_deadline_s`: a body that drips a
@@ -143,6 +149,7 @@ class RequestGuard:
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                received_bytes[0] = received
                 body_done = not message.get("more_body", False)
                 if received > self.max_upload_bytes:
                     raise _too_large(self.max_upload_bytes)

@@ -32,7 +32,7 @@ from models.errors import FerError, NoFaceError, NotMeasuredError, QueueFullErro
 from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
 from models.memory import release_memory_after
 from models.predictor import Prediction, Predictor
-from models.preprocessing import decode_photo, peek_size, preprocess, to_grayscale, to_rgb
+from models.preprocessing import decode_cost, decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
 from models.tta import ServedTta, TtaMode
 
@@ -72,10 +72,13 @@ class EngineConfig:
     # A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps its longer side at least
     # this: 3× the detection side, so a face YuNet finds at its smallest is still ~30 px to crop.
     decode_max_side: int = 960
-    # Pixels (from the headers) of the uploads on or waiting for the prepare threads; beyond
-    # this a photo gets 503 at once, so a flood of big images cannot queue unbounded work:
-    # four images at the pixel limit, or a dozen 12-megapixel phone photos.
-    max_pending_pixels: int = 160_000_000
+    # Pixels to be decoded (from the headers, after JPEG draft scaling) of the uploads on or
+    # waiting for the prepare threads; beyond this a photo gets 503 at once, so a flood of big
+    # images cannot queue unbounded work: about half a second of decoding on two cores, or
+    # twenty phone JPEGs (decoded at a quarter). One image up to the pixel limit is always
+    # admitted alone. At 160 M and 48 M an ordinary photo waited 2.1-2.7 s behind 40 clients
+    # of 5 MB PNGs (benchmarks/attacks.py), past the 2 s it should be answered or shed in.
+    max_pending_pixels: int = 16_000_000
     # A decode still reading the data after this long is stopped (a crafted file can take
     # minutes); a 40-megapixel PNG decodes in about a second here.
     decode_timeout_s: float = 5.0
@@ -382,8 +385,8 @@ class Engine:
         """
         if is_quick(data):
             return self._prepare_faces(data, all_faces, require_face)
-        size = peek_size(data)
-        pixels = size[0] * size[1] if size else 0  # undecodable: refused in a moment, costs nothing
+        # What will really be decoded: a 12-megapixel JPEG decodes at a quarter, 0.76 megapixels.
+        pixels = decode_cost(data, self.config.decode_max_side)
         with self._pending_lock:
             # One image is always admitted when nothing waits: the pixel limit bounds it alone.
             if self._pending_pixels and self._pending_pixels + pixels > self.config.max_pending_pixels:

@@ -36,8 +36,12 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 def release_memory_after(pixels: int) -> None:
     """Return free heap memory to the system when an image this large was just let go."""
-    if pixels < TRIM_AFTER_PIXELS:
-        return
+    if pixels >= TRIM_AFTER_PIXELS:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Return the free pages of every malloc arena to the system (glibc; elsewhere nothing)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -107,6 +107,28 @@ def peek_size(data: bytes) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
+def draft_scale(image_format: str | None, width: int, height: int, max_side: int | None) -> int:
+    """The factor (1, 2, 4 or 8) by which `decode_photo` shrinks this image while decoding it."""
+    if max_side is None or image_format not in DRAFT_FORMATS or max(width, height) < 2 * max_side:
+        return 1
+    scale = 1
+    # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that keeps the longer side ≥ max_side.
+    while scale < 8 and max(width, height) / (scale * 2) >= max_side:
+        scale *= 2
+    return scale
+
+
+def decode_cost(data: bytes, max_side: int | None = None) -> int:
+    """The pixels `decode_photo(data, max_side=…)` will decode, from the header; 0 when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            scale = draft_scale(image.format, width, height, max_side)
+    except Exception:  # any damage: the full decode refuses it at once
+        return 0
+    return int(width * height) // (scale * scale)
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes into a loaded, upright PIL image at full resolution; see `decode_photo`."""
     return decode_photo(data, max_pixels).image
