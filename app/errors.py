@@ -136,8 +136,13 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Refused while the body was still arriving: the rest of it cannot be skipped safely on this
+# connection, so the answer closes it (an oversized chunked body kept it open before).
+CLOSES_CONNECTION = (UploadTooLarge, UploadStalled)
+
+
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc)
+    return error_response(exc, headers={"connection": "close"} if isinstance(exc, CLOSES_CONNECTION) else None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -283,3 +283,17 @@ def test_a_multipart_body_without_its_closing_boundary_is_malformed_not_missing(
         f"{server.url}/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b0undary"}
     )
     check(response, 400, "closing boundary")
+
+
+def test_an_oversized_chunked_body_gets_413_and_the_connection_is_closed(server: AppServer) -> None:
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n" % 65536 + b"\0" * 65536 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            for _ in range(UPLOAD_LIMIT // 65536 + 2):  # past the limit, never the final chunk
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the server may close before we are done sending
+        answer = read_until_closed(sock)  # returns only once the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower()
