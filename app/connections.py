@@ -20,6 +20,7 @@ import asyncio
 import json
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.errors import HeadersTooLarge, HeadersTooSlow, status_for
@@ -48,12 +49,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = 16 * 1024
     head_timeout_s = 10.0
     max_pipelined = 32
+    # A client that stops reading its answers: once the write buffer is full, it has this long
+    # to read before the connection is aborted (its task, fd and connection slot freed).
+    write_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._dropped = False
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
@@ -73,10 +79,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(_raw_error(exc))
             self.transport.close()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def data_received(self, data: bytes) -> None:
+        if self._dropped:
+            return  # the rest of what a dropped connection sent is not parsed
         if self._awaiting_head:
             self._head_bytes += len(data)
-        super().data_received(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._dropped:  # our own stop, raised from on_headers_complete: no warning, no 400
+                return
+            msg = "Invalid HTTP request received."  # uvicorn's own handling, as in its data_received
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()  # no WebSocket here (ws="none")
+            return
         # Counted before parsing, checked after: a head that completes in this chunk is bounded
         # by the chunk; one that does not has sent more than the limit without ending.
         if self._awaiting_head and self._head_bytes > self.max_head_bytes:
@@ -93,19 +124,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Requests piling up unanswered: a client that does not read. Their memory goes with
             # the connection, and raising stops the parser from parsing the rest of what it sent
             # (2,000 pipelined heads in one read cost the event loop a second otherwise).
-            self.transport.close()
+            self._dropped = True
+            self.transport.abort()  # what it sent is dropped, and it is not reading what we send
             raise TooManyPipelined
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        # Idle only if no queued request was just started (the parser's latest cycle is done):
+        # a running request's body bytes are not a head, and its run time is not a head's wait.
+        idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        if idle and not self.transport.is_closing():
             self._awaiting_head = True
             self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        for timer in (self._head_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._write_timer = None
         super().connection_lost(exc)
 
 

@@ -60,6 +60,7 @@ class RequestGuard:
     ) -> None:
         self.app = app
         self.in_flight = in_flight
+        self._last_trim = 0.0
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout_s = body_timeout_s
         self.body_deadline_s = body_deadline_s
@@ -110,7 +111,7 @@ class RequestGuard:
                 await refusal(scope, receive, send_with_id)
         finally:
             if received_bytes[0] >= LARGE_BODY_BYTES:
-                release_memory()  # the body's buffers and spooled parts are freed by now
+                self._trim_soon()  # the body's buffers and spooled parts are freed by now
             self.in_flight.count -= 1
             self.telemetry.in_progress.dec()
             elapsed_s = time.perf_counter() - started
@@ -124,6 +125,14 @@ class RequestGuard:
                 scope.get("method"), printable(scope.get("path", "")), status, elapsed_s * 1000, state.get("batch_size", "-"),
                 state.get("tta", "-"), request_id,
             )  # fmt: skip
+
+    def _trim_soon(self) -> None:
+        """Hand freed memory back on a worker thread, at most once a second (it walks every arena)."""
+        now = time.monotonic()
+        if now - self._last_trim < 1.0:
+            return
+        self._last_trim = now
+        asyncio.get_running_loop().run_in_executor(None, release_memory)
 
     def _guarded_receive(self, receive: Receive, received_bytes: list[int]) -> Receive:
         received = 0

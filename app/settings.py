@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     batch_patience_s: float = Field(ENGINE_DEFAULTS.batch_patience_s, gt=0, le=600)
     max_pixels: int = Field(ENGINE_DEFAULTS.max_pixels, ge=1)
     max_pending_pixels: int = Field(ENGINE_DEFAULTS.max_pending_pixels, ge=1)
+    max_batch_pixels: int = Field(ENGINE_DEFAULTS.max_batch_pixels, ge=1)
     decode_timeout_s: float = Field(ENGINE_DEFAULTS.decode_timeout_s, gt=0, le=600)
     threads: int = Field(default_factory=cpu_count, ge=1, le=256)
     prepare_workers: int = Field(default_factory=cpu_count, ge=1, le=256)
@@ -74,6 +75,7 @@ class Settings(BaseSettings):
             queue_size=self.queue_size,
             max_pixels=self.max_pixels,
             max_pending_pixels=self.max_pending_pixels,
+            max_batch_pixels=self.max_batch_pixels,
             decode_timeout_s=self.decode_timeout_s,
             batch_patience_s=self.batch_patience_s,
             detector=self.detector,

@@ -156,6 +156,7 @@ def ordinary(port: int, seconds: float, pid: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/predict"
     face, photo = face_jpeg_48(), photo_jpeg_640()
     face_ms: list[float] = []
+    face_statuses: dict[int, int] = {}
     photo_ms: list[float] = []
     photo_statuses: dict[int, int] = {}
     end = time.monotonic() + seconds
@@ -165,8 +166,9 @@ def ordinary(port: int, seconds: float, pid: int) -> dict[str, Any]:
         with httpx.Client(timeout=30) as client:
             while time.monotonic() < end:
                 started = time.perf_counter()
-                client.post(url, files={"file": ("f.jpg", face)})
+                status = client.post(url, files={"file": ("f.jpg", face)}).status_code
                 face_ms.append((time.perf_counter() - started) * 1000)
+                face_statuses[status] = face_statuses.get(status, 0) + 1
 
     def photos() -> None:
         with httpx.Client(timeout=30) as client:
@@ -187,6 +189,7 @@ def ordinary(port: int, seconds: float, pid: int) -> dict[str, Any]:
     return {
         "face_p50_ms": statistics.median(face_ms),
         "face_p99_ms": float(np.percentile(face_ms, 99)),
+        "face_statuses": face_statuses,
         "photo_max_ms": max(photo_ms),
         "photo_statuses": photo_statuses,
         "rss_peak_mb": peak,
@@ -252,9 +255,9 @@ def main() -> int:
         print(
             f"at rest: face p50 {quiet['face_p50_ms']:.1f} ms p99 {quiet['face_p99_ms']:.1f} ms, RSS {rest_rss} MiB, {rest_fds} fds"
         )
-        header = "| attack | face p50 ms | face p99 ms | slowest photo ms | photo statuses | RSS before / peak / after MiB | fds after |"
+        header = "| attack | face p50 ms | face p99 ms | face statuses | slowest photo ms | photo statuses | RSS before / peak / after MiB | fds after |"
         print(header)
-        print("| --- | ---: | ---: | ---: | --- | --- | ---: |")
+        print("| --- | ---: | ---: | --- | ---: | --- | --- | ---: |")
         for attack in attacks(port):
             before = rss_mb(process.pid)
             attack.start()
@@ -270,8 +273,9 @@ def main() -> int:
             }
             rows.append(row)
             statuses = ", ".join(f"{count}× {status}" for status, count in sorted(row["photo_statuses"].items()))
+            faces = ", ".join(f"{count}× {status}" for status, count in sorted(row["face_statuses"].items()))
             print(
-                f"| {attack.name} | {row['face_p50_ms']:.1f} | {row['face_p99_ms']:.1f} | {row['photo_max_ms']:.0f} | {statuses} | "
+                f"| {attack.name} | {row['face_p50_ms']:.1f} | {row['face_p99_ms']:.1f} | {faces} | {row['photo_max_ms']:.0f} | {statuses} | "
                 f"{before} / {row['rss_peak_mb']} / {row['rss_after_mb']} | {row['fds_after']} |",
                 flush=True,
             )

@@ -28,7 +28,7 @@ import torch
 from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
 from models.detectors import DetectorName, build_detector
-from models.errors import FerError, NoFaceError, NotMeasuredError, QueueFullError
+from models.errors import FerError, ImageTooLargeError, NoFaceError, NotMeasuredError, QueueFullError
 from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
 from models.memory import release_memory_after
 from models.predictor import Prediction, Predictor
@@ -79,6 +79,10 @@ class EngineConfig:
     # admitted alone. At 160 M and 48 M an ordinary photo waited 2.1-2.7 s behind 40 clients
     # of 5 MB PNGs (benchmarks/attacks.py), past the 2 s it should be answered or shed in.
     max_pending_pixels: int = 16_000_000
+    # Pixels to decode in one /predict/batch upload, all its images together: about 3 s of
+    # decoding on two cores, so no single request holds the prepare threads for long (a batch
+    # of twenty 36-megapixel PNGs would take them for ~20 s).
+    max_batch_pixels: int = 160_000_000
     # A decode still reading the data after this long is stopped (a crafted file can take
     # minutes); a 40-megapixel PNG decodes in about a second here.
     decode_timeout_s: float = 5.0
@@ -175,7 +179,8 @@ class Engine:
         self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
         self._ready = threading.Event()
         self._pending_lock = threading.Lock()
-        self._pending_pixels = 0  # declared pixels of the uploads on or waiting for the prepare threads
+        self._pending_pixels = 0  # pixels to decode of the uploads on or waiting for the prepare threads
+        self._pending_by_owner: dict[object, int] = {}  # the same, per request
 
     @classmethod
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
@@ -305,7 +310,23 @@ class Engine:
         mode = self.resolve_tta(tta)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.batch_patience_s
-        prepared = await asyncio.gather(*(self._prepare_one(data, require_face) for data in uploads))
+        total = sum(decode_cost(data, self.config.decode_max_side) for data in uploads)
+        if total > self.config.max_batch_pixels:
+            raise ImageTooLargeError(
+                f"the batch's images add up to {total:,} pixels to decode, over the limit of "
+                f"{self.config.max_batch_pixels:,}: send fewer or smaller images per request"
+            )
+        # A batch's images go to the prepare threads a few at a time (as many as there are
+        # threads), so a batch alone never fills the admission bound with its own images; one
+        # refused image fails the batch, and its siblings are cancelled.
+        owner, turns = object(), asyncio.Semaphore(self.config.prepare_workers)
+        tasks = [asyncio.ensure_future(self._prepare_one(data, require_face, owner, turns)) for data in uploads]
+        try:
+            prepared = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
         faces = [item.faces[0] for item in prepared if isinstance(item, PreparedImage)]
         if not faces:  # every upload failed: nothing to wait for room for
             return [item for item in prepared if not isinstance(item, PreparedImage)]
@@ -376,39 +397,52 @@ class Engine:
             raise NoFaceError("no face was found in the image: send a photo with a visible face, or drop require_face")
         return PreparedImage([FaceInput(preprocess(gray, spec), None)], search)
 
-    async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
+    async def _prepare(
+        self, data: bytes, *, all_faces: bool, require_face: bool, owner: object | None = None
+    ) -> PreparedImage:
         """Small face crops inline, anything that may need face detection on the prepare threads.
 
+        `owner` is the request the image belongs to (a batch upload's images share one): an
+        image is always admitted when nothing of other requests waits, so a request never
+        refuses itself, and one image up to the pixel limit is always served alone.
+
         Raises:
-            QueueFullError: the images already waiting to be decoded add up to more than
-                `max_pending_pixels`; this one is refused at once instead of waiting behind them.
+            QueueFullError: other requests' images already waiting to be decoded, with this one,
+                add up to more than `max_pending_pixels`; it is refused at once instead of
+                waiting behind them.
         """
         if is_quick(data):
             return self._prepare_faces(data, all_faces, require_face)
+        owner = owner if owner is not None else object()
         # What will really be decoded: a 12-megapixel JPEG decodes at a quarter, 0.76 megapixels.
         pixels = decode_cost(data, self.config.decode_max_side)
         with self._pending_lock:
-            # One image is always admitted when nothing waits: the pixel limit bounds it alone.
-            if self._pending_pixels and self._pending_pixels + pixels > self.config.max_pending_pixels:
-                raise QueueFullError(
-                    f"the service is decoding {self._pending_pixels:,} pixels of other uploads: retry in a moment"
-                )
+            others = self._pending_pixels - self._pending_by_owner.get(owner, 0)
+            if others and self._pending_pixels + pixels > self.config.max_pending_pixels:
+                raise QueueFullError(f"the service is decoding {others:,} pixels of other uploads: retry in a moment")
             self._pending_pixels += pixels
+            self._pending_by_owner[owner] = self._pending_by_owner.get(owner, 0) + pixels
         future = self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face)
         # Released when the work ends (or is cancelled before it starts), not when the caller
         # stops waiting: a decode that runs on after its client left still holds the cores.
-        future.add_done_callback(lambda _: self._release_pending(pixels))
+        future.add_done_callback(lambda _: self._release_pending(owner, pixels))
         return await asyncio.wrap_future(future)
 
-    def _release_pending(self, pixels: int) -> None:
+    def _release_pending(self, owner: object, pixels: int) -> None:
         with self._pending_lock:
             self._pending_pixels -= pixels
+            left = self._pending_by_owner.pop(owner, 0) - pixels
+            if left > 0:
+                self._pending_by_owner[owner] = left
         release_memory_after(pixels)  # on the prepare thread: the decoded image is gone by now
 
-    async def _prepare_one(self, data: bytes, require_face: bool) -> PreparedImage | FerError:
-        """The upload prepared for its largest face, or its error in its place."""
+    async def _prepare_one(
+        self, data: bytes, require_face: bool, owner: object, turns: asyncio.Semaphore
+    ) -> PreparedImage | FerError:
+        """One upload of a batch prepared for its largest face, or its error in its place."""
         try:
-            return await self._prepare(data, all_faces=False, require_face=require_face)
+            async with turns:
+                return await self._prepare(data, all_faces=False, require_face=require_face, owner=owner)
         except QueueFullError:
             raise  # capacity is not this image's fault: the whole upload gets 503
         except FerError as exc:

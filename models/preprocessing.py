@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -42,6 +43,10 @@ DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 # ten); a crafted one repeats a small scan thousands of times, and each scan is a pass over the
 # whole image: 10,000 scans of a 6000×6000 image decoded for 28 s. Refused from the markers.
 MAX_JPEG_SCANS = 64
+# Segments before the image data: a photo has a dozen or so (APP, tables, frame, scans).
+MAX_JPEG_SEGMENTS = 1000
+# The end of entropy-coded data: an FF followed by anything but a stuffed 00 or a restart marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 # Pillow feeds the decoder this many bytes at a time; the decode deadline is checked between
 # them, so a small block bounds how far past its deadline a slow decode can run.
 DECODE_BLOCK_BYTES = 16 * 1024
@@ -118,10 +123,18 @@ def draft_scale(image_format: str | None, width: int, height: int, max_side: int
     return scale
 
 
+# The header `decode_cost` reads: enough for a JPEG's frame after its EXIF and XMP segments, and
+# for any other format's; a crafted file cannot make the event loop parse more.
+COST_HEADER_BYTES = 256 * 1024
+
+
 def decode_cost(data: bytes, max_side: int | None = None) -> int:
-    """The pixels `decode_photo(data, max_side=…)` will decode, from the header; 0 when it cannot be read."""
+    """The pixels `decode_photo(data, max_side=…)` will decode, from the header; 0 when it cannot be read.
+
+    Reads at most `COST_HEADER_BYTES`: it runs on the event loop, before admission.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data[:COST_HEADER_BYTES])) as image:
             width, height = image.size
             scale = draft_scale(image.format, width, height, max_side)
     except Exception:  # any damage: the full decode refuses it at once
@@ -165,25 +178,51 @@ class _DeadlineBytes(io.BytesIO):
 
 
 def check_jpeg_structure(data: bytes) -> None:
-    """Refuse a JPEG with too many scans (a decode-time bomb) or cut off inside its last scan.
+    """Walk a JPEG's segments up to its end-of-image marker: refuse a decode-time bomb or a cut-off file.
 
-    Every scan starts with an SOS marker (FF DA), which cannot occur inside entropy-coded data
-    (an FF there is always followed by 00 or a restart marker), so counting the markers bounds
-    the scans; an embedded thumbnail adds its own one. A complete file has its end-of-image
-    marker (FF D9) after the last scan.
+    Every scan starts with an SOS marker (FF DA); inside entropy-coded data an FF is always
+    followed by 00 or a restart marker, so the next marker is found with one C-level search.
+    Segments are skipped by their lengths, so an EXIF thumbnail inside APP1 is not counted, and
+    whatever follows the first image's end-of-image marker (the other pictures of an MPO, the
+    video of a "motion photo") is not looked at. A file with junk between its segments, or far
+    too many of them, is refused before Pillow's own marker loop walks it byte by byte.
 
     Raises:
         ImageTooLargeError: more than `MAX_JPEG_SCANS` scans.
-        InvalidImageError: no end-of-image marker after the last scan.
+        InvalidImageError: the data ends before the end-of-image marker, or the structure is broken.
     """
-    scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS:
-        raise ImageTooLargeError(
-            f"the JPEG has {scans:,} scans, and at most {MAX_JPEG_SCANS} are accepted (a photo has about ten; "
-            "each scan is a pass over the whole image): re-save it as a baseline JPEG"
-        )
-    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise InvalidImageError("the JPEG data is truncated: it ends inside its last scan; send the whole file")
+    position, scans, segments, size = 2, 0, 0, len(data)
+    while True:
+        if position + 2 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends before its end marker; send the whole file")
+        if data[position] != 0xFF:
+            raise InvalidImageError(f"the JPEG is damaged: no marker at byte {position:,}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image: the first picture is complete
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InvalidImageError(f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} segments: it is not a photo")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        if position + 4 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends inside a segment header")
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageTooLargeError(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (a photo has about ten; each scan is a pass "
+                    "over the whole image): re-save it as a baseline JPEG"
+                )
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                raise InvalidImageError("the JPEG data is truncated: it ends inside its last scan; send the whole file")
+            position = found.start()
 
 
 def decode_photo(
@@ -211,8 +250,15 @@ def decode_photo(
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            stream = _DeadlineBytes(data, math.inf)
+            if data.startswith(b"\xff\xd8"):  # a JPEG (or MPO): its structure before Pillow walks it
+                check_jpeg_structure(data)
+            deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+            stream = _DeadlineBytes(data, deadline)
             image: Image.Image = Image.open(stream)
+    except (ImageTooLargeError, InvalidImageError):
+        raise
+    except DecodeDeadlineError:
+        raise ImageTooLargeError(f"the image header took more than {timeout_s:g} s to read and was stopped") from None
     except UnidentifiedImageError:
         kind = _document_kind(data)
         if kind:
@@ -234,13 +280,9 @@ def decode_photo(
             f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
             f"{max_pixels:,}: downscale it before sending"
         )
-    if image.format in DRAFT_FORMATS:
-        check_jpeg_structure(data)
     scale = 1.0
-    if timeout_s is not None:
-        stream.deadline = time.monotonic() + timeout_s
-        if isinstance(image, ImageFile.ImageFile):
-            image.decodermaxblock = DECODE_BLOCK_BYTES
+    if timeout_s is not None and isinstance(image, ImageFile.ImageFile):
+        image.decodermaxblock = DECODE_BLOCK_BYTES
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -219,8 +219,11 @@ def strict_server() -> Iterator[AppServer]:
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection (the socket's timeout bounds the wait)."""
     chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass  # closed with our unread data still in its buffer: a reset, after its answer
     return b"".join(chunks)
 
 
@@ -273,6 +276,7 @@ def test_a_client_that_pipelines_without_reading_is_disconnected(strict_server: 
     # Closed as soon as more than 4 wait unanswered: at most the one in progress and 4 queued were answered.
     assert answer.count(b"HTTP/1.1 200 ") <= 5
     assert get(f"{strict_server.url}/health").status_code == 200
+    assert "Invalid HTTP request" not in strict_server.log()  # dropped on purpose, not a parse error
 
 
 # Starlette's parser leaves the unterminated part's spooled file to the garbage collector.
