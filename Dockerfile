@@ -20,7 +20,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FER_HOST=0.0.0.0 \
     FER_PORT=8000 \
-    FER_CHECKPOINT=/srv/fer/models/checkpoint.pth
+    FER_CHECKPOINT=/srv/fer/models/checkpoint.pth \
+    MALLOC_ARENA_MAX=2
 RUN useradd --system --uid 10001 --home-dir /srv/fer --shell /usr/sbin/nologin fer
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv/fer

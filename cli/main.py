@@ -221,9 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in (("CHECKPOINT", args.checkpoint), ("HOST", args.host), ("PORT", args.port)):
                 if value is not None:
                     os.environ[f"FER_{key}"] = str(value)
-            from app.__main__ import main as serve_main
-
-            return serve_main()
+            # `python -m app` in this process's place: it sets up its own allocator (app/__main__.py).
+            os.execv(sys.executable, [sys.executable, "-m", "app"])
     except FerError as exc:
         print(f"fer: {exc}", file=sys.stderr)
         return 2
