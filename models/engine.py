@@ -153,6 +153,20 @@ QUICK_MAX_BYTES = 64 * 1024
 QUICK_MAX_PIXELS = 128 * 128
 
 
+async def gather_or_cancel(futures: Sequence[Future[Any] | asyncio.Future[Any]]) -> list[Any]:
+    """Every future's result, in order; if any fails or the caller goes away, the rest are cancelled.
+
+    Cancelling takes a queued face out of the batcher, or an image not yet started off the
+    prepare threads, so no work is done for an answer nobody will read.
+    """
+    try:
+        return await asyncio.gather(*(asyncio.wrap_future(f) if isinstance(f, Future) else f for f in futures))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
 def is_quick(data: bytes) -> bool:
     """True for a small face crop (by its header) that is cheaper to prepare inline than in a thread."""
     if len(data) > QUICK_MAX_BYTES:
@@ -179,8 +193,8 @@ class Engine:
         self._prepare_pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
         self._ready = threading.Event()
         self._pending_lock = threading.Lock()
-        self._pending_pixels = 0  # pixels to decode of the uploads on or waiting for the prepare threads
-        self._pending_by_owner: dict[object, int] = {}  # the same, per request
+        # Pixels to decode of the uploads on or waiting for the prepare threads, per request.
+        self._pending_by_owner: dict[object, int] = {}
 
     @classmethod
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
@@ -288,13 +302,11 @@ class Engine:
         try:
             for face in faces:
                 futures.append(self._batcher.submit(face.inputs, mode))
-            results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
-        except BaseException:
-            # A full queue or a caller that went away: the faces already queued are taken back
-            # out, so no forward pass computes answers nobody will read.
-            for future in futures:
+        except QueueFullError:
+            for future in futures:  # the faces that did fit are taken back out
                 future.cancel()
             raise
+        results = await gather_or_cancel(futures)
         answers = tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True))
         return ImageAnswer(answers, mode, prepared.search)
 
@@ -310,7 +322,8 @@ class Engine:
         mode = self.resolve_tta(tta)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.batch_patience_s
-        total = sum(decode_cost(data, self.config.decode_max_side) for data in uploads)
+        costs = [decode_cost(data, self.config.decode_max_side) for data in uploads]
+        total = sum(costs)
         if total > self.config.max_batch_pixels:
             raise ImageTooLargeError(
                 f"the batch's images add up to {total:,} pixels to decode, over the limit of "
@@ -320,25 +333,19 @@ class Engine:
         # threads), so a batch alone never fills the admission bound with its own images; one
         # refused image fails the batch, and its siblings are cancelled.
         owner, turns = object(), asyncio.Semaphore(self.config.prepare_workers)
-        tasks = [asyncio.ensure_future(self._prepare_one(data, require_face, owner, turns)) for data in uploads]
-        try:
-            prepared = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        prepared = await gather_or_cancel(
+            [
+                asyncio.ensure_future(self._prepare_one(data, cost, require_face, owner, turns))
+                for data, cost in zip(uploads, costs, strict=True)
+            ]
+        )
         faces = [item.faces[0] for item in prepared if isinstance(item, PreparedImage)]
         if not faces:  # every upload failed: nothing to wait for room for
             return [item for item in prepared if not isinstance(item, PreparedImage)]
         futures = await self._room(loop).submit_all(
             lambda face: self._batcher.submit(face.inputs, mode), faces, deadline
         )
-        try:
-            results = iter(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        results = iter(await gather_or_cancel(futures))
         return [
             ImageAnswer((self._answer(item.faces[0], next(results)),), mode, item.search)
             if isinstance(item, PreparedImage)
@@ -398,13 +405,20 @@ class Engine:
         return PreparedImage([FaceInput(preprocess(gray, spec), None)], search)
 
     async def _prepare(
-        self, data: bytes, *, all_faces: bool, require_face: bool, owner: object | None = None
+        self,
+        data: bytes,
+        *,
+        all_faces: bool,
+        require_face: bool,
+        owner: object | None = None,
+        cost: int | None = None,
     ) -> PreparedImage:
         """Small face crops inline, anything that may need face detection on the prepare threads.
 
         `owner` is the request the image belongs to (a batch upload's images share one): an
         image is always admitted when nothing of other requests waits, so a request never
-        refuses itself, and one image up to the pixel limit is always served alone.
+        refuses itself, and one image up to the pixel limit is always served alone. `cost` is
+        its `decode_cost`, when the caller has it already.
 
         Raises:
             QueueFullError: other requests' images already waiting to be decoded, with this one,
@@ -415,13 +429,13 @@ class Engine:
             return self._prepare_faces(data, all_faces, require_face)
         owner = owner if owner is not None else object()
         # What will really be decoded: a 12-megapixel JPEG decodes at a quarter, 0.76 megapixels.
-        pixels = decode_cost(data, self.config.decode_max_side)
+        pixels = decode_cost(data, self.config.decode_max_side) if cost is None else cost
         with self._pending_lock:
-            others = self._pending_pixels - self._pending_by_owner.get(owner, 0)
-            if others and self._pending_pixels + pixels > self.config.max_pending_pixels:
+            own = self._pending_by_owner.get(owner, 0)
+            others = sum(self._pending_by_owner.values()) - own  # a few requests at most: summed when asked
+            if others and others + own + pixels > self.config.max_pending_pixels:
                 raise QueueFullError(f"the service is decoding {others:,} pixels of other uploads: retry in a moment")
-            self._pending_pixels += pixels
-            self._pending_by_owner[owner] = self._pending_by_owner.get(owner, 0) + pixels
+            self._pending_by_owner[owner] = own + pixels
         future = self._prepare_pool.submit(self._prepare_faces, data, all_faces, require_face)
         # Released when the work ends (or is cancelled before it starts), not when the caller
         # stops waiting: a decode that runs on after its client left still holds the cores.
@@ -430,19 +444,18 @@ class Engine:
 
     def _release_pending(self, owner: object, pixels: int) -> None:
         with self._pending_lock:
-            self._pending_pixels -= pixels
             left = self._pending_by_owner.pop(owner, 0) - pixels
             if left > 0:
                 self._pending_by_owner[owner] = left
         release_memory_after(pixels)  # on the prepare thread: the decoded image is gone by now
 
     async def _prepare_one(
-        self, data: bytes, require_face: bool, owner: object, turns: asyncio.Semaphore
+        self, data: bytes, cost: int, require_face: bool, owner: object, turns: asyncio.Semaphore
     ) -> PreparedImage | FerError:
         """One upload of a batch prepared for its largest face, or its error in its place."""
         try:
             async with turns:
-                return await self._prepare(data, all_faces=False, require_face=require_face, owner=owner)
+                return await self._prepare(data, all_faces=False, require_face=require_face, owner=owner, cost=cost)
         except QueueFullError:
             raise  # capacity is not this image's fault: the whole upload gets 503
         except FerError as exc:
