@@ -287,10 +287,10 @@ def decode_photo(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.seek(0)
-            if max_side is not None and image.format in DRAFT_FORMATS and max(width, height) >= 2 * max_side:
-                shrink = max_side / max(width, height)
-                requested = (math.ceil(width * shrink), math.ceil(height * shrink))
-                image.draft(image.mode, requested)
+            # The scale decode_cost predicted from the header, so admission counts what is decoded.
+            shrink = draft_scale(image.format, width, height, max_side)
+            if shrink > 1:
+                image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
                 scale = width / image.size[0]
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -306,18 +306,23 @@ def decode_photo(
     return DecodedPhoto(image, scale)
 
 
+def _over_white(image: Image.Image) -> Image.Image | None:
+    """An image with transparency composited over white, as RGBA; None when it has none."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return None
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, the way `to_grayscale` reads it (alpha over white)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("L", "1", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"):
         return to_grayscale(image).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    composited = _over_white(image)
+    return (composited or image).convert("RGB")
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
@@ -334,11 +339,9 @@ def to_grayscale(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "1":
         return image.convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
+    composited = _over_white(image)
+    if composited is not None:
+        return composited.convert("L")
     if image.mode not in ("RGB", "P"):
         image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
     return image.convert("L")
