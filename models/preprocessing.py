@@ -290,7 +290,8 @@ def decode_photo(
             # The scale decode_cost predicted from the header, so admission counts what is decoded.
             shrink = draft_scale(image.format, width, height, max_side)
             if shrink > 1:
-                image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
+                # Pillow takes the largest scale that divides both sides' requests: floor, not ceil.
+                image.draft(image.mode, (max(1, width // shrink), max(1, height // shrink)))
                 scale = width / image.size[0]
             image.load()
             image = ImageOps.exif_transpose(image)
