@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.telemetry = make_telemetry(
-        lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0
+        lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,
+        lambda: float(in_flight.count),  # the one count the request guard keeps
     )
     install_error_handlers(app)
     app.include_router(router)

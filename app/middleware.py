@@ -38,7 +38,7 @@ def _too_large(limit: int) -> UploadTooLarge:
 
 
 class InFlight:
-    """How many requests are inside the app now (the lifespan waits for them at shutdown)."""
+    """How many requests are inside the app now: /metrics/prometheus reports it, the lifespan waits for it."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -88,7 +88,6 @@ class RequestGuard:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        self.telemetry.in_progress.inc()
         self.in_flight.count += 1
         received_bytes = [0]
         try:
@@ -113,7 +112,6 @@ class RequestGuard:
             if received_bytes[0] >= LARGE_BODY_BYTES:
                 self._trim_soon()  # the body's buffers and spooled parts are freed by now
             self.in_flight.count -= 1
-            self.telemetry.in_progress.dec()
             elapsed_s = time.perf_counter() - started
             route = self.route_of(scope.get("path", ""))
             self.telemetry.requests.labels(route, str(status)).inc()

@@ -19,15 +19,14 @@ class Telemetry:
     requests: Counter
     latency: Histogram
     batch_size: Histogram
-    in_progress: Gauge
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
 
 
-def make_telemetry(queue_depth: Callable[[], float]) -> Telemetry:
-    """A fresh registry with the request counter, latency and batch-size histograms, queue depth gauge."""
+def make_telemetry(queue_depth: Callable[[], float], requests_in_progress: Callable[[], float]) -> Telemetry:
+    """A fresh registry: the request counter, latency and batch-size histograms, and two gauges read when scraped."""
     registry = CollectorRegistry()
     requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram(
@@ -43,6 +42,5 @@ def make_telemetry(queue_depth: Callable[[], float]) -> Telemetry:
     depth = Gauge("fer_queue_depth", "faces waiting for a forward pass", registry=registry)
     depth.set_function(queue_depth)
     in_progress = Gauge("fer_requests_in_progress", "HTTP requests being served now", registry=registry)
-    return Telemetry(
-        registry=registry, requests=requests, latency=latency, batch_size=batch_size, in_progress=in_progress
-    )
+    in_progress.set_function(requests_in_progress)
+    return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)
