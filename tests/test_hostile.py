@@ -236,20 +236,24 @@ def test_a_request_line_that_never_ends_gets_431_and_is_cut_off(server: AppServe
     assert get(f"{server.url}/health").status_code == 200
 
 
+def drip_until_answered(sock: socket.socket, byte: bytes, bytes_at_most: int) -> bytes:
+    """Send `byte` every 0.1 s until the server answers (then read the answer to the close) or the bytes run out."""
+    for _ in range(bytes_at_most):
+        try:
+            sock.sendall(byte)
+        except OSError:
+            break
+        if select.select([sock], [], [], 0.1)[0]:
+            return read_until_closed(sock)
+    return b""
+
+
 def test_a_silent_or_dripping_connection_gets_408_and_is_closed(strict_server: AppServer) -> None:
     with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as silent:
         assert read_until_closed(silent).startswith(b"HTTP/1.1 408 ")
     with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as dripping:
         dripping.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        answer = b""
-        for _ in range(40):  # a header byte every 0.1 s: each byte resets uvicorn's keep-alive timer
-            try:
-                dripping.sendall(b"X")
-            except OSError:
-                break
-            if select.select([dripping], [], [], 0.1)[0]:
-                answer = read_until_closed(dripping)
-                break
+        answer = drip_until_answered(dripping, b"X", bytes_at_most=40)  # each byte resets uvicorn's keep-alive
     assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer
 
 
@@ -257,15 +261,7 @@ def test_a_body_that_trickles_past_the_whole_body_deadline_gets_408(strict_serve
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
     with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
         sock.sendall(head)
-        answer = b""
-        for _ in range(60):  # a byte every 0.1 s: never stalls for the 1 s per read
-            try:
-                sock.sendall(b"x")
-            except OSError:
-                break
-            if select.select([sock], [], [], 0.1)[0]:
-                answer = read_until_closed(sock)
-                break
+        answer = drip_until_answered(sock, b"x", bytes_at_most=60)  # never stalls for the 1 s per read
     assert answer.startswith(b"HTTP/1.1 408 ") and b"took longer than 1.5 s" in answer
 
 
