@@ -87,13 +87,18 @@ class FacePrediction(BaseModel):
     @classmethod
     def from_face(cls, face: FaceAnswer) -> FacePrediction:
         """One face's answer."""
-        prediction = face.prediction
-        return cls(
-            label=prediction.label,
-            confidence=prediction.confidence,
-            probabilities=prediction.probabilities,
-            face=FaceOut.from_answer(face),
-        )
+        return cls(**face_fields(face))
+
+
+def face_fields(face: FaceAnswer) -> dict[str, Any]:
+    """A face's fields as the answers show them, for the models that carry them at their top level."""
+    prediction = face.prediction
+    return {
+        "label": prediction.label,
+        "confidence": prediction.confidence,
+        "probabilities": prediction.probabilities,
+        "face": FaceOut.from_answer(face),
+    }
 
 
 class PredictionOut(FacePrediction):
@@ -109,12 +114,14 @@ class PredictionOut(FacePrediction):
     @classmethod
     def from_answer(cls, answer: ImageAnswer, model: ModelInfo, *, every_face: bool) -> PredictionOut:
         """The largest face's answer at the top, and every face under `faces` when asked for."""
-        faces = [FacePrediction.from_face(face) for face in answer.faces]
-        extra: dict[str, Any] = {"faces": faces} if every_face else {}
+        extra: dict[str, Any] = (
+            {"faces": [FacePrediction.from_face(face) for face in answer.faces]} if every_face else {}
+        )
         search = SearchOut.from_answer(answer)
         if search is not None:
             extra["search"] = search
-        return cls(**faces[0].model_dump(exclude_unset=True), tta=answer.tta, model=ModelOut.from_info(model), **extra)
+        top = face_fields(answer.faces[0])
+        return cls(**top, tta=answer.tta, model=ModelOut.from_info(model), **extra)
 
 
 class ItemError(BaseModel):
@@ -138,9 +145,8 @@ class BatchItem(BaseModel):
     @classmethod
     def from_answer(cls, answer: ImageAnswer, filename: str | None) -> BatchItem:
         """An image's answer in its place."""
-        face = FacePrediction.from_face(answer.faces[0]).model_dump(exclude_unset=True)
         search = SearchOut.from_answer(answer)
-        return cls(**face, filename=filename, **({"search": search} if search else {}))
+        return cls(**face_fields(answer.faces[0]), filename=filename, **({"search": search} if search else {}))
 
     @classmethod
     def from_error(cls, error: Exception, filename: str | None, status: int) -> BatchItem:
