@@ -69,11 +69,12 @@ class ModelOut(BaseModel):
 
     version: str = Field(..., examples=["EmotionRecognitionModelPyTorch-3f1c2a9b7d10"])
     sha256: str = Field(..., examples=["3f1c2a9b7d10..."])
+    precision: str = Field(..., description="what the forward pass ran in: fp32, bf16 or int8", examples=["int8"])
 
     @classmethod
     def from_info(cls, info: ModelInfo) -> ModelOut:
         """The engine's model info as the API shows it."""
-        return cls(version=info.version, sha256=info.sha256)
+        return cls(version=info.version, sha256=info.sha256, precision=info.precision)
 
 
 class FacePrediction(BaseModel):
@@ -196,12 +197,24 @@ class MetricsOut(BaseModel):
         description="the test-time augmentations whose figures the checkpoint stores: each can be asked for with "
         "?tta= on /predict, /predict/batch and /metrics",
     )
+    measured_precisions: list[str] = Field(
+        default_factory=list,
+        description="the precisions whose figures the checkpoint stores; FER_PRECISION=auto serves the fastest "
+        "here of those within 0.3 points of fp32's accuracy",
+    )
+    precision_speeds: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="faces/s by batch size of each path FER_PRECISION=auto timed at start-up on this machine",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="other stored figures")
 
     @classmethod
     def from_engine(cls, engine: Engine, figures: dict[str, Any]) -> MetricsOut:
         """Stored figures, the ones this model names as fields and the rest under `extra`."""
-        own = {"model", "classes", "served_precision", "served_tta", "measured_tta", "extra"}
+        own = {
+            "model", "classes", "served_precision", "served_tta", "measured_tta", "measured_precisions",
+            "precision_speeds", "extra",
+        }  # fmt: skip
         known = set(cls.model_fields) - own
         return cls(
             **{key: value for key, value in figures.items() if key in known},
@@ -211,6 +224,11 @@ class MetricsOut(BaseModel):
             served_precision=engine.precision,
             served_tta=engine.served_tta,
             measured_tta=list(engine.measured_tta_modes()),
+            measured_precisions=list(engine.measured_precisions),
+            precision_speeds={
+                name: {str(batch): round(rate, 1) for batch, rate in rates.items()}
+                for name, rates in engine.precision_speeds.items()
+            },
         )
 
 

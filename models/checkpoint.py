@@ -7,8 +7,10 @@ Keys (format_version 1):
     classes         list[str], class names in logit order
     preprocessing   `PreprocessingSpec` as a dict (size, grayscale, mean, std, interpolation)
     metrics         dict measured by `training.evaluate` on the val split ({} until evaluated):
-                    the figures of one TTA mode (its name under "tta", "none" when absent) and
-                    those of other modes under "tta_alternatives" (mode → figures)
+                    the figures of one precision and TTA mode (their names under "precision" and
+                    "tta", "none" when absent), those of other modes under "tta_alternatives"
+                    (mode → figures), and blocks of the same shape for other precisions under
+                    "precision_alternatives" (precision → block)
     training        dict: recipe, the TrainConfig, the epoch chosen, the per-epoch history
     created_at      ISO-8601 UTC time of saving
     torch_version   the torch that wrote it
@@ -64,21 +66,40 @@ class Checkpoint:
         """The TTA mode the main stored metrics were measured with: the one to serve by default."""
         return check_tta(str(self.metrics.get("tta", "none")))
 
-    def measured_tta_modes(self) -> tuple[TtaMode, ...]:
-        """The TTA modes whose figures the checkpoint stores, the main one first; () before evaluation."""
+    def measured_precisions(self) -> tuple[str, ...]:
+        """The precisions whose figures the checkpoint stores, the main one first; () before evaluation."""
         if "accuracy" not in self.metrics:
             return ()
-        main = self.measured_tta
-        others = [mode for mode in TTA_MODES if mode != main and mode in self.metrics.get("tta_alternatives", {})]
+        main = str(self.metrics.get("precision", "fp32"))
+        return (main, *(p for p in self.metrics.get("precision_alternatives", {}) if p != main))
+
+    def _block(self, precision: str | None) -> dict[str, Any] | None:
+        """The stored figures of one precision (None: the main one), with its TTA alternatives."""
+        measured = self.measured_precisions()
+        if not measured:
+            return None
+        if precision is None or precision == measured[0]:
+            return self.metrics
+        block: dict[str, Any] | None = self.metrics.get("precision_alternatives", {}).get(precision)
+        return block
+
+    def measured_tta_modes(self, precision: str | None = None) -> tuple[TtaMode, ...]:
+        """The TTA modes whose figures the checkpoint stores for `precision` (None: the main one), main mode first."""
+        block = self._block(precision)
+        if block is None:
+            return ()
+        main = check_tta(str(block.get("tta", "none")))
+        others = [mode for mode in TTA_MODES if mode != main and mode in block.get("tta_alternatives", {})]
         return (main, *others)
 
-    def metrics_for(self, tta: TtaMode) -> dict[str, Any] | None:
-        """The stored figures that describe serving with `tta`; None when that mode was never measured."""
-        if tta not in self.measured_tta_modes():
+    def metrics_for(self, tta: TtaMode, precision: str | None = None) -> dict[str, Any] | None:
+        """The stored figures that describe serving with `tta` in `precision` (None: the main one); None if never measured."""
+        block = self._block(precision)
+        if block is None or tta not in self.measured_tta_modes(precision):
             return None
-        figures = {key: value for key, value in self.metrics.items() if key != "tta_alternatives"}
-        if tta != self.measured_tta:
-            figures.update(self.metrics["tta_alternatives"][tta])
+        figures = {key: value for key, value in block.items() if key not in ("tta_alternatives", "precision_alternatives")}
+        if tta != block.get("tta", "none"):
+            figures.update(block["tta_alternatives"][tta])
         return figures
 
 
@@ -160,23 +181,42 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
     return payload
 
 
-def store_metrics(path: Path, metrics: dict[str, Any], alternatives: dict[str, dict[str, Any]] | None = None) -> None:
+def store_metrics(
+    path: Path,
+    metrics: dict[str, Any],
+    alternatives: dict[str, dict[str, Any]] | None = None,
+    precisions: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] | None = None,
+) -> None:
     """Store evaluation figures in a checkpoint file, leaving everything else as it was.
 
-    `metrics` were measured with the TTA mode named in `metrics["tta"]` (what the service serves
-    by default); `alternatives` maps other modes to their figures, which `?tta=` serves.
+    `metrics` were measured with the precision and TTA mode named in `metrics["precision"]` and
+    `metrics["tta"]`; `alternatives` maps other TTA modes to their figures, which `?tta=` serves;
+    `precisions` maps other precisions to their own (metrics, alternatives), which a server that
+    runs in that precision reports.
     """
-    stored = dict(metrics)
-    stored.pop("tta_alternatives", None)
+    stored = _figure_block(metrics, alternatives)
+    others = {
+        precision: _figure_block(*measured)
+        for precision, measured in (precisions or {}).items()
+        if precision != stored.get("precision")
+    }
+    if others:
+        stored["precision_alternatives"] = others
+    payload = read_checkpoint_dict(path)
+    payload["metrics"] = stored
+    atomic_torch_save(payload, path)
+
+
+def _figure_block(metrics: dict[str, Any], alternatives: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """One precision's figures: the main TTA mode's, with the other modes under "tta_alternatives"."""
+    stored = {key: value for key, value in metrics.items() if key not in ("tta_alternatives", "precision_alternatives")}
     check_tta(str(stored.get("tta", "none")))
     others = {mode: figures for mode, figures in (alternatives or {}).items() if mode != stored.get("tta", "none")}
     for mode in others:
         check_tta(mode)
     if others:
         stored["tta_alternatives"] = others
-    payload = read_checkpoint_dict(path)
-    payload["metrics"] = stored
-    atomic_torch_save(payload, path)
+    return stored
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -141,10 +141,11 @@ class ImageAnswer:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model answers: its version and file hash."""
+    """Which model answers: its version, file hash, and the precision its forward pass runs in."""
 
     version: str
     sha256: str
+    precision: str
 
 
 # A face crop this small decodes and preprocesses in about 0.1 ms with no face detection, less
@@ -213,9 +214,9 @@ class Engine:
 
     @property
     def model(self) -> ModelInfo:
-        """The served checkpoint's version and sha256."""
+        """The served checkpoint's version and sha256, and the precision that serves it."""
         checkpoint = self._predictor.checkpoint
-        return ModelInfo(version=checkpoint.version, sha256=checkpoint.sha256)
+        return ModelInfo(version=checkpoint.version, sha256=checkpoint.sha256, precision=self.precision)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -229,8 +230,18 @@ class Engine:
 
     @property
     def precision(self) -> str:
-        """ "bf16" or "fp32": what the forward pass runs in."""
+        """ "fp32", "bf16" or "int8": what the forward pass runs in ("auto" resolved)."""
         return self._predictor.precision
+
+    @property
+    def measured_precisions(self) -> tuple[str, ...]:
+        """The precisions whose val figures the checkpoint stores."""
+        return self._predictor.checkpoint.measured_precisions()
+
+    @property
+    def precision_speeds(self) -> dict[str, dict[int, float]]:
+        """Faces/s per batch size of each path "auto" timed at start-up ({} when it timed none)."""
+        return self._predictor.speeds
 
     @property
     def served_tta(self) -> TtaMode:
@@ -242,24 +253,35 @@ class Engine:
         return self._predictor.resolve_tta(tta)
 
     def measured_tta_modes(self) -> tuple[TtaMode, ...]:
-        """The TTA modes whose evaluation figures the checkpoint stores, the one it was measured with first."""
-        return self._predictor.checkpoint.measured_tta_modes()
+        """The TTA modes whose evaluation figures describe this server, the one it was measured with first."""
+        checkpoint = self._predictor.checkpoint
+        return checkpoint.measured_tta_modes(self._measured_precision)
+
+    @property
+    def _measured_precision(self) -> str | None:
+        """The served precision where the checkpoint stores its figures, else None (the main figures)."""
+        precision = self.precision
+        return precision if precision in self._predictor.checkpoint.measured_precisions() else None
 
     def metrics(self, tta: TtaMode | None = None) -> dict[str, Any]:
         """The stored evaluation figures that describe serving with `tta`.
 
-        With no `tta`: the served mode's figures where they are stored, else the main ones (their
-        "tta" says which mode they describe), else {} for a checkpoint never evaluated.
+        The figures measured in the served precision where the checkpoint has them, else its main
+        ones (their "precision" says which). With no `tta`: the served mode's figures where they are
+        stored, else the main ones (their "tta" says which mode they describe), else {} for a
+        checkpoint never evaluated.
 
         Raises:
             NotMeasuredError: `tta` was asked for and the checkpoint has no figures for it.
         """
         checkpoint = self._predictor.checkpoint
+        precision = self._measured_precision
         if tta is None:
-            served = checkpoint.metrics_for(self.served_tta)
-            return served if served is not None else checkpoint.metrics_for(checkpoint.measured_tta) or {}
+            served = checkpoint.metrics_for(self.served_tta, precision)
+            main = checkpoint.metrics_for(self.measured_tta_modes()[0], precision) if self.measured_tta_modes() else None
+            return served if served is not None else main or {}
         mode = self.resolve_tta(tta)
-        figures = checkpoint.metrics_for(mode)
+        figures = checkpoint.metrics_for(mode, precision)
         if figures is None:
             measured = ", ".join(self.measured_tta_modes()) or "nothing yet"
             raise NotMeasuredError(

@@ -29,17 +29,24 @@ def export_network(checkpoint: Checkpoint, output: Path, export_format: str) -> 
             traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]  # deprecated API, untyped in 2.14
         traced.save(str(output))
     elif export_format == "onnx":
-        torch.onnx.export(
-            network,
-            (example,),
-            str(output),
-            dynamo=True,
-            input_names=["faces"],
-            output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
+        export_onnx(network, size, output)
     else:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {export_format!r}")
     logger.info("exported %s to %s", checkpoint.path, output)
+    return output
+
+
+def export_onnx(network: torch.nn.Module, size: int, output: Path) -> Path:
+    """Write an eval-mode network as ONNX: input `faces` (N, 1, size, size) float32, output `logits`."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        network,
+        (torch.zeros(2, 1, size, size),),
+        str(output),
+        dynamo=True,
+        input_names=["faces"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
     return output

@@ -64,7 +64,7 @@ class EmotionRecognitionModelPyTorch(nn.Module):
             return self.classifier(features.float())  # type: ignore[no-any-return]
 
 
-def _lean_sequence(layers: list[nn.Module]) -> list[nn.Module]:
+def _lean_sequence(layers: list[nn.Module], pool_before_relu: bool) -> list[nn.Module]:
     """The same eval-mode function with fewer passes over the activations (see `fuse_for_inference`)."""
     lean: list[nn.Module] = []
     for layer in layers:
@@ -74,14 +74,14 @@ def _lean_sequence(layers: list[nn.Module]) -> list[nn.Module]:
             lean[-1] = fuse_conv_bn_eval(lean[-1], layer)
         elif isinstance(layer, nn.BatchNorm1d) and lean and isinstance(lean[-1], nn.Linear):
             lean[-1] = fuse_linear_bn_eval(lean[-1], layer)
-        elif isinstance(layer, nn.MaxPool2d) and lean and isinstance(lean[-1], nn.ReLU):
+        elif pool_before_relu and isinstance(layer, nn.MaxPool2d) and lean and isinstance(lean[-1], nn.ReLU):
             lean.insert(len(lean) - 1, layer)  # max-pool commutes with ReLU: rectify a quarter of the values
         else:
             lean.append(layer)
     return lean
 
 
-def fuse_for_inference(network: nn.Module) -> nn.Module:
+def fuse_for_inference(network: nn.Module, *, pool_before_relu: bool = True) -> nn.Module:
     """An eval-mode copy that computes the same function with less work per image.
 
     In eval mode BatchNorm is a fixed per-channel scale and shift, so it folds into the Conv2d or
@@ -89,12 +89,15 @@ def fuse_for_inference(network: nn.Module) -> nn.Module:
     before it. Together this saves passes over every activation map, which is what a CPU forward
     of this small network is mostly made of (benchmarks/infer.py). The copy keeps the top-level
     structure (`features[i]` blocks, `classifier`), so `forward` runs unchanged.
+
+    `pool_before_relu=False` keeps ReLU right after its convolution: what int8 runtimes want, since
+    they fold a Conv → ReLU pair into one quantised convolution whose uint8 output is the ReLU.
     """
     fused = copy.deepcopy(network).eval()
     for name, module in list(fused.named_modules()):
         if name and isinstance(module, nn.Sequential) and not any(isinstance(c, nn.Sequential) for c in module):
             parent, _, attribute = name.rpartition(".")
-            setattr(fused.get_submodule(parent), attribute, nn.Sequential(*_lean_sequence(list(module))))
+            setattr(fused.get_submodule(parent), attribute, nn.Sequential(*_lean_sequence(list(module), pool_before_relu)))
     return fused
 
 

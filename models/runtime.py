@@ -1,17 +1,25 @@
-"""Where and in what precision the network runs: bf16 detection, autocast, threads."""
+"""Where and in what precision the network runs: bf16 detection, autocast, and picking the fastest path."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 
-# "auto": bf16 where the CPU (or GPU) runs it natively, else fp32.
-Precision = Literal["auto", "fp32", "bf16"]
+# "auto": the fastest path on this machine among those measured accurate enough (`fastest`);
+# fp32 and bf16 run the torch network, int8 its ONNX Runtime quantisation (models/int8.py).
+Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# A reduced precision may serve under "auto" when its val accuracy is at most this far below fp32's.
+ACCURACY_TOLERANCE = 0.003
+# The batch sizes "auto" times: a lone request and the largest batch the service forms.
+TIMED_BATCHES = (1, 32)
 
 # vdpbf16ps (AVX-512 BF16) or AMX tiles make bf16 matmuls faster than fp32; without them
 # oneDNN emulates bf16 and it is slower than fp32.
@@ -32,8 +40,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16 for `precision` ("auto", "bf16" or "fp32") on `device`."""
-    if precision not in PRECISIONS:
+    """Whether to autocast to bf16 for `precision` ("auto", "bf16" or "fp32") on `device` (training's rule)."""
+    if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision == "fp32":
         return False
@@ -49,3 +57,26 @@ def autocast(device: torch.device, use_bf16: bool) -> contextlib.AbstractContext
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def images_per_second(forward: Callable[[torch.Tensor], object], size: int, batch: int, budget_s: float = 0.08) -> float:
+    """Faces per second of `forward` on a batch of `batch` zero faces, timed for about `budget_s` after a warm-up."""
+    faces = torch.zeros(batch, 1, size, size)
+    forward(faces)
+    forward(faces)
+    runs, started = 0, time.perf_counter()
+    while True:
+        forward(faces)
+        runs += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= budget_s and runs >= 3:
+            return runs * batch / elapsed
+
+
+def fastest(speeds: Mapping[str, Mapping[int, float]]) -> str:
+    """The path with the highest geometric mean of faces/s over the timed batch sizes.
+
+    One path serves every batch: a face's answer must not depend on what it was batched with,
+    and switching paths by batch size would make it so.
+    """
+    return max(speeds, key=lambda name: math.fsum(math.log(rate) for rate in speeds[name].values()))

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from app.__main__ import main as serve_main
-from models.checkpoint import CLASSES
+from models.checkpoint import CLASSES, load_checkpoint
 from tests.conftest import SHIPPED_CHECKPOINT, make_face, reference_probabilities
 from tests.images import crowd_jpeg, encode, face_jpeg, face_png, scene_with_face
 from tests.server import ROOT, AppServer, Server, app_serving, get, post
@@ -158,9 +158,15 @@ def test_batch_keeps_order_and_fails_only_the_bad_item(server: AppServer) -> Non
 
 def test_metrics_describe_the_served_model(server: AppServer) -> None:
     body = get(f"{server.url}/metrics").json()
+    answer = post_file(server, face_png(1)).json()
     assert body["classes"] == list(CLASSES)
-    assert body["model"]["sha256"] == post_file(server, face_png(1)).json()["model"]["sha256"]
-    stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
+    assert body["model"] == answer["model"]
+    assert body["served_precision"] == body["precision"] == answer["model"]["precision"]
+    shipped = load_checkpoint(SHIPPED_CHECKPOINT)
+    assert body["measured_precisions"] == list(shipped.measured_precisions())
+    # The figures measured in the precision this server runs in.
+    stored = shipped.metrics_for(shipped.measured_tta, body["served_precision"])
+    assert stored is not None
     for key in [
         "accuracy",
         "loss",
@@ -197,12 +203,15 @@ def test_a_request_can_ask_for_ten_crop_and_gets_what_the_predictor_computes(ser
 
 
 def test_metrics_give_the_figures_of_the_tta_asked_for(server: AppServer) -> None:
-    stored = __import__("torch").load(SHIPPED_CHECKPOINT, weights_only=True)["metrics"]
     default = get(f"{server.url}/metrics").json()
-    assert default["measured_tta"] == [stored["tta"], *stored["tta_alternatives"]]
-    for mode, figures in stored["tta_alternatives"].items():
+    shipped = load_checkpoint(SHIPPED_CHECKPOINT)
+    precision = default["served_precision"]
+    assert default["measured_tta"] == list(shipped.measured_tta_modes(precision))
+    for mode in default["measured_tta"][1:]:
+        figures = shipped.metrics_for(mode, precision)
+        assert figures is not None
         body = get(f"{server.url}/metrics", params={"tta": mode}).json()
-        assert (body["tta"], body["served_tta"]) == (mode, default["served_tta"])
+        assert (body["tta"], body["served_tta"], body["precision"]) == (mode, default["served_tta"], precision)
         for key in ("accuracy", "macro_f1", "loss", "per_class", "confusion_matrix", "num_images"):
             assert body[key] == figures[key]
     refused = get(f"{server.url}/metrics", params={"tta": "fivecrop"})

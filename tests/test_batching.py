@@ -127,7 +127,7 @@ def test_a_failing_batch_fails_only_its_own_requests(predictor: Predictor) -> No
     batcher = MicroBatcher(predictor, max_batch=8, max_wait_ms=0, queue_size=8)
     try:
         broken = batcher.submit(torch.zeros(1, 30, 30), "none")  # the network cannot take this shape
-        with pytest.raises(RuntimeError):
+        with pytest.raises(Exception):  # noqa: B017  # torch's RuntimeError or ONNX Runtime's own, by precision
             broken.result(timeout=30)
         healthy = batcher.submit(torch.zeros(1, 48, 48), "none").result(timeout=30)
     finally:

@@ -1,6 +1,11 @@
 """Evaluate a checkpoint on a split folder through the shared preprocessing path and predictor.
 
 python -m training.evaluate --checkpoint models/checkpoint.pth --json val-metrics.json --write-metrics
+
+The shipped checkpoint's figures, for every precision and TTA mode the service can serve:
+
+python -m training.evaluate --precision fp32 --also-precision bf16 --also-precision int8 \
+    --also-tta flip --also-tta tencrop --write-metrics
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from models.checkpoint import store_metrics
 from models.errors import FerError
 from models.predictor import Predictor
+from models.runtime import PRECISIONS
 from models.tta import TTA_MODES
 from training.data import Split, default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
@@ -76,9 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "bf16", "fp32"),
+        choices=PRECISIONS,
         default="auto",
-        help="forward-pass precision; auto = bf16 where the CPU supports it, as the service does",
+        help="forward-pass precision; auto = what the service picks on this machine",
+    )
+    parser.add_argument(
+        "--also-precision",
+        choices=[p for p in PRECISIONS if p != "auto"],
+        action="append",
+        default=[],
+        help="also measure in this precision, with the same TTA modes (repeatable); what auto compares with fp32",
     )
     parser.add_argument(
         "--tta",
@@ -115,26 +128,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=args.tta)
         split = load_split(split_dir, predictor.checkpoint.preprocessing, cache_dir=args.cache_dir)
-        metrics = evaluate_predictor(predictor, split)
-        alternatives = {
-            mode: evaluate_predictor(Predictor(predictor.checkpoint, precision=args.precision, tta=mode), split)
-            for mode in dict.fromkeys(args.also_tta)
-            if mode != predictor.tta
+        modes = [mode for mode in dict.fromkeys(args.also_tta) if mode != predictor.tta]
+        metrics, alternatives = measure_modes(predictor, split, modes)
+        precisions = {
+            precision: measure_modes(
+                Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta), split, modes  # type: ignore[arg-type]
+            )
+            for precision in dict.fromkeys(args.also_precision)
+            if precision != predictor.precision
         }
     except (FerError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for measured in (metrics, *alternatives.values()):
+    for measured in (metrics, *alternatives.values(), *(f for m, a in precisions.values() for f in (m, *a.values()))):
         measured["split"] = split_dir.name
         print(format_table(measured))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        with_alternatives = {**metrics, "tta_alternatives": alternatives} if alternatives else metrics
-        args.json.write_text(json.dumps(with_alternatives, indent=1))
+        document = {**metrics, "tta_alternatives": alternatives} if alternatives else dict(metrics)
+        if precisions:
+            document["precision_alternatives"] = {
+                precision: {**m, "tta_alternatives": a} if a else m for precision, (m, a) in precisions.items()
+            }
+        args.json.write_text(json.dumps(document, indent=1))
     if args.write_metrics:
-        store_metrics(args.checkpoint, metrics, alternatives)
+        store_metrics(args.checkpoint, metrics, alternatives, precisions)
         logger.info("stored the metrics in %s", args.checkpoint)
     return 0
+
+
+def measure_modes(
+    predictor: Predictor, split: Split, modes: list[str]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The predictor's figures in its own TTA mode, and in each of `modes` (same precision)."""
+    main = evaluate_predictor(predictor, split)
+    others = {
+        mode: evaluate_predictor(
+            Predictor(predictor.checkpoint, precision=predictor.precision, tta=mode),  # type: ignore[arg-type]
+            split,
+        )
+        for mode in modes
+    }
+    return main, others
 
 
 if __name__ == "__main__":
