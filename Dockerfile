@@ -26,7 +26,7 @@ RUN useradd --system --uid 10001 --home-dir /srv/fer --shell /usr/sbin/nologin f
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv/fer
 # The code lives in the venv; only the weights are copied beside it.
-COPY --chown=root:root models/checkpoint.pth models/checkpoint.pth
+COPY --chown=root:root models/checkpoint.pth models/checkpoint.int8.onnx models/
 USER fer
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \

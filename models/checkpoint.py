@@ -97,7 +97,9 @@ class Checkpoint:
         block = self._block(precision)
         if block is None or tta not in self.measured_tta_modes(precision):
             return None
-        figures = {key: value for key, value in block.items() if key not in ("tta_alternatives", "precision_alternatives")}
+        figures = {
+            key: value for key, value in block.items() if key not in ("tta_alternatives", "precision_alternatives")
+        }
         if tta != block.get("tta", "none"):
             figures.update(block["tta_alternatives"][tta])
         return figures

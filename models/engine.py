@@ -278,7 +278,9 @@ class Engine:
         precision = self._measured_precision
         if tta is None:
             served = checkpoint.metrics_for(self.served_tta, precision)
-            main = checkpoint.metrics_for(self.measured_tta_modes()[0], precision) if self.measured_tta_modes() else None
+            main = (
+                checkpoint.metrics_for(self.measured_tta_modes()[0], precision) if self.measured_tta_modes() else None
+            )
             return served if served is not None else main or {}
         mode = self.resolve_tta(tta)
         figures = checkpoint.metrics_for(mode, precision)

@@ -97,7 +97,9 @@ def fuse_for_inference(network: nn.Module, *, pool_before_relu: bool = True) -> 
     for name, module in list(fused.named_modules()):
         if name and isinstance(module, nn.Sequential) and not any(isinstance(c, nn.Sequential) for c in module):
             parent, _, attribute = name.rpartition(".")
-            setattr(fused.get_submodule(parent), attribute, nn.Sequential(*_lean_sequence(list(module), pool_before_relu)))
+            setattr(
+                fused.get_submodule(parent), attribute, nn.Sequential(*_lean_sequence(list(module), pool_before_relu))
+            )
     return fused
 
 

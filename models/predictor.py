@@ -113,6 +113,11 @@ class Predictor:
         )
         return chosen
 
+    @property
+    def int8_recipe(self) -> str:
+        """How the int8 file was made ("" when int8 is not loaded)."""
+        return self._int8.recipe if self._int8 is not None else ""
+
     def _accurate_enough(self, precision: str) -> bool:
         """Whether the stored val figures put `precision` within `ACCURACY_TOLERANCE` of fp32.
 
@@ -125,7 +130,9 @@ class Predictor:
         if reduced is None or full is None:
             if precision == "bf16" and full is None:
                 return True
-            logger.info("precision auto: no stored val figures compare %s with fp32, so it is not a candidate", precision)
+            logger.info(
+                "precision auto: no stored val figures compare %s with fp32, so it is not a candidate", precision
+            )
             return False
         close = float(reduced["accuracy"]) >= float(full["accuracy"]) - ACCURACY_TOLERANCE
         if not close:
@@ -153,7 +160,8 @@ class Predictor:
 
         def forward(faces: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), autocast(self.device, precision == "bf16"):
-                return self.network(faces.contiguous(memory_format=torch.channels_last)).float()
+                logits: torch.Tensor = self.network(faces.contiguous(memory_format=torch.channels_last))
+                return logits.float()
 
         return forward
 

@@ -59,7 +59,9 @@ def autocast(device: torch.device, use_bf16: bool) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def images_per_second(forward: Callable[[torch.Tensor], object], size: int, batch: int, budget_s: float = 0.08) -> float:
+def images_per_second(
+    forward: Callable[[torch.Tensor], object], size: int, batch: int, budget_s: float = 0.08
+) -> float:
     """Faces per second of `forward` on a batch of `batch` zero faces, timed for about `budget_s` after a warm-up."""
     faces = torch.zeros(batch, 1, size, size)
     forward(faces)

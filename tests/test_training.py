@@ -207,7 +207,9 @@ def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path
     assert abs(measured["accuracy"] - stored["accuracy"]) <= 0.001
     for mode in cheap:  # what FER_TTA or ?tta= would serve
         figures = shipped.metrics_for(mode, measured["precision"])
-        assert figures is not None and abs(measured["tta_alternatives"][mode]["accuracy"] - figures["accuracy"]) <= 0.001
+        assert (
+            figures is not None and abs(measured["tta_alternatives"][mode]["accuracy"] - figures["accuracy"]) <= 0.001
+        )
 
 
 def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -132,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics, alternatives = measure_modes(predictor, split, modes)
         precisions = {
             precision: measure_modes(
-                Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta), split, modes  # type: ignore[arg-type]
+                Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta),
+                split,
+                modes,
             )
             for precision in dict.fromkeys(args.also_precision)
             if precision != predictor.precision

@@ -48,10 +48,15 @@ def calibration_faces(pixels: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, percentile: float) -> str:
     """Write the int8 model of a checkpoint to `output`, calibrated on normalised faces; returns its recipe line."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     checkpoint = load_checkpoint(checkpoint_path)
     network = fuse_for_inference(checkpoint.network, pool_before_relu=False)
@@ -137,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.split in ("val", "test"):
-        print(f"error: calibrate on training images, not {args.split}: that is what the figures are measured on", file=sys.stderr)
+        print(
+            f"error: calibrate on training images, not {args.split}: that is what the figures are measured on",
+            file=sys.stderr,
+        )
         return 2
     output = args.output or int8_model_path(args.checkpoint)
     try:
