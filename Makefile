@@ -22,10 +22,8 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/python -m app
 
-# Tests run on up to four processes (pytest-xdist): many wait on sockets, subprocesses and
-# deadlines rather than on the CPU, and the slowest few then overlap.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
+	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check models training app cli tests benchmarks

@@ -188,7 +188,7 @@ def test_torchscript_export_matches_pytorch(tmp_path: Path, faces: torch.Tensor)
 
 
 def test_onnx_export_matches_pytorch(tmp_path: Path, faces: torch.Tensor) -> None:
-    onnxruntime = pytest.importorskip(reason="the export extra is not installed")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     out = tmp_path / "model.onnx"
     assert main(["export", "--format", "onnx", "--output", str(out)]) == 0
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
