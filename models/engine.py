@@ -203,7 +203,10 @@ class Engine:
         config = config or EngineConfig()
         torch.set_num_threads(config.threads)
         cv2.setNumThreads(config.opencv_threads)  # process-wide, like torch's
-        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
+        predictor = Predictor.from_checkpoint(
+            checkpoint, precision=config.precision, tta=config.tta, threads=config.threads
+        )
+        return cls(predictor, config)
 
     @property
     def detector_name(self) -> str:

@@ -60,11 +60,23 @@ class Prediction:
 class Predictor:
     """Holds the network in eval mode, on the CPU, and predicts batches of faces."""
 
-    def __init__(self, checkpoint: Checkpoint, *, precision: Precision = "auto", tta: ServedTta = "checkpoint") -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        precision: Precision = "auto",
+        tta: ServedTta = "checkpoint",
+        threads: int | None = None,
+    ) -> None:
+        """`threads`: the int8 runtime's threads (default: torch's count now, which the engine sets).
+
+        Serving int8 sets torch to one thread for the whole process (see below).
+        """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.checkpoint = checkpoint
         self.device = torch.device("cpu")
+        self.threads = threads or torch.get_num_threads()
         # The one place "checkpoint" is resolved: the mode the stored metrics describe.
         self.tta: TtaMode = checkpoint.measured_tta if tta == "checkpoint" else check_tta(tta)
         # channels_last: bf16 convolutions in oneDNN run about 2× faster in NHWC (benchmarks/infer.py).
@@ -76,6 +88,12 @@ class Predictor:
         self.speeds: dict[str, dict[int, float]] = {}
         self.precision: str = self._choose_precision(precision)
         self._forward = self._forward_of(self.precision)
+        if self.precision == "int8":
+            # ONNX Runtime runs the network on its own `threads`; torch is left the small ops around
+            # it (views, softmax, preprocessing), and its OpenMP team, spinning after each of them,
+            # took the cores from ORT: 495 faces/s at batch 2 against 2,955 with torch on one
+            # thread. Process-wide, like the engine's other thread settings.
+            torch.set_num_threads(1)
         self._lock = threading.Lock()
 
     def _choose_precision(self, asked: Precision) -> str:
@@ -96,7 +114,7 @@ class Predictor:
                 logger.warning("precision auto: not serving int8 (%s)", exc)
         if len(candidates) == 1:
             return candidates[0]
-        key = (weights_sha256(self.checkpoint.network), tuple(candidates), torch.get_num_threads())
+        key = (weights_sha256(self.checkpoint.network), tuple(candidates), self.threads)
         if key not in _SPEEDS:
             size = self.checkpoint.preprocessing.size
             _SPEEDS[key] = {
@@ -149,7 +167,7 @@ class Predictor:
             expected_weights=weights_sha256(self.checkpoint.network),
             num_classes=len(self.checkpoint.classes),
             size=self.checkpoint.preprocessing.size,
-            threads=torch.get_num_threads(),
+            threads=self.threads,
         )
 
     def _forward_of(self, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -166,9 +184,11 @@ class Predictor:
         return forward
 
     @classmethod
-    def from_checkpoint(cls, path: Path, *, precision: Precision = "auto", tta: ServedTta = "checkpoint") -> Predictor:
+    def from_checkpoint(
+        cls, path: Path, *, precision: Precision = "auto", tta: ServedTta = "checkpoint", threads: int | None = None
+    ) -> Predictor:
         """Load a checkpoint (weights only) and build its predictor; raises `CheckpointError`."""
-        return cls(load_checkpoint(path), precision=precision, tta=tta)
+        return cls(load_checkpoint(path), precision=precision, tta=tta, threads=threads)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics, alternatives = measure_modes(predictor, split, modes)
         precisions = {
             precision: measure_modes(
-                Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta),
+                Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta, threads=predictor.threads),
                 split,
                 modes,
             )
@@ -166,7 +166,7 @@ def measure_modes(
     main = evaluate_predictor(predictor, split)
     others = {
         mode: evaluate_predictor(
-            Predictor(predictor.checkpoint, precision=predictor.precision, tta=mode),  # type: ignore[arg-type]
+            Predictor(predictor.checkpoint, precision=predictor.precision, tta=mode, threads=predictor.threads),  # type: ignore[arg-type]
             split,
         )
         for mode in modes
