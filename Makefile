@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.infer --json benchmarks/results/infer.json
 	$(BIN)/python -m benchmarks.preprocess --json benchmarks/results/preprocess.json
 	$(BIN)/python -m benchmarks.precision | tee benchmarks/results/precision.txt
+	$(BIN)/python -m benchmarks.int8 --json benchmarks/results/int8.json | tee benchmarks/results/int8.txt
 	$(BIN)/python -m benchmarks.tta | tee benchmarks/results/tta.txt
 	$(BIN)/python -m benchmarks.chunk | tee benchmarks/results/chunk.txt
 	$(BIN)/python -m benchmarks.http --json benchmarks/results/http.json

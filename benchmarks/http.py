@@ -195,7 +195,9 @@ def main() -> int:
     service, cold_start_s = start_server(
         [args.server_python, "-m", "app"], {**env, "FER_PORT": str(port)}, port, "/ready"
     )
-    print(f"service cold start to /ready: {cold_start_s:.2f} s")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        service_precision = json.loads(response.read())["served_precision"]
+    print(f"service cold start to /ready: {cold_start_s:.2f} s, serving in {service_precision}")
     try:
         rows += measure("service", service, port, service_workloads, args.duration)
     finally:
@@ -217,6 +219,7 @@ def main() -> int:
         args.json,
         server_torch=server_torch(args.server_python),
         cold_start_s=cold_start_s,
+        service_precision=service_precision,
         naive_cold_start_s=naive_start_s,
         rows=rows,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import cpu_flags, machine_line
+from benchmarks.machine import cpu_flags, machine_line, write_results
 from models.checkpoint import load_checkpoint
 from models.predictor import Predictor
 from models.preprocessing import to_model_input
@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $FER2013_DIR)")
     parser.add_argument("--seconds", type=float, default=0.5, help="timing per precision and batch size, per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of timing; the best is kept")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     flags = cpu_flags()
     print(machine_line())
@@ -68,6 +69,8 @@ def main() -> int:
         print(f"{batch:>5} {rates}  {best['int8'][batch] / today[batch]:.2f}x")
 
     probabilities = {name: predictor.predict_tensors(faces) for name, predictor in predictors.items()}
+    accuracy = {name: float((p.argmax(1) == split.labels).mean()) for name, p in probabilities.items()}
+    write_results(args.json, faces_per_s=best, val_accuracy=accuracy)
     labels = split.labels
     print(f"\nval ({len(labels)} faces), no TTA")
     reference = probabilities["fp32"]

@@ -78,6 +78,9 @@ def render(results: Path) -> str:
         lines.append(f"| {stage} | " + " | ".join(f"{pre['microseconds'][n][stage]:.0f}" for n in names) + " |")
     lines += printed_section(results / "precision.txt", "bf16 vs fp32 on val (`python -m benchmarks.precision`)")
     lines += printed_section(
+        results / "int8.txt", "The int8 path vs fp32 and bf16 (`python -m benchmarks.int8`; docs/int8.md)"
+    )
+    lines += printed_section(
         results / "tta.txt", "Test-time augmentation on val (`python -m benchmarks.tta`; served with `FER_TTA`)"
     )
     lines += printed_section(
@@ -89,7 +92,8 @@ def render(results: Path) -> str:
         "",
         "## 3–4. The service end to end vs the naive baseline (`python -m benchmarks.http`)",
         "",
-        f"Servers run torch {http.get('server_torch', 'as above')}. "
+        f"Servers run torch {http.get('server_torch', 'as above')}; the service serves in "
+        f"{http.get('service_precision', 'bf16 where the CPU has it')} (`FER_PRECISION=auto`). "
         f"Cold start, process start to `/ready`: {http['cold_start_s']:.2f} s. Load generator: "
         "`benchmarks/loadgen.py` in its own process on the same 2 cores, multipart uploads.",
         "",
@@ -120,8 +124,14 @@ def render(results: Path) -> str:
             )
     at_32 = index.get(("service", "predict 48x48", 32))
     if at_32 and at_32.get("mean_batch"):
-        served_mode = served_mode_of(infer["rows"])
-        model_rate = model_images_per_s(infer["rows"], served_mode, at_32["mean_batch"])
+        if http.get("service_precision") == "int8" and (results / "int8.json").is_file():
+            int8_rates = json.loads((results / "int8.json").read_text())["faces_per_s"]["int8"]
+            rows = [{"mode": "int8", "batch": int(b), "images_per_s": v} for b, v in int8_rates.items()]
+            served_mode = "int8, benchmarks.int8"
+            model_rate = model_images_per_s(rows, "int8", at_32["mean_batch"])
+        else:
+            served_mode = served_mode_of(infer["rows"])
+            model_rate = model_images_per_s(infer["rows"], served_mode, at_32["mean_batch"])
         cpu_ms = at_32["server_cpu_cores"] / at_32["requests_per_s"] * 1000
         lines += [
             "",
