@@ -59,6 +59,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.attacks --json benchmarks/results/attacks.json | tee benchmarks/results/attacks.txt
 	$(BIN)/python -m benchmarks.tune --json benchmarks/results/tune.json
 	$(BIN)/python -m benchmarks.profile --json benchmarks/results/profile.json
+	$(BIN)/python -m benchmarks.video --json benchmarks/results/video.json | tee benchmarks/results/video.txt
 	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md
 
 soak: $(VENV)/.installed

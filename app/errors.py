@@ -21,10 +21,13 @@ from app.schemas import ErrorOut
 from models.errors import (
     ImageTooLargeError,
     InvalidImageError,
+    InvalidVideoError,
     NoFaceError,
     NotMeasuredError,
     QueueFullError,
     UnsupportedImageError,
+    UnsupportedVideoError,
+    VideoTooLongError,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ class UploadTooLarge(RequestProblem):
 
 
 class NotAnImageUpload(RequestProblem):
-    """A body that is neither multipart nor an image."""
+    """A body that is neither multipart nor of the media type the route takes (image/*, or video/* for video)."""
 
 
 class MissingUpload(RequestProblem):
@@ -81,13 +84,16 @@ ClientDisconnect.__doc__ = "The client went away before its upload was complete.
 
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidImageError: 400,  # empty, undecodable, truncated
+    InvalidVideoError: 400,  # a video container that is truncated, damaged or has no readable frame
     MalformedBody: 400,
     NotMeasuredError: 404,  # /metrics?tta= for a mode the checkpoint has no figures for
     UploadStalled: 408,
     HeadersTooSlow: 408,  # written by app/connections.py, then the connection is closed
     ImageTooLargeError: 413,  # over max_pixels
+    VideoTooLongError: 413,  # over max_video_seconds
     UploadTooLarge: 413,  # over max_upload_bytes or max_batch_files
     UnsupportedImageError: 415,  # a file, but not an accepted image type
+    UnsupportedVideoError: 415,  # bytes that are not a video container we read
     NotAnImageUpload: 415,
     NoFaceError: 422,  # require_face=true and no face found
     MissingUpload: 422,
@@ -173,4 +179,8 @@ def install_error_handlers(app: FastAPI) -> None:
 UPLOAD_ERRORS = openapi_responses(
     InvalidImageError, MalformedBody, UploadStalled, ImageTooLargeError, UploadTooLarge, UnsupportedImageError,
     NotAnImageUpload, NoFaceError, MissingUpload, RequestValidationError, QueueFullError,
+)  # fmt: skip
+VIDEO_ERRORS = openapi_responses(
+    InvalidVideoError, MalformedBody, UploadStalled, VideoTooLongError, UploadTooLarge, UnsupportedVideoError,
+    NotAnImageUpload, MissingUpload, RequestValidationError, QueueFullError,
 )  # fmt: skip

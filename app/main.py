@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.video_jobs = InFlight()  # videos uploaded or analysed now (FER_MAX_VIDEO_JOBS)
     app.state.telemetry = make_telemetry(
         lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,
         lambda: float(in_flight.count),  # the one count the request guard keeps
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         RequestGuard,
         in_flight=in_flight,
         max_upload_bytes=settings.max_upload_bytes,
+        upload_limits={"/predict/video": settings.max_video_bytes},
         body_timeout_s=settings.body_timeout_s,
         body_deadline_s=settings.body_deadline_s,
         telemetry=app.state.telemetry,

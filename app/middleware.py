@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,10 +31,9 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
-def _too_large(limit: int) -> UploadTooLarge:
-    return UploadTooLarge(
-        f"the upload is larger than {limit:,} bytes: send a smaller image (downscale or recompress it)"
-    )
+def _too_large(limit: int, what: str = "image") -> UploadTooLarge:
+    how = "shorten or recompress it" if what == "video" else "downscale or recompress it"
+    return UploadTooLarge(f"the upload is larger than {limit:,} bytes: send a smaller {what} ({how})")
 
 
 class InFlight:
@@ -52,6 +51,7 @@ class RequestGuard:
         app: ASGIApp,
         *,
         max_upload_bytes: int,
+        upload_limits: Mapping[str, int] | None = None,
         body_timeout_s: float,
         body_deadline_s: float,
         telemetry: Telemetry,
@@ -62,6 +62,8 @@ class RequestGuard:
         self.in_flight = in_flight
         self._last_trim = 0.0
         self.max_upload_bytes = max_upload_bytes
+        # Paths with a byte limit of their own (the video route's), instead of max_upload_bytes.
+        self.upload_limits = dict(upload_limits or {})
         self.body_timeout_s = body_timeout_s
         self.body_deadline_s = body_deadline_s
         self.telemetry = telemetry
@@ -90,14 +92,17 @@ class RequestGuard:
 
         self.in_flight.count += 1
         received_bytes = [0]
+        path = scope.get("path", "")
+        limit = self.upload_limits.get(path, self.max_upload_bytes)
+        what = "video" if path in self.upload_limits else "image"
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
                 # Refused before reading a byte; the unread body cannot be skipped safely, so close.
-                refusal = error_response(_too_large(self.max_upload_bytes), headers={"connection": "close"})
+                refusal = error_response(_too_large(limit, what), headers={"connection": "close"})
                 await refusal(scope, receive, send_with_id)
                 return
-            await self.app(scope, self._guarded_receive(receive, received_bytes), send_with_id)
+            await self.app(scope, self._guarded_receive(receive, received_bytes, limit, what), send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the graceful-shutdown window ends
             # (it cancels nothing else: a client that leaves gets http.disconnect). Answer them
@@ -132,7 +137,7 @@ class RequestGuard:
         self._last_trim = now
         asyncio.get_running_loop().run_in_executor(None, release_memory)
 
-    def _guarded_receive(self, receive: Receive, received_bytes: list[int]) -> Receive:
+    def _guarded_receive(self, receive: Receive, received_bytes: list[int], limit: int, what: str) -> Receive:
         received = 0
         body_done = False
         # Each read has `body_timeout_s`, and the whole body `body_deadline_s`: a body that drips a
@@ -158,8 +163,8 @@ class RequestGuard:
                 received += len(message.get("body", b""))
                 received_bytes[0] = received
                 body_done = not message.get("more_body", False)
-                if received > self.max_upload_bytes:
-                    raise _too_large(self.max_upload_bytes)
+                if received > limit:
+                    raise _too_large(limit, what)
             return message
 
         return guarded

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 
 from app.deps import EngineDep, SettingsDep, TelemetryDep
-from app.errors import UPLOAD_ERRORS, NotReady, error_response, openapi_responses, status_for
-from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut
-from app.uploads import read_files, read_image
+from app.errors import UPLOAD_ERRORS, VIDEO_ERRORS, NotReady, error_response, openapi_responses, status_for
+from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut, VideoOut
+from app.uploads import read_files, read_image, read_video
 from models.engine import ImageAnswer
-from models.errors import NotMeasuredError
+from models.errors import NotMeasuredError, QueueFullError
 from models.tta import TtaMode
 
 router = APIRouter()
@@ -45,6 +50,21 @@ BATCH_BODY = {
                     "required": ["files"],
                 }
             }
+        },
+    }
+}
+VIDEO_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            "video/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
@@ -107,6 +127,67 @@ async def predict_batch(
         for (name, _), answer in zip(uploads, answers, strict=True)
     ]
     return BatchOut(results=items, tta=request.state.tta, model=ModelOut.from_info(engine.model))
+
+
+@router.post(
+    "/predict/video",
+    response_model=VideoOut,
+    responses=VIDEO_ERRORS,
+    openapi_extra=VIDEO_BODY,
+    summary="An emotion timeline for every face in a video",
+)
+async def predict_video(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    fps: float | None = Query(
+        None, gt=0, description="frames analysed per second of video; at most, and by default, FER_VIDEO_FPS"
+    ),
+    smooth_s: float | None = Query(
+        None, ge=0, le=60, description="seconds the smoothed probabilities remember (default FER_VIDEO_SMOOTH_S)"
+    ),
+    tta: TtaMode | None = TtaQuery,
+) -> VideoOut:
+    """Upload a video (multipart field `file`, or the raw body as video/*): MP4, MOV, WebM, MKV or AVI."""
+    if fps is not None and fps > settings.video_fps:
+        raise RequestValidationError(
+            [{"loc": ("query", "fps"), "msg": f"fps may be at most {settings.video_fps:g} here", "type": "value_error"}]
+        )
+    jobs = request.app.state.video_jobs
+    if jobs.count >= settings.max_video_jobs:
+        raise QueueFullError(f"the service is already analysing {jobs.count} videos: retry in a moment")
+    jobs.count += 1
+    handle, name = tempfile.mkstemp(prefix="fer-video-")
+    os.close(handle)
+    path = Path(name)
+    try:
+        await read_video(request, path)
+        smoothing = settings.video_smooth_s if smooth_s is None else smooth_s
+        analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
+        # The client's going away cancels the analysis: its reading stops and its queued faces leave.
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({analysis, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not analysis.done():
+                analysis.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await analysis
+            gone.cancel()
+        if not analysis.done() or analysis.cancelled():
+            raise ClientDisconnect()
+        timeline = analysis.result()
+    finally:
+        path.unlink(missing_ok=True)
+        jobs.count -= 1
+    request.state.tta = timeline.tta
+    return VideoOut.from_timeline(timeline, engine.model, smoothing)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read: nothing else comes before that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(

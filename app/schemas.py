@@ -7,6 +7,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from models.engine import Engine, FaceAnswer, ImageAnswer, ModelInfo
+from models.tracking import Track, TrackSummary
+from models.video import Timeline
 
 EXAMPLE_PROBABILITIES = {
     "angry": 0.031,
@@ -230,6 +232,103 @@ class MetricsOut(BaseModel):
                 for name, rates in engine.precision_speeds.items()
             },
         )
+
+
+class SmoothedOut(BaseModel):
+    """A track's probabilities averaged over time (exponentially, `smooth_s` seconds)."""
+
+    label: str
+    probabilities: dict[str, float]
+
+
+class FrameOut(BaseModel):
+    """One face of one track in one analysed frame."""
+
+    t: float = Field(..., description="seconds from the start of the video", examples=[1.2])
+    frame: int = Field(..., description="the frame's index in the file", examples=[36])
+    box: list[int] = Field(
+        ..., description="[x, y, width, height] in the video's pixels", examples=[[212, 80, 96, 118]]
+    )
+    label: str = Field(..., examples=["happy"])
+    probabilities: dict[str, float] = Field(..., examples=[EXAMPLE_PROBABILITIES])
+    smoothed: SmoothedOut
+
+
+class SummaryOut(BaseModel):
+    """A track at a glance."""
+
+    duration_s: float = Field(..., description="seconds in view: first to last analysed frame, plus one interval")
+    frames: int
+    dominant: str = Field(..., description="the emotion with the highest mean probability", examples=["happy"])
+    mean_probabilities: dict[str, float]
+
+
+class TrackOut(BaseModel):
+    """One face followed through the video."""
+
+    id: int
+    first_s: float
+    last_s: float
+    summary: SummaryOut
+    frames: list[FrameOut]
+
+
+class VideoOut(BaseModel):
+    """The answer of POST /predict/video: every face tracked through the clip."""
+
+    fps: float = Field(..., description="frames analysed per second of video", examples=[5.0])
+    duration_s: float
+    frames_analysed: int
+    smooth_s: float = Field(..., description="the time constant of the smoothing, in seconds")
+    tta: str
+    model: ModelOut
+    tracks: list[TrackOut] = Field(..., description="empty when no face was found")
+
+    @classmethod
+    def from_timeline(cls, timeline: Timeline, model: ModelInfo, smooth_s: float) -> VideoOut:
+        """The engine's timeline as the API shows it."""
+        return cls(
+            fps=timeline.fps,
+            duration_s=round(timeline.duration_s, 3),
+            frames_analysed=timeline.frames_analysed,
+            smooth_s=smooth_s,
+            tta=timeline.tta,
+            model=ModelOut.from_info(model),
+            tracks=[
+                track_out(track, summary, timeline.classes)
+                for track, summary in zip(timeline.tracks, timeline.summaries, strict=True)
+            ],
+        )
+
+
+def track_out(track: Track, summary: TrackSummary, classes: tuple[str, ...]) -> TrackOut:
+    """One track, each of its frames with raw and smoothed labels."""
+    frames = [
+        FrameOut(
+            t=round(point.t, 3),
+            frame=point.frame,
+            box=point.box.as_list(),
+            label=classes[int(point.probabilities.argmax())],
+            probabilities=dict(zip(classes, point.probabilities.tolist(), strict=True)),
+            smoothed=SmoothedOut(
+                label=classes[int(point.smoothed.argmax())],
+                probabilities=dict(zip(classes, point.smoothed.tolist(), strict=True)),
+            ),
+        )
+        for point in track.points
+    ]
+    return TrackOut(
+        id=track.id,
+        first_s=round(track.first_s, 3),
+        last_s=round(track.last_s, 3),
+        summary=SummaryOut(
+            duration_s=round(summary.duration_s, 3),
+            frames=summary.frames,
+            dominant=summary.dominant,
+            mean_probabilities=summary.mean_probabilities,
+        ),
+        frames=frames,
+    )
 
 
 class StatusOut(BaseModel):

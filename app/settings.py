@@ -49,9 +49,17 @@ class Settings(BaseSettings):
     precision: Precision = ENGINE_DEFAULTS.precision
     # "tencrop" lifts macro-F1 by 2-3 points for ten forward passes per face (docs/tta.md).
     tta: ServedTta = ENGINE_DEFAULTS.tta
+    video_fps: float = Field(ENGINE_DEFAULTS.video_fps, gt=0, le=60)
+    max_video_seconds: float = Field(ENGINE_DEFAULTS.max_video_seconds, gt=0, le=3600)
+    video_max_side: int = Field(ENGINE_DEFAULTS.video_max_side, ge=64, le=8192)
+    video_smooth_s: float = Field(ENGINE_DEFAULTS.video_smooth_s, ge=0, le=60)
     # The HTTP layer's own.
     max_batch_files: int = Field(64, ge=1, le=10_000)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_video_bytes: int = Field(50 * 1024 * 1024, ge=1024)  # POST /predict/video's own upload limit
+    # Videos uploaded or analysed at once: each holds up to twice FER_MAX_VIDEO_BYTES in /tmp
+    # (the spooled upload and the file OpenCV reads) and a prepare thread; more get 503.
+    max_video_jobs: int = Field(2, ge=1, le=64)
     body_timeout_s: float = Field(15.0, gt=0, description="a stalled upload is cut off after this many seconds")
     body_deadline_s: float = Field(120.0, gt=0, description="a whole body must arrive within this many seconds")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
@@ -84,6 +92,10 @@ class Settings(BaseSettings):
             decode_max_side=self.decode_max_side,
             max_faces=self.max_faces,
             min_face_px=self.min_face_px,
+            video_fps=self.video_fps,
+            max_video_seconds=self.max_video_seconds,
+            video_max_side=self.video_max_side,
+            video_smooth_s=self.video_smooth_s,
         )
 
 

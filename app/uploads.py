@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -13,13 +17,16 @@ EMPTY_MULTIPART_BYTES = 200
 HOW_TO_SEND = (
     "send the image as multipart field 'file' (curl -F file=@face.jpg) or as the raw body with Content-Type image/*"
 )
+HOW_TO_SEND_VIDEO = (
+    "send the video as multipart field 'file' (curl -F file=@clip.mp4) or as the raw body with Content-Type video/*"
+)
 
 
-async def read_form(request: Request, max_files: int) -> FormData:
+async def read_form(request: Request, max_files: int, how: str = HOW_TO_SEND) -> FormData:
     """Parse a multipart body, turning Starlette's parser errors into our statuses."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {HOW_TO_SEND}")
+        raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not multipart/form-data: {how}")
     try:
         form = await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
@@ -35,19 +42,17 @@ async def read_form(request: Request, max_files: int) -> FormData:
     return form
 
 
-def single_file(form: FormData) -> UploadFile:
+def single_file(form: FormData, how: str = HOW_TO_SEND) -> UploadFile:
     """The one file in the field 'file'."""
     values = form.getlist("file")
     if not values:
         others = ", ".join(sorted({str(key) for key in form})) or "none"
-        raise MissingUpload(f"no file: the multipart field 'file' is missing (fields sent: {others}); {HOW_TO_SEND}")
+        raise MissingUpload(f"no file: the multipart field 'file' is missing (fields sent: {others}); {how}")
     if len(values) > 1:
-        raise MissingUpload("send exactly one file in 'file'; use POST /predict/batch with 'files' for several")
+        raise MissingUpload("send exactly one file in 'file'; use POST /predict/batch with 'files' for several images")
     upload = values[0]
     if isinstance(upload, str):
-        raise MissingUpload(
-            "the field 'file' holds text, not a file: attach the image as a file (curl -F file=@face.jpg)"
-        )
+        raise MissingUpload(f"the field 'file' holds text, not a file: {how}")
     return upload
 
 
@@ -93,3 +98,29 @@ async def read_files(request: Request, max_files: int) -> list[tuple[str | None,
         return [(upload.filename, await upload.read()) for upload in uploaded_files(form)]
     finally:
         await form.close()
+
+
+async def read_video(request: Request, destination: Path) -> None:
+    """Write the uploaded video (multipart field 'file', or a raw video/* body) to `destination`.
+
+    The request guard has already bounded the body's bytes (`FER_MAX_VIDEO_BYTES`, refused with
+    413 while it streams) and its time; OpenCV reads the video from the file.
+    """
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        form = await read_form(request, max_files=2, how=HOW_TO_SEND_VIDEO)
+        try:
+            upload = single_file(form, how=HOW_TO_SEND_VIDEO)
+            with destination.open("wb") as out:
+                await run_in_threadpool(shutil.copyfileobj, upload.file, out, 1 << 20)
+        finally:
+            await form.close()
+        return
+    if content_type.startswith(("video/", "application/octet-stream")):
+        with destination.open("wb") as out:
+            async for chunk in request.stream():
+                out.write(chunk)
+        return
+    if not content_type and request.headers.get("content-length", "0") in ("0", ""):
+        raise MissingUpload(f"no file: the request has no body; {HOW_TO_SEND_VIDEO}")
+    raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not a video upload: {HOW_TO_SEND_VIDEO}")

@@ -1,7 +1,8 @@
-"""`fer predict | export | serve | train | evaluate | plots`.
+"""`fer predict | video | export | serve | train | evaluate | plots`.
 
 `fer predict` classifies local files without a server, through the same preprocessing, face
-detection and predictor as the service. `train`, `evaluate` and `plots` hand their arguments to
+detection and predictor as the service; `fer video` makes a video's emotion timeline
+(cli/video.py). `train`, `evaluate` and `plots` hand their arguments to
 `python -m training.*`; `serve` runs the service (settings from FER_* and the flags).
 """
 
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from app.settings import Settings, settings_error_line
+from cli.video import add_video_parser, video_command
 from models.checkpoint import load_checkpoint
 from models.engine import Engine, EngineConfig, ImageAnswer
 from models.errors import FerError
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar on stderr (default: when it is a terminal)",
     )
 
+    add_video_parser(commands, defaults)
+
     export = commands.add_parser("export", help="write the network as ONNX or TorchScript", formatter_class=defaults)
     export.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="export format")
     export.add_argument(
@@ -212,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return predict_command(args)
+        if args.command == "video":
+            return video_command(args, args.checkpoint or Settings().checkpoint)
         if args.command == "export":
             output = args.output or Path("model.onnx" if args.format == "onnx" else "model.pt")
             export_network(load_checkpoint(args.checkpoint or Settings().checkpoint), output, args.format)

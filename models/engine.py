@@ -15,7 +15,8 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,15 @@ import torch
 from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
 from models.detectors import DetectorName, build_detector
-from models.errors import FerError, ImageTooLargeError, NoFaceError, NotMeasuredError, QueueFullError
+from models.errors import FerError, ImageTooLargeError, InvalidVideoError, NoFaceError, NotMeasuredError, QueueFullError
 from models.faces import FACE_CROP_MAX_SIDE, DetectedFace, FaceBox, FacePolicy, FaceSearch, find_faces
 from models.memory import release_memory_after
 from models.predictor import Prediction, Predictor
 from models.preprocessing import decode_cost, decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
+from models.tracking import Tracker, summarise
 from models.tta import ServedTta, TtaMode
+from models.video import DEFAULT_FPS, DEFAULT_MAX_SIDE, DEFAULT_SMOOTH_S, SampledFrame, Timeline, VideoReader
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,14 @@ class EngineConfig:
     min_face_px: int = 24  # faces whose box is smaller (in the upload's pixels) are not classified
     # How long the faces of one batch upload may wait for their turn and room in the queue.
     batch_patience_s: float = 10.0
+    # Video (docs/video.md): frames analysed per second of video (a request may ask for fewer);
+    # the longest video taken; frames scaled down to this side before face detection (a face
+    # YuNet finds at its smallest is still ~50 px to crop); how many seconds the exponential
+    # average of each track's probabilities remembers.
+    video_fps: float = DEFAULT_FPS
+    max_video_seconds: float = 120.0
+    video_max_side: int = DEFAULT_MAX_SIDE
+    video_smooth_s: float = DEFAULT_SMOOTH_S
 
 
 ENGINE_DEFAULTS = EngineConfig()
@@ -380,6 +391,82 @@ class Engine:
             for item in prepared
         ]
 
+    async def classify_video(
+        self,
+        path: Path,
+        *,
+        fps: float | None = None,
+        tta: TtaMode | None = None,
+        smooth_s: float | None = None,
+        on_frame: Callable[[SampledFrame, int], None] | None = None,
+    ) -> Timeline:
+        """A video file → every face tracked through it, with raw and smoothed probabilities per analysed frame.
+
+        `fps` frames per second of video are analysed (default and most: `video_fps`). Frames are
+        read and searched on the prepare threads, a few ahead of the forward passes; their faces
+        go through the same batching queue as images'. `on_frame(frame, faces)` is called as
+        each frame's answer is in. Cancelling the call (a client that left) stops the reading
+        and takes its queued faces out.
+
+        Raises:
+            UnsupportedVideoError, InvalidVideoError, VideoTooLongError: a bad video.
+            QueueFullError: over capacity.
+        """
+        config = self.config
+        rate = min(fps or config.video_fps, config.video_fps)
+        mode = self.resolve_tta(tta)
+        loop = asyncio.get_running_loop()
+        reader = await loop.run_in_executor(
+            self._prepare_pool, lambda: VideoReader(path, max_side=config.video_max_side)
+        )
+        window: deque[tuple[SampledFrame, asyncio.Future[tuple[FaceAnswer, ...]]]] = deque()
+        tracker = Tracker(smooth_s=config.video_smooth_s if smooth_s is None else smooth_s)
+        classes = self.classes
+        analysed, last_t = 0, 0.0
+        try:
+            reader.check_length(config.max_video_seconds)
+            samples = reader.samples(rate, config.max_video_seconds)
+
+            async def settle_first() -> None:
+                nonlocal analysed, last_t
+                frame, pending = window.popleft()
+                answers = await pending
+                tracker.update(
+                    frame.t,
+                    frame.index,
+                    [(answer.box, np.array([answer.prediction.probabilities[c] for c in classes])) for answer in answers
+                     if answer.box is not None],
+                )  # fmt: skip
+                analysed, last_t = analysed + 1, frame.t
+                if on_frame is not None:
+                    on_frame(frame, len(answers))
+
+            while (frame := await loop.run_in_executor(self._prepare_pool, reader.next_sample, samples)) is not None:
+                window.append((frame, asyncio.ensure_future(self._classify_frame(frame, reader.size, mode))))
+                while window and (len(window) > config.prepare_workers or window[0][1].done()):
+                    await settle_first()
+            while window:
+                await settle_first()
+        finally:
+            for _, pending in window:
+                pending.cancel()
+            try:  # after a read still running on a prepare thread, never during it
+                self._prepare_pool.submit(reader.close)
+            except RuntimeError:  # the pool is shut down: nothing else reads
+                reader.close()
+        if analysed == 0:
+            raise InvalidVideoError("the video has no readable frames: it is empty, truncated or damaged")
+        step = 1.0 / rate
+        return Timeline(
+            fps=rate,
+            duration_s=reader.info.duration_s or last_t + step,
+            frames_analysed=analysed,
+            classes=classes,
+            tracks=tuple(tracker.tracks),
+            summaries=tuple(summarise(track, classes, step) for track in tracker.tracks),
+            tta=mode,
+        )
+
     def close(self) -> None:
         """Stop the prepare and batching threads; photos not yet started are dropped, not decoded.
 
@@ -487,6 +574,37 @@ class Engine:
             raise  # capacity is not this image's fault: the whole upload gets 503
         except FerError as exc:
             return exc
+
+    async def _classify_frame(
+        self, frame: SampledFrame, size: tuple[int, int], mode: TtaMode
+    ) -> tuple[FaceAnswer, ...]:
+        """Every face of one video frame (up to `max_faces`), classified; () when there is none."""
+        loop = asyncio.get_running_loop()
+        faces = await loop.run_in_executor(self._prepare_pool, self._prepare_frame, frame, size)
+        futures: list[Future[BatchResult]] = []
+        try:
+            for face in faces:
+                futures.append(self._batcher.submit(face.inputs, mode))
+        except QueueFullError:
+            for future in futures:
+                future.cancel()
+            raise
+        results = await gather_or_cancel(futures)
+        return tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True))
+
+    def _prepare_frame(self, frame: SampledFrame, size: tuple[int, int]) -> list[FaceInput]:
+        """A frame's faces ready for the network, boxes in the video's pixels (`size`: width, height)."""
+        config = self.config
+        policy = FacePolicy(
+            all_faces=True,
+            max_faces=config.max_faces,
+            min_face_px=config.min_face_px / frame.scale,
+            detect_max_side=config.detect_max_side,
+        )
+        gray = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
+        search = find_faces(frame.rgb, gray, self._detector, policy).scaled(frame.scale, *size)
+        spec = self._predictor.checkpoint.preprocessing
+        return [FaceInput(preprocess(face.image, spec), face.detected) for face in search.faces]
 
     def _answer(self, face: FaceInput, result: BatchResult) -> FaceAnswer:
         prediction = self._predictor.to_predictions(result.probabilities[None, :])[0]

@@ -7,6 +7,9 @@ The tree::
     ├── UnsupportedImageError   a real file, but not an image type we accept (SVG, PDF, animated)
     ├── ImageTooLargeError      over the byte or pixel limit (decompression bombs included)
     ├── NoFaceError             a face was required and none was found
+    ├── InvalidVideoError       a video container that cannot be decoded (truncated, damaged, no frames)
+    ├── UnsupportedVideoError   bytes that are not a video container we read
+    ├── VideoTooLongError       a video over the length limit
     ├── NotMeasuredError        figures were asked for a TTA mode the checkpoint has none for
     ├── QueueFullError          over capacity: the batching queue has no room
     ├── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
@@ -36,6 +39,18 @@ class ImageTooLargeError(FerError):
 
 class NoFaceError(FerError):
     """A face was required and the detector found none."""
+
+
+class InvalidVideoError(FerError):
+    """The video could not be decoded: truncated, damaged, or without a readable frame."""
+
+
+class UnsupportedVideoError(FerError):
+    """The data is not a video file of a type the service reads."""
+
+
+class VideoTooLongError(FerError):
+    """The video is longer than the configured limit."""
 
 
 class NotMeasuredError(FerError):

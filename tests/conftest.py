@@ -85,10 +85,3 @@ def server() -> Iterator[AppServer]:
     with app_serving(checkpoint=SHIPPED_CHECKPOINT) as running:
         yield running
 
-
-@pytest.fixture(autouse=True)
-def torch_threads_restored() -> Iterator[None]:
-    """Each test starts with the process's torch threads: an engine serving int8 sets torch to one."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)

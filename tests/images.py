@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from tests.conftest import make_face
@@ -51,3 +52,54 @@ def crowd_jpeg(positions: list[tuple[int, int]], side: int = 90) -> bytes:
         box = (left - side // 2, top - side // 2, left + side + side // 2, top + side + side // 2)
         scene.paste(one.crop(box), box[:2])
     return encode(scene, "JPEG", quality=92)
+
+
+def astronaut_head(side: int) -> Image.Image:
+    """The astronaut's head (2 × `side` square) scaled so her face box is `side` wide."""
+    photo = Image.open(ASTRONAUT).convert("RGB")
+    scale = side / ASTRONAUT_FACE[2]
+    photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
+    fx, fy = round(ASTRONAUT_FACE[0] * scale), round(ASTRONAUT_FACE[1] * scale)
+    return photo.crop((fx - side // 2, fy - side // 2, fx + side + side // 2, fy + side + side // 2))
+
+
+def write_clip(
+    path: Path,
+    frames: list[list[tuple[int, int]]],
+    *,
+    fps: float = 10.0,
+    side: int = 90,
+    size: tuple[int, int] = (640, 480),
+) -> Path:
+    """An MP4 of grey frames with the astronaut's face box (`side` wide) at each frame's (left, top) positions."""
+    import cv2
+
+    head = cv2.cvtColor(np.asarray(astronaut_head(side)), cv2.COLOR_RGB2BGR)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    try:
+        for positions in frames:
+            frame = np.full((size[1], size[0], 3), (140, 130, 120), np.uint8)
+            for left, top in positions:
+                x, y = left - side // 2, top - side // 2
+                frame[y : y + head.shape[0], x : x + head.shape[1]] = head
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
+
+
+def write_y4m(path: Path, positions: list[tuple[int, int]], *, frames: int = 20, side: int = 120) -> Path:
+    """A raw YUV4MPEG2 clip (what Chromium's fake camera plays) of the astronaut's face at `positions`."""
+    import cv2
+
+    head = cv2.cvtColor(np.asarray(astronaut_head(side)), cv2.COLOR_RGB2BGR)
+    frame = np.full((480, 640, 3), (140, 130, 120), np.uint8)
+    for left, top in positions:
+        x, y = left - side // 2, top - side // 2
+        frame[y : y + head.shape[0], x : x + head.shape[1]] = head
+    planes = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes()
+    with path.open("wb") as out:
+        out.write(b"YUV4MPEG2 W640 H480 F10:1 Ip A1:1 C420jpeg\n")
+        for _ in range(frames):
+            out.write(b"FRAME\n" + planes)
+    return path

@@ -33,14 +33,19 @@ def test_index_is_served(server: AppServer) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
+def playwright():  # type: ignore[no-untyped-def]
     if not Path(CHROMIUM).exists():
         pytest.skip(f"Chromium is not installed at {CHROMIUM}: apt-get install chromium (.ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
+    with sync_api.sync_playwright() as running:  # one per module: Playwright's sync API allows one at a time
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):  # type: ignore[no-untyped-def]
+    launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+    yield launched
+    launched.close()
 
 
 def fer_image(tmp_path: Path) -> Path:
@@ -89,3 +94,28 @@ def test_upload_of_a_text_file_shows_a_readable_error(server: AppServer, browser
     text = page.text_content("#error") or ""
     assert "Could not classify this file (400)" in text and "not a recognisable image" in text
     page.close()
+
+
+def test_live_mode_draws_a_box_with_a_label_over_the_fake_camera(server: AppServer, playwright, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.images import write_y4m
+
+    camera = write_y4m(tmp_path / "camera.y4m", [(260, 180)])
+    flags = [
+        *CHROMIUM_FLAGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera}",
+    ]  # fmt: skip
+    # The fake camera plays the file: Chromium takes it only at launch, so this test has its own browser.
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+    try:
+        page = browser.new_page()
+        page.goto(f"{server.url}/")
+        page.click("#live")
+        page.wait_for_function("document.querySelector('#overlay').dataset.faces === '1'", timeout=30_000)
+        label = page.get_attribute("#overlay", "data-labels") or ""
+        assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \d+%$", label), label
+        assert not page.is_visible("#error")
+        assert "face" in (page.text_content("#livenote") or "")
+        page.click("#live")  # stop
+        assert page.text_content("#live") == "Live"
+    finally:
+        browser.close()

@@ -1,0 +1,191 @@
+"""`fer video IN.mp4 --output timeline.csv`: an emotion timeline for every face in a video file.
+
+Frames go through the same engine as the service's (`Engine.classify_video`): sampled at
+`--fps`, scaled down, searched for faces, classified in batches, followed by the box-overlap
+tracker and smoothed over `--smooth` seconds (models/tracking.py says how).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from models.engine import Engine, EngineConfig
+from models.runtime import PRECISIONS
+from models.tracking import Track
+from models.tta import TTA_MODES
+from models.video import DEFAULT_FPS, DEFAULT_SMOOTH_S, Timeline
+
+OUTPUT_FORMATS = ("csv", "jsonl")
+
+
+def add_video_parser(commands: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """The `fer video` sub-command's flags."""
+    video = commands.add_parser(
+        "video", help="an emotion timeline for every face in a video", formatter_class=formatter
+    )
+    video.add_argument("path", type=Path, help="video file: MP4, MOV, WebM, MKV or AVI")
+    video.add_argument(
+        "--output", type=Path, required=True, help="timeline file: .csv or .jsonl (one row per face per frame)"
+    )
+    video.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames analysed per second of video")
+    video.add_argument(
+        "--smooth", type=float, default=DEFAULT_SMOOTH_S,
+        help="seconds the smoothed probabilities remember (exponential average; 0: none)",
+    )  # fmt: skip
+    video.add_argument("--plot", type=Path, default=None, help="draw each track's smoothed probabilities here (.png)")
+    video.add_argument("--max-seconds", type=float, default=3600.0, help="refuse videos longer than this")
+    video.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
+    )
+    video.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision")
+    video.add_argument(
+        "--tta", choices=("checkpoint", *TTA_MODES), default="checkpoint",
+        help="test-time augmentation (tencrop: ten views of each face, about ten times the model time)",
+    )  # fmt: skip
+    video.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bar with frames/s on stderr (default: when it is a terminal)",
+    )  # fmt: skip
+
+
+def video_command(args: argparse.Namespace, checkpoint: Path) -> int:
+    """Run `fer video`; returns the exit status. Raises `FerError` for a bad video."""
+    suffix = args.output.suffix.lower().lstrip(".")
+    if suffix not in OUTPUT_FORMATS:
+        print(f"fer: --output must end in .csv or .jsonl, not {args.output.name!r}", file=sys.stderr)
+        return 2
+    if args.fps <= 0 or args.smooth < 0:
+        print("fer: --fps must be above 0 and --smooth 0 or more", file=sys.stderr)
+        return 2
+    config = EngineConfig(
+        precision=args.precision, tta=args.tta, video_fps=args.fps, max_video_seconds=args.max_seconds,
+        video_smooth_s=args.smooth,
+    )  # fmt: skip
+    engine = Engine.load(checkpoint, config)
+    try:
+        timeline = asyncio.run(
+            analyse(engine, args.path, progress=sys.stderr.isatty() if args.progress is None else args.progress)
+        )
+    finally:
+        engine.close()
+    with args.output.open("w", newline="") as out:
+        write_timeline(timeline, out, suffix)
+    if args.plot:
+        plot_timeline(timeline, args.plot)
+    sys.stderr.write(summary_text(timeline))
+    return 0
+
+
+async def analyse(engine: Engine, path: Path, *, progress: bool) -> Timeline:
+    """The engine's timeline, with a progress bar (frames/s) while it runs when asked and tqdm is installed."""
+    bar: Any = None
+    if progress:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(unit="frame", file=sys.stderr)
+    try:
+        return await engine.classify_video(path, on_frame=(lambda frame, faces: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def timeline_rows(timeline: Timeline) -> Iterator[dict[str, Any]]:
+    """One row per face per analysed frame, in time order: time, frame, track, box, raw and smoothed probabilities."""
+    points = sorted(
+        ((point, track) for track in timeline.tracks for point in track.points),
+        key=lambda item: (item[0].t, item[1].id),
+    )
+    classes = timeline.classes
+    for point, track in points:
+        yield {
+            "t": round(point.t, 3),
+            "frame": point.frame,
+            "track": track.id,
+            "box": point.box.as_list(),
+            "label": classes[int(point.probabilities.argmax())],
+            "probabilities": dict(zip(classes, point.probabilities.tolist(), strict=True)),
+            "smoothed_label": classes[int(point.smoothed.argmax())],
+            "smoothed": dict(zip(classes, point.smoothed.tolist(), strict=True)),
+        }
+
+
+def csv_header(classes: Sequence[str]) -> list[str]:
+    """The CSV's columns."""
+    return [
+        "t", "frame", "track", "x", "y", "width", "height", "label", *classes, "smoothed_label",
+        *(f"smoothed_{name}" for name in classes),
+    ]  # fmt: skip
+
+
+def write_timeline(timeline: Timeline, out: TextIO, output_format: str) -> None:
+    """The rows as CSV (columns from `csv_header`) or JSON lines."""
+    classes = timeline.classes
+    if output_format == "jsonl":
+        for row in timeline_rows(timeline):
+            out.write(json.dumps(row) + "\n")
+        return
+    writer = csv.writer(out)
+    writer.writerow(csv_header(classes))
+    for row in timeline_rows(timeline):
+        writer.writerow(
+            [row["t"], row["frame"], row["track"], *row["box"], row["label"]]
+            + [f"{row['probabilities'][name]:.4f}" for name in classes]
+            + [row["smoothed_label"]]
+            + [f"{row['smoothed'][name]:.4f}" for name in classes]
+        )
+
+
+def summary_text(timeline: Timeline) -> str:
+    """What `fer video` prints at the end: the sampling, then each track's time in view and dominant emotion."""
+    lines = [
+        f"{timeline.frames_analysed} frames analysed at {timeline.fps:g}/s over {timeline.duration_s:.1f} s; "
+        f"{len(timeline.tracks)} track(s)"
+    ]
+    for track, summary in zip(timeline.tracks, timeline.summaries, strict=True):
+        top = sorted(summary.mean_probabilities.items(), key=lambda item: -item[1])[:3]
+        means = ", ".join(f"{name} {p:.2f}" for name, p in top)
+        lines.append(
+            f"track {track.id}: {track.first_s:.1f}-{track.last_s:.1f} s ({summary.duration_s:.1f} s in view, "
+            f"{summary.frames} frames): {summary.dominant} (mean {means})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_timeline(timeline: Timeline, path: Path) -> None:
+    """One panel per track: its smoothed probabilities against time, the seven classes in fixed colours."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("fer: --plot needs matplotlib (pip install 'fer-service[train]')") from None
+    tracks: Sequence[Track] = timeline.tracks
+    panels = max(1, len(tracks))
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.2 * panels + 0.6), sharex=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, track in zip(axes[:, 0], tracks, strict=False):
+        times = [point.t for point in track.points]
+        for index, name in enumerate(timeline.classes):
+            ax.plot(times, [point.smoothed[index] for point in track.points], color=colours(index), label=name, lw=1.6)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"track {track.id}")
+        ax.grid(alpha=0.3)
+    if not tracks:
+        axes[0, 0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[0, 0].legend(ncol=7, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.02), frameon=False)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
