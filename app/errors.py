@@ -27,7 +27,7 @@ from models.errors import (
     QueueFullError,
     UnsupportedImageError,
     UnsupportedVideoError,
-    VideoTooLongError,
+    VideoTooLargeError,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     UploadStalled: 408,
     HeadersTooSlow: 408,  # written by app/connections.py, then the connection is closed
     ImageTooLargeError: 413,  # over max_pixels
-    VideoTooLongError: 413,  # over max_video_seconds
+    VideoTooLargeError: 413,  # over max_video_seconds
     UploadTooLarge: 413,  # over max_upload_bytes or max_batch_files
     UnsupportedImageError: 415,  # a file, but not an accepted image type
     UnsupportedVideoError: 415,  # bytes that are not a video container we read
@@ -181,6 +181,6 @@ UPLOAD_ERRORS = openapi_responses(
     NotAnImageUpload, NoFaceError, MissingUpload, RequestValidationError, QueueFullError,
 )  # fmt: skip
 VIDEO_ERRORS = openapi_responses(
-    InvalidVideoError, MalformedBody, UploadStalled, VideoTooLongError, UploadTooLarge, UnsupportedVideoError,
+    InvalidVideoError, MalformedBody, UploadStalled, VideoTooLargeError, UploadTooLarge, UnsupportedVideoError,
     NotAnImageUpload, MissingUpload, RequestValidationError, QueueFullError,
 )  # fmt: skip

@@ -61,10 +61,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.video_jobs = InFlight()  # videos uploaded or analysed now (FER_MAX_VIDEO_JOBS)
+    video_jobs = app.state.video_jobs = InFlight()  # videos uploaded or analysed now (FER_MAX_VIDEO_JOBS)
     app.state.telemetry = make_telemetry(
         lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,
         lambda: float(in_flight.count),  # the one count the request guard keeps
+        lambda: float(video_jobs.count),
     )
     install_error_handlers(app)
     app.include_router(router)

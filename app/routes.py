@@ -141,7 +141,7 @@ async def predict_video(
     engine: EngineDep,
     settings: SettingsDep,
     fps: float | None = Query(
-        None, gt=0, description="frames analysed per second of video; at most, and by default, FER_VIDEO_FPS"
+        None, ge=0.1, description="frames analysed per second of video; at most, and by default, FER_VIDEO_FPS"
     ),
     smooth_s: float | None = Query(
         None, ge=0, le=60, description="seconds the smoothed probabilities remember (default FER_VIDEO_SMOOTH_S)"
@@ -157,10 +157,11 @@ async def predict_video(
     if jobs.count >= settings.max_video_jobs:
         raise QueueFullError(f"the service is already analysing {jobs.count} videos: retry in a moment")
     jobs.count += 1
-    handle, name = tempfile.mkstemp(prefix="fer-video-")
-    os.close(handle)
-    path = Path(name)
+    path: Path | None = None
     try:
+        handle, name = tempfile.mkstemp(prefix="fer-video-")
+        os.close(handle)
+        path = Path(name)
         await read_video(request, path)
         smoothing = settings.video_smooth_s if smooth_s is None else smooth_s
         analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
@@ -178,7 +179,8 @@ async def predict_video(
             raise ClientDisconnect()
         timeline = analysis.result()
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
         jobs.count -= 1
     request.state.tta = timeline.tta
     return VideoOut.from_timeline(timeline, engine.model, smoothing)

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_video_seconds: float = Field(ENGINE_DEFAULTS.max_video_seconds, gt=0, le=3600)
     video_max_side: int = Field(ENGINE_DEFAULTS.video_max_side, ge=64, le=8192)
     video_smooth_s: float = Field(ENGINE_DEFAULTS.video_smooth_s, ge=0, le=60)
+    max_video_pixels: int = Field(ENGINE_DEFAULTS.max_video_pixels, ge=1)
     # The HTTP layer's own.
     max_batch_files: int = Field(64, ge=1, le=10_000)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
             max_video_seconds=self.max_video_seconds,
             video_max_side=self.video_max_side,
             video_smooth_s=self.video_smooth_s,
+            max_video_pixels=self.max_video_pixels,
         )
 
 

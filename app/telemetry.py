@@ -25,8 +25,10 @@ class Telemetry:
         return generate_latest(self.registry)
 
 
-def make_telemetry(queue_depth: Callable[[], float], requests_in_progress: Callable[[], float]) -> Telemetry:
-    """A fresh registry: the request counter, latency and batch-size histograms, and two gauges read when scraped."""
+def make_telemetry(
+    queue_depth: Callable[[], float], requests_in_progress: Callable[[], float], video_jobs: Callable[[], float]
+) -> Telemetry:
+    """A fresh registry: the request counter, latency and batch-size histograms, and three gauges read when scraped."""
     registry = CollectorRegistry()
     requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram(
@@ -43,4 +45,6 @@ def make_telemetry(queue_depth: Callable[[], float], requests_in_progress: Calla
     depth.set_function(queue_depth)
     in_progress = Gauge("fer_requests_in_progress", "HTTP requests being served now", registry=registry)
     in_progress.set_function(requests_in_progress)
+    videos = Gauge("fer_video_jobs", "videos being uploaded or analysed now (FER_MAX_VIDEO_JOBS)", registry=registry)
+    videos.set_function(video_jobs)
     return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)

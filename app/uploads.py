@@ -31,7 +31,7 @@ async def read_form(request: Request, max_files: int, how: str = HOW_TO_SEND) ->
         form = await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
         if "Too many files" in str(exc.detail):
-            raise UploadTooLarge(f"too many files: at most {max_files} images per request") from None
+            raise UploadTooLarge(f"too many files: at most {max_files} per request") from None
         raise MalformedBody(f"the multipart body could not be parsed ({exc.detail})") from None
     declared = request.headers.get("content-length", "")
     if not form and declared.isdigit() and int(declared) > EMPTY_MULTIPART_BYTES:
@@ -49,7 +49,8 @@ def single_file(form: FormData, how: str = HOW_TO_SEND) -> UploadFile:
         others = ", ".join(sorted({str(key) for key in form})) or "none"
         raise MissingUpload(f"no file: the multipart field 'file' is missing (fields sent: {others}); {how}")
     if len(values) > 1:
-        raise MissingUpload("send exactly one file in 'file'; use POST /predict/batch with 'files' for several images")
+        several = "use POST /predict/batch with 'files' for several" if how == HOW_TO_SEND else "one video per request"
+        raise MissingUpload(f"send exactly one file in 'file'; {several}")
     upload = values[0]
     if isinstance(upload, str):
         raise MissingUpload(f"the field 'file' holds text, not a file: {how}")
@@ -121,6 +122,10 @@ async def read_video(request: Request, destination: Path) -> None:
             async for chunk in request.stream():
                 out.write(chunk)
         return
-    if not content_type and request.headers.get("content-length", "0") in ("0", ""):
+    if (
+        not content_type
+        and request.headers.get("content-length", "0") in ("0", "")
+        and "transfer-encoding" not in request.headers
+    ):
         raise MissingUpload(f"no file: the request has no body; {HOW_TO_SEND_VIDEO}")
     raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not a video upload: {HOW_TO_SEND_VIDEO}")

@@ -61,9 +61,21 @@ def video_command(args: argparse.Namespace, checkpoint: Path) -> int:
     if suffix not in OUTPUT_FORMATS:
         print(f"fer: --output must end in .csv or .jsonl, not {args.output.name!r}", file=sys.stderr)
         return 2
-    if args.fps <= 0 or args.smooth < 0:
-        print("fer: --fps must be above 0 and --smooth 0 or more", file=sys.stderr)
+    if args.fps < 0.1 or args.smooth < 0 or args.max_seconds <= 0:
+        print("fer: --fps must be at least 0.1, --smooth 0 or more and --max-seconds above 0", file=sys.stderr)
         return 2
+    if not args.path.is_file():
+        print(f"fer: {args.path}: no such file", file=sys.stderr)
+        return 2
+    if not args.output.parent.is_dir():
+        print(f"fer: {args.output.parent}: no such folder for --output", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fer: --plot needs matplotlib (pip install 'fer-service[train]')", file=sys.stderr)
+            return 2
     config = EngineConfig(
         precision=args.precision, tta=args.tta, video_fps=args.fps, max_video_seconds=args.max_seconds,
         video_smooth_s=args.smooth,

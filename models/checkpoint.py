@@ -192,33 +192,64 @@ def store_metrics(
     """Store evaluation figures in a checkpoint file, leaving everything else as it was.
 
     `metrics` were measured with the precision and TTA mode named in `metrics["precision"]` and
-    `metrics["tta"]`; `alternatives` maps other TTA modes to their figures, which `?tta=` serves;
-    `precisions` maps other precisions to their own (metrics, alternatives), which a server that
-    runs in that precision reports.
+    `metrics["tta"]`, which become the main ones; `alternatives` maps other TTA modes to their
+    figures, which `?tta=` serves; `precisions` maps other precisions to their own (metrics,
+    alternatives), which a server that runs in that precision reports. Figures already stored
+    for other precisions and modes stay (they describe the same weights); those measured again
+    are replaced.
     """
-    stored = _figure_block(metrics, alternatives)
+    measured: dict[str, dict[str, dict[str, Any]]] = {}
+    for figures, others in [(metrics, alternatives or {}), *(precisions or {}).values()]:
+        mode = check_tta(str(figures.get("tta", "none")))
+        by_mode = measured.setdefault(str(figures.get("precision", "fp32")), {})
+        by_mode[mode] = _bare(figures)
+        for other, other_figures in others.items():
+            if check_tta(other) != mode:  # the main figures of that mode win over a duplicate
+                by_mode[other] = _bare(other_figures)
+    payload = read_checkpoint_dict(path)
+    table = _figure_table(payload["metrics"])
+    for precision, by_mode in measured.items():
+        table.setdefault(precision, {}).update(by_mode)
+    main_precision = str(metrics.get("precision", "fp32"))
+    main_mode = check_tta(str(metrics.get("tta", "none")))
+    stored = _figure_block(table[main_precision], main_mode)
     others = {
-        precision: _figure_block(*measured)
-        for precision, measured in (precisions or {}).items()
-        if precision != stored.get("precision")
+        precision: _figure_block(by_mode, main_mode)
+        for precision, by_mode in table.items()
+        if precision != main_precision
     }
     if others:
         stored["precision_alternatives"] = others
-    payload = read_checkpoint_dict(path)
     payload["metrics"] = stored
     atomic_torch_save(payload, path)
 
 
-def _figure_block(metrics: dict[str, Any], alternatives: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
-    """One precision's figures: the main TTA mode's, with the other modes under "tta_alternatives"."""
-    stored = {key: value for key, value in metrics.items() if key not in ("tta_alternatives", "precision_alternatives")}
-    check_tta(str(stored.get("tta", "none")))
-    others = {mode: figures for mode, figures in (alternatives or {}).items() if mode != stored.get("tta", "none")}
-    for mode in others:
-        check_tta(mode)
+def _bare(figures: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in figures.items() if key not in ("tta_alternatives", "precision_alternatives")}
+
+
+def _figure_table(stored: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Stored metrics as precision → TTA mode → figures ({} before any evaluation)."""
+    if "accuracy" not in stored:
+        return {}
+    blocks = {str(stored.get("precision", "fp32")): stored, **stored.get("precision_alternatives", {})}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for precision, block in blocks.items():
+        main = str(block.get("tta", "none"))
+        by_mode = {main: {**_bare(block), "tta": main}}
+        by_mode.update({mode: {**figures, "tta": mode} for mode, figures in block.get("tta_alternatives", {}).items()})
+        table[precision] = by_mode
+    return table
+
+
+def _figure_block(by_mode: dict[str, dict[str, Any]], preferred: str) -> dict[str, Any]:
+    """One precision's figures: those of `preferred` (else its first mode), the others under "tta_alternatives"."""
+    main = preferred if preferred in by_mode else next(iter(by_mode))
+    block = dict(by_mode[main])
+    others = {mode: figures for mode, figures in by_mode.items() if mode != main}
     if others:
-        stored["tta_alternatives"] = others
-    return stored
+        block["tta_alternatives"] = others
+    return block
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

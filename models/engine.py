@@ -35,7 +35,7 @@ from models.memory import release_memory_after
 from models.predictor import Prediction, Predictor
 from models.preprocessing import decode_cost, decode_photo, peek_size, preprocess, to_grayscale, to_rgb
 from models.runtime import Precision
-from models.tracking import Tracker, summarise
+from models.tracking import MAX_GAP_S, Tracker, summarise
 from models.tta import ServedTta, TtaMode
 from models.video import DEFAULT_FPS, DEFAULT_MAX_SIDE, DEFAULT_SMOOTH_S, SampledFrame, Timeline, VideoReader
 
@@ -101,6 +101,10 @@ class EngineConfig:
     max_video_seconds: float = 120.0
     video_max_side: int = DEFAULT_MAX_SIDE
     video_smooth_s: float = DEFAULT_SMOOTH_S
+    # Pixels a video may make the decoder produce, all its frames together (every frame is
+    # decoded, sampled or not): 120 s of 1080p at 30 frames/s is 7.5 G, about 40 s of decoding
+    # on two cores; a 4K clip at 60 frames/s reaches it in 20 s.
+    max_video_pixels: int = 10_000_000_000
 
 
 ENGINE_DEFAULTS = EngineConfig()
@@ -409,7 +413,7 @@ class Engine:
         and takes its queued faces out.
 
         Raises:
-            UnsupportedVideoError, InvalidVideoError, VideoTooLongError: a bad video.
+            UnsupportedVideoError, InvalidVideoError, VideoTooLargeError: a bad video.
             QueueFullError: over capacity.
         """
         config = self.config
@@ -420,12 +424,15 @@ class Engine:
             self._prepare_pool, lambda: VideoReader(path, max_side=config.video_max_side)
         )
         window: deque[tuple[SampledFrame, asyncio.Future[tuple[FaceAnswer, ...]]]] = deque()
-        tracker = Tracker(smooth_s=config.video_smooth_s if smooth_s is None else smooth_s)
+        # A face unseen for 1 s ends its track, or for two and a half sampling intervals when those are longer.
+        tracker = Tracker(
+            smooth_s=config.video_smooth_s if smooth_s is None else smooth_s, max_gap_s=max(MAX_GAP_S, 2.5 / rate)
+        )
         classes = self.classes
         analysed, last_t = 0, 0.0
         try:
-            reader.check_length(config.max_video_seconds)
-            samples = reader.samples(rate, config.max_video_seconds)
+            reader.check_size(config.max_video_seconds, config.max_video_pixels)
+            samples = reader.samples(rate, config.max_video_seconds, config.max_video_pixels)
 
             async def settle_first() -> None:
                 nonlocal analysed, last_t
@@ -442,7 +449,7 @@ class Engine:
                     on_frame(frame, len(answers))
 
             while (frame := await loop.run_in_executor(self._prepare_pool, reader.next_sample, samples)) is not None:
-                window.append((frame, asyncio.ensure_future(self._classify_frame(frame, reader.size, mode))))
+                window.append((frame, asyncio.ensure_future(self._classify_frame(frame, mode))))
                 while window and (len(window) > config.prepare_workers or window[0][1].done()):
                     await settle_first()
             while window:
@@ -450,6 +457,9 @@ class Engine:
         finally:
             for _, pending in window:
                 pending.cancel()
+            # Collected, so a frame that failed beside the one that ended the call is not logged
+            # as a never-retrieved exception.
+            await asyncio.gather(*(pending for _, pending in window), return_exceptions=True)
             try:  # after a read still running on a prepare thread, never during it
                 self._prepare_pool.submit(reader.close)
             except RuntimeError:  # the pool is shut down: nothing else reads
@@ -457,13 +467,14 @@ class Engine:
         if analysed == 0:
             raise InvalidVideoError("the video has no readable frames: it is empty, truncated or damaged")
         step = 1.0 / rate
+        duration = reader.info.duration_s or last_t + step
         return Timeline(
             fps=rate,
-            duration_s=reader.info.duration_s or last_t + step,
+            duration_s=duration,
             frames_analysed=analysed,
             classes=classes,
             tracks=tuple(tracker.tracks),
-            summaries=tuple(summarise(track, classes, step) for track in tracker.tracks),
+            summaries=tuple(summarise(track, classes, step, duration) for track in tracker.tracks),
             tta=mode,
         )
 
@@ -575,25 +586,23 @@ class Engine:
         except FerError as exc:
             return exc
 
-    async def _classify_frame(
-        self, frame: SampledFrame, size: tuple[int, int], mode: TtaMode
-    ) -> tuple[FaceAnswer, ...]:
+    async def _classify_frame(self, frame: SampledFrame, mode: TtaMode) -> tuple[FaceAnswer, ...]:
         """Every face of one video frame (up to `max_faces`), classified; () when there is none."""
         loop = asyncio.get_running_loop()
-        faces = await loop.run_in_executor(self._prepare_pool, self._prepare_frame, frame, size)
-        futures: list[Future[BatchResult]] = []
-        try:
-            for face in faces:
-                futures.append(self._batcher.submit(face.inputs, mode))
-        except QueueFullError:
-            for future in futures:
-                future.cancel()
-            raise
+        faces = await loop.run_in_executor(self._prepare_pool, self._prepare_frame, frame)
+        if not faces:
+            return ()
+        # Like a batch upload's faces, a frame's wait their turn for room in the queue (up to
+        # `batch_patience_s`) rather than failing the whole video on a moment's full queue.
+        deadline = loop.time() + self.config.batch_patience_s
+        futures = await self._room(loop).submit_all(
+            lambda face: self._batcher.submit(face.inputs, mode), faces, deadline
+        )
         results = await gather_or_cancel(futures)
         return tuple(self._answer(face, result) for face, result in zip(faces, results, strict=True))
 
-    def _prepare_frame(self, frame: SampledFrame, size: tuple[int, int]) -> list[FaceInput]:
-        """A frame's faces ready for the network, boxes in the video's pixels (`size`: width, height)."""
+    def _prepare_frame(self, frame: SampledFrame) -> list[FaceInput]:
+        """A frame's faces ready for the network, boxes in the frame's own pixels."""
         config = self.config
         policy = FacePolicy(
             all_faces=True,
@@ -602,7 +611,7 @@ class Engine:
             detect_max_side=config.detect_max_side,
         )
         gray = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
-        search = find_faces(frame.rgb, gray, self._detector, policy).scaled(frame.scale, *size)
+        search = find_faces(frame.rgb, gray, self._detector, policy).scaled(frame.scale, *frame.size)
         spec = self._predictor.checkpoint.preprocessing
         return [FaceInput(preprocess(face.image, spec), face.detected) for face in search.faces]
 

@@ -9,7 +9,7 @@ The tree::
     ├── NoFaceError             a face was required and none was found
     ├── InvalidVideoError       a video container that cannot be decoded (truncated, damaged, no frames)
     ├── UnsupportedVideoError   bytes that are not a video container we read
-    ├── VideoTooLongError       a video over the length limit
+    ├── VideoTooLargeError      a video over the length limit or the pixels-to-decode limit
     ├── NotMeasuredError        figures were asked for a TTA mode the checkpoint has none for
     ├── QueueFullError          over capacity: the batching queue has no room
     ├── CheckpointError         a checkpoint that is missing, corrupt or does not match the code
@@ -49,8 +49,8 @@ class UnsupportedVideoError(FerError):
     """The data is not a video file of a type the service reads."""
 
 
-class VideoTooLongError(FerError):
-    """The video is longer than the configured limit."""
+class VideoTooLargeError(FerError):
+    """The video is longer, or has more pixels to decode, than the configured limits."""
 
 
 class NotMeasuredError(FerError):

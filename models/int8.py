@@ -66,8 +66,9 @@ class Int8Network:
         import onnxruntime as ort
 
         if not path.is_file():
+            checkpoint = path.with_name(path.name.removesuffix(INT8_SUFFIX) + ".pth")
             raise CheckpointError(
-                f"int8 model {path}: no such file (python -m training.quantize --checkpoint {path.with_suffix('.pth')} makes it)"
+                f"int8 model {path}: no such file (python -m training.quantize --checkpoint {checkpoint} makes it)"
             )
         options = ort.SessionOptions()
         # The service's threads, as for torch: more than the cores only adds contention.

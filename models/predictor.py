@@ -122,7 +122,13 @@ class Predictor:
                 for name in candidates
             }
         self.speeds = _SPEEDS[key]
-        chosen = fastest(self.speeds)
+        mode = self.checkpoint.measured_tta
+        accuracy = {
+            name: float(figures["accuracy"])
+            for name in candidates
+            if (figures := self.checkpoint.metrics_for(mode, name)) is not None and "accuracy" in figures
+        }
+        chosen = fastest(self.speeds, accuracy)
         logger.info(
             "precision auto: %s (faces/s at batch %s: %s)",
             chosen,
@@ -142,15 +148,19 @@ class Predictor:
         A checkpoint with no per-precision figures keeps the rule every earlier checkpoint was
         served by (bf16 where native) and never gets int8 unmeasured.
         """
+        if len(self.checkpoint.measured_precisions()) < 2:  # evaluated in one precision, or never
+            if precision == "bf16":
+                return True
+            logger.info(
+                "precision auto: the checkpoint stores val figures of one precision only: %s is not a candidate",
+                precision,
+            )
+            return False
         mode = self.checkpoint.measured_tta
         reduced = self.checkpoint.metrics_for(mode, precision)
         full = self.checkpoint.metrics_for(mode, "fp32")
         if reduced is None or full is None:
-            if precision == "bf16" and full is None:
-                return True
-            logger.info(
-                "precision auto: no stored val figures compare %s with fp32, so it is not a candidate", precision
-            )
+            logger.info("precision auto: no stored val figures compare %s with fp32: it is not a candidate", precision)
             return False
         close = float(reduced["accuracy"]) >= float(full["accuracy"]) - ACCURACY_TOLERANCE
         if not close:

@@ -20,6 +20,8 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 ACCURACY_TOLERANCE = 0.003
 # The batch sizes "auto" times: a lone request and the largest batch the service forms.
 TIMED_BATCHES = (1, 32)
+# Paths whose timed speeds are this close count as equally fast (`fastest`).
+SPEED_MARGIN = 0.15
 
 # vdpbf16ps (AVX-512 BF16) or AMX tiles make bf16 matmuls faster than fp32; without them
 # oneDNN emulates bf16 and it is slower than fp32.
@@ -75,10 +77,21 @@ def images_per_second(
             return runs * batch / elapsed
 
 
-def fastest(speeds: Mapping[str, Mapping[int, float]]) -> str:
-    """The path with the highest geometric mean of faces/s over the timed batch sizes.
+def fastest(speeds: Mapping[str, Mapping[int, float]], accuracy: Mapping[str, float]) -> str:
+    """The path to serve: the fastest by the geometric mean of faces/s over the timed batch sizes.
+
+    Paths within `SPEED_MARGIN` of the fastest count as equally fast, and of those the most
+    accurate on val serves (`accuracy`; a path missing from it counts as least accurate): the
+    start-up timing is short and noisy, and replicas of one service should not pick different
+    paths, and give slightly different answers, on a whim.
 
     One path serves every batch: a face's answer must not depend on what it was batched with,
     and switching paths by batch size would make it so.
     """
-    return max(speeds, key=lambda name: math.fsum(math.log(rate) for rate in speeds[name].values()))
+    rates = {
+        name: math.exp(math.fsum(math.log(r) for r in by_batch.values()) / len(by_batch))
+        for name, by_batch in speeds.items()
+    }
+    top = max(rates.values())
+    near = [name for name in speeds if rates[name] * (1 + SPEED_MARGIN) >= top]
+    return max(near, key=lambda name: (accuracy.get(name, -1.0), rates[name]))

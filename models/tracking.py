@@ -126,11 +126,12 @@ class TrackSummary:
     frames: int
 
 
-def summarise(track: Track, classes: Sequence[str], frame_interval_s: float) -> TrackSummary:
-    """Duration in view (first to last sample, plus one sampling interval), mean raw probabilities, their argmax."""
+def summarise(track: Track, classes: Sequence[str], frame_interval_s: float, end_s: float) -> TrackSummary:
+    """Duration in view (first to last sample plus one sampling interval, within the video's `end_s`),
+    mean raw probabilities, their argmax."""
     mean = np.mean([point.probabilities for point in track.points], axis=0)
     return TrackSummary(
-        duration_s=track.last_s - track.first_s + frame_interval_s,
+        duration_s=min(track.last_s + frame_interval_s, max(end_s, track.last_s)) - track.first_s,
         mean_probabilities={name: float(p) for name, p in zip(classes, mean, strict=True)},
         dominant=classes[int(mean.argmax())],
         frames=len(track.points),

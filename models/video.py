@@ -1,9 +1,11 @@
 """Video files: recognise the container, read frames at a chosen rate, and shape the timeline.
 
 OpenCV reads the frames (the opencv-python-headless wheel bundles FFmpeg: MP4, MOV, WebM, MKV,
-AVI). Frames are read in order and only the sampled ones are decoded to pixels (`grab` skips the
-rest cheaply); each sampled frame is scaled down to at most `max_side` pixels on its longer side
-before face detection, so an 8K frame costs one full-size decode and no more memory than that.
+AVI). Every frame is decoded, in order (`grab`; a video codec cannot skip frames it has not
+decoded), but only the sampled ones are converted and kept, each scaled down to at most
+`max_side` pixels on its longer side before face detection: an 8K frame costs one full-size
+decode and no more memory than that. The pixels to decode are bounded (`max_pixels`), from the
+header and again while reading, since the work grows with frame rate × size × length.
 The engine (`Engine.classify_video`) runs detection and the forward passes; `models/tracking.py`
 follows the faces.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLongError
+from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLargeError
 from models.tracking import Track, TrackSummary
 
 # The containers the bundled FFmpeg reads, by their first bytes.
@@ -28,10 +30,17 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
 DEFAULT_FPS = 5.0
 DEFAULT_SMOOTH_S = 0.5
 DEFAULT_MAX_SIDE = 1280
+# A header claiming more frames per second than this is not believed (a browser's WebM can say
+# 1000): frame times then come from the frames' own timestamps.
+MAX_SOURCE_FPS = 240.0
+# ISO base media files that are images, not video (HEIC, AVIF): their brand, after "ftyp".
+IMAGE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avis")
 
 
 def sniff_container(head: bytes) -> str | None:
     """The container a file's first 12+ bytes announce, or None when they announce no video we read."""
+    if head[4:8] == b"ftyp" and head[8:12] in IMAGE_BRANDS:
+        return None
     if head[4:8] == b"ftyp" or head[4:8] in (b"moov", b"mdat", b"free", b"wide"):
         return "mp4"  # ISO base media: MP4, MOV, M4V, 3GP
     if head[:4] == b"\x1a\x45\xdf\xa3":
@@ -66,6 +75,7 @@ class SampledFrame:
     index: int
     rgb: np.ndarray
     scale: float  # the frame's pixels per pixel of `rgb` (1 when not scaled down)
+    size: tuple[int, int]  # the frame's own (width, height), before scaling
 
 
 class VideoReader:
@@ -74,14 +84,18 @@ class VideoReader:
     def __init__(self, path: Path, *, max_side: int = DEFAULT_MAX_SIDE) -> None:
         with Path(path).open("rb") as handle:
             head = handle.read(16)
+        if not head:
+            raise InvalidVideoError(f"the upload is empty: send a video ({CONTAINERS})")
         if sniff_container(head) is None:
             raise UnsupportedVideoError(f"this is not a video file the service reads: send {CONTAINERS}")
         self._capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
         if not self._capture.isOpened():
-            raise InvalidVideoError("the video could not be opened: it is truncated or damaged")
+            raise InvalidVideoError(
+                "the video could not be opened: it is truncated or damaged, or it has no video track"
+            )
         fps = float(self._capture.get(cv2.CAP_PROP_FPS))
         self.info = VideoInfo(
-            fps=fps if math.isfinite(fps) and 0 < fps <= 1000 else 0.0,
+            fps=fps if math.isfinite(fps) and 0 < fps <= MAX_SOURCE_FPS else 0.0,
             frame_count=max(0, int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))),
             width=int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
             height=int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
@@ -112,30 +126,41 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check_length(self, max_seconds: float) -> None:
-        """Refuse a video whose header says it is longer than `max_seconds`."""
+    def check_size(self, max_seconds: float, max_pixels: int) -> None:
+        """Refuse a video whose header says it is longer than `max_seconds`, or has more than `max_pixels` to decode."""
         duration = self.info.duration_s
         if duration is not None and duration > max_seconds + 1e-6:
-            raise VideoTooLongError(
+            raise VideoTooLargeError(
                 f"the video is {duration:.1f} s long, over the limit of {max_seconds:g} s: send a shorter clip"
             )
+        pixels = self.info.width * self.info.height * self.info.frame_count
+        if pixels > max_pixels:
+            raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
 
-    def samples(self, fps: float, max_seconds: float) -> Iterator[SampledFrame]:
+    def samples(self, fps: float, max_seconds: float, max_pixels: int) -> Iterator[SampledFrame]:
         """The frames at `fps` per second of video (the first frame, then one each 1/fps s), in order.
 
-        Raises `VideoTooLongError` on reaching a frame past `max_seconds` (for containers whose
-        header did not say how long they are).
+        Raises `VideoTooLargeError` on reaching a frame past `max_seconds`, or past `max_pixels`
+        decoded (for files whose header did not say, or said too little), and after more frames
+        than `max_seconds` can hold at `MAX_SOURCE_FPS`.
         """
         step = 1.0 / fps
         next_t = 0.0
         index = -1
+        decoded = 0
+        max_frames = int(max_seconds * MAX_SOURCE_FPS) + 1
         while True:
             if not self._capture.grab():
                 return
             index += 1
             t = self._frame_time(index)
-            if t > max_seconds + 1e-6:
-                raise VideoTooLongError(f"the video is longer than the limit of {max_seconds:g} s: send a shorter clip")
+            if t > max_seconds + 1e-6 or index >= max_frames:
+                raise VideoTooLargeError(
+                    f"the video is longer than the limit of {max_seconds:g} s: send a shorter clip"
+                )
+            decoded += self.info.width * self.info.height
+            if decoded > max_pixels:
+                raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
             if t + 1e-6 < next_t:
                 continue
             ok, bgr = self._capture.retrieve()
@@ -145,9 +170,11 @@ class VideoReader:
             yield self._scaled(t, index, bgr)
 
     def _frame_time(self, index: int) -> float:
-        if self.info.fps > 0:
-            return index / self.info.fps
-        return max(0.0, float(self._capture.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0)
+        """The grabbed frame's own timestamp (variable frame rates too), else its index over the header's fps."""
+        stamp = float(self._capture.get(cv2.CAP_PROP_POS_MSEC))
+        if math.isfinite(stamp) and stamp > 0:
+            return stamp / 1000.0
+        return index / self.info.fps if self.info.fps > 0 else 0.0
 
     def _scaled(self, t: float, index: int, bgr: np.ndarray) -> SampledFrame:
         height, width = bgr.shape[:2]
@@ -155,7 +182,7 @@ class VideoReader:
         if scale > 1.0:
             size = (max(1, round(width / scale)), max(1, round(height / scale)))
             bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        return SampledFrame(t, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), scale)
+        return SampledFrame(t, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), scale, (width, height))
 
 
 @dataclass(frozen=True)
@@ -169,3 +196,10 @@ class Timeline:
     tracks: tuple[Track, ...]
     summaries: tuple[TrackSummary, ...]
     tta: str
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"the video has more than {max_pixels:,} pixels to decode ({width}x{height} frames): "
+        "send a shorter clip, or one of fewer pixels or frames per second"
+    )

@@ -84,4 +84,3 @@ def server() -> Iterator[AppServer]:
 
     with app_serving(checkpoint=SHIPPED_CHECKPOINT) as running:
         yield running
-

@@ -136,10 +136,12 @@ def test_stored_metrics_say_which_tta_modes_were_measured_and_give_each_its_figu
     store_metrics(checkpoint_path, main, {"tencrop": {"accuracy": 0.7, "tta": "tencrop"}, "flip": {"accuracy": 0.1}})
     loaded = load_checkpoint(checkpoint_path)
     assert loaded.measured_tta == "flip"
-    assert loaded.measured_tta_modes() == ("flip", "tencrop")  # the main mode is never an alternative
+    # The main mode is never an alternative; "none", stored before (same weights), stays.
+    assert loaded.measured_tta_modes() == ("flip", "none", "tencrop")
     assert loaded.metrics_for("flip") == main
     assert loaded.metrics_for("tencrop") == {**main, "accuracy": 0.7, "tta": "tencrop"}
-    assert loaded.metrics_for("none") is None
+    assert loaded.metrics_for("none") == {**main, "accuracy": 0.5, "tta": "none"}
+    assert loaded.metrics_for("none", "bf16") is None
     assert loaded.training == {"recipe": "test"}  # everything else is left as it was
 
 

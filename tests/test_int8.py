@@ -72,7 +72,8 @@ def test_int8_from_other_weights_is_refused_and_auto_serves_torch(tmp_path: Path
     with pytest.raises(CheckpointError, match="quantised from other weights") as refused:
         Predictor(checkpoint, precision="int8")
     assert "\n" not in str(refused.value) and "training.quantize" in str(refused.value)
-    assert Predictor(checkpoint, precision="auto").precision in ("fp32", "bf16")
+    auto = Predictor(checkpoint, precision="auto")
+    assert auto.precision in ("fp32", "bf16") and "int8" not in auto.speeds
 
 
 def test_an_unreadable_or_missing_int8_file_is_refused(tmp_path: Path) -> None:
@@ -81,15 +82,19 @@ def test_an_unreadable_or_missing_int8_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="ONNX Runtime cannot load it"):
         Predictor(load_checkpoint(checkpoint), precision="int8")
     int8_model_path(checkpoint).unlink()
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(
+        CheckpointError, match=r"no such file \(python -m training.quantize --checkpoint .*model\.pth makes it"
+    ):
         Predictor(load_checkpoint(checkpoint), precision="int8")
-    assert Predictor(load_checkpoint(checkpoint), precision="auto").precision in ("fp32", "bf16")
+    auto = Predictor(load_checkpoint(checkpoint), precision="auto")
+    assert auto.precision in ("fp32", "bf16") and "int8" not in auto.speeds
 
 
 def test_auto_serves_torch_when_onnx_runtime_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` meets when it is not installed
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert Predictor(checkpoint, precision="auto").precision in ("fp32", "bf16")
+    auto = Predictor(checkpoint, precision="auto")
+    assert auto.precision in ("fp32", "bf16") and "int8" not in auto.speeds
     with pytest.raises(CheckpointError, match="ONNX Runtime is not installed"):
         Predictor(checkpoint, precision="int8")
 
@@ -97,15 +102,31 @@ def test_auto_serves_torch_when_onnx_runtime_is_missing(monkeypatch: pytest.Monk
 def test_auto_never_serves_int8_without_figures_that_put_it_near_fp32(tmp_path: Path) -> None:
     checkpoint = copy_with_int8(tmp_path)
     loaded = load_checkpoint(checkpoint)
-    fp32 = loaded.metrics_for("none", "fp32")
-    assert fp32 is not None
+    fp32, bf16 = loaded.metrics_for("none", "fp32"), loaded.metrics_for("none", "bf16")
+    assert fp32 is not None and bf16 is not None
     # int8 measured 0.4 points below fp32: more than auto's 0.3.
-    store_metrics(
-        checkpoint, fp32, precisions={"int8": ({**fp32, "precision": "int8", "accuracy": fp32["accuracy"] - 0.004}, {})}
-    )
-    assert Predictor(load_checkpoint(checkpoint), precision="auto").precision != "int8"
-    store_metrics(checkpoint, fp32)  # no int8 figures at all
-    assert Predictor(load_checkpoint(checkpoint), precision="auto").precision != "int8"
+    lower = {**fp32, "precision": "int8", "accuracy": fp32["accuracy"] - 0.004}
+    store_metrics(checkpoint, fp32, precisions={"int8": (lower, {})})
+    auto = Predictor(load_checkpoint(checkpoint), precision="auto")
+    assert auto.precision != "int8" and "int8" not in auto.speeds
+    # Figures for fp32 and bf16 only: int8 is not a candidate either.
+    payload = read_checkpoint_dict(checkpoint)
+    payload["metrics"]["precision_alternatives"] = {"bf16": bf16}
+    torch.save(payload, checkpoint)
+    auto = Predictor(load_checkpoint(checkpoint), precision="auto")
+    assert auto.precision != "int8" and "int8" not in auto.speeds
+
+
+def test_a_checkpoint_evaluated_in_one_precision_keeps_bf16_and_never_gets_int8(tmp_path: Path) -> None:
+    from models.runtime import cpu_supports_bf16
+
+    checkpoint = copy_with_int8(tmp_path)
+    payload = read_checkpoint_dict(checkpoint)
+    payload["metrics"] = load_checkpoint(SHIPPED_CHECKPOINT).metrics_for("none", "fp32")
+    torch.save(payload, checkpoint)
+    auto = Predictor(load_checkpoint(checkpoint), precision="auto")
+    assert "int8" not in auto.speeds and auto.precision != "int8"
+    assert ("bf16" in auto.speeds) == cpu_supports_bf16()
 
 
 def test_start_up_with_a_mismatched_int8_file_stops_with_one_line(

@@ -270,6 +270,11 @@ def test_evaluate_stores_other_tta_modes_and_the_predictor_serves_their_figures(
         served = loaded.metrics_for(mode)
         assert served is not None and served["tta"] == mode
         assert served["accuracy"] == evaluate.evaluate_predictor(predictor, split)["accuracy"]
-    # Re-measuring without --also-tta drops the old alternatives rather than keeping stale ones.
-    assert evaluate.main([*argv, "--write-metrics"]) == 0
-    assert "tta_alternatives" not in load_checkpoint(checkpoint).metrics
+    # Measuring one mode again replaces its figures and keeps the others' (the same weights):
+    # adding a precision, or a mode, never drops what auto and ?tta= rely on.
+    assert evaluate.main([*argv, "--also-precision", "bf16", "--write-metrics"]) == 0
+    again = load_checkpoint(checkpoint)
+    assert again.measured_tta_modes() == ("none", "flip", "tencrop")
+    assert again.measured_precisions() == ("fp32", "bf16")
+    assert again.metrics_for("tencrop", "fp32") == loaded.metrics_for("tencrop", "fp32")
+    assert again.measured_tta_modes("bf16") == ("none",)

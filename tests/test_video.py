@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +17,12 @@ from cli.main import main as fer
 from cli.video import csv_header
 from models.checkpoint import CLASSES, SHIPPED_CHECKPOINT
 from models.engine import Engine, EngineConfig
-from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLongError
+from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLargeError
 from models.faces import FaceBox
 from models.tracking import Tracker
 from models.video import Timeline
 from tests.images import face_png, write_clip
-from tests.server import AppServer, app_serving, post
+from tests.server import AppServer, app_serving, get, post
 
 # The astronaut's face walking right across a 640×480 frame, 3 s at 10 frames/s.
 WALK = [[(60 + 14 * i, 150)] for i in range(30)]
@@ -142,7 +143,7 @@ def test_bad_videos_are_refused_with_their_reason(engine: Engine, clips: dict[st
         timeline_of(engine, header_only)
     short = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(max_video_seconds=1, threads=1, prepare_workers=1))
     try:
-        with pytest.raises(VideoTooLongError, match="over the limit of 1 s"):
+        with pytest.raises(VideoTooLargeError, match="over the limit of 1 s"):
             timeline_of(short, clips["walk"])
     finally:
         short.close()
@@ -194,7 +195,14 @@ def test_predict_video_answers_a_timeline(video_server: AppServer, clips: dict[s
     status, body = upload(video_server, clips["two"].read_bytes(), fps=2, smooth_s=0.5)
     assert status == 200, body
     assert (body["fps"], body["frames_analysed"], body["smooth_s"], body["tta"]) == (2.0, 4, 0.5, "none")
-    assert body["model"]["precision"] in ("fp32", "bf16", "int8")
+    served = get(f"{video_server.url}/metrics").json()["served_precision"]
+    assert body["model"]["precision"] == served  # type: ignore[index]
+    # The raw body (Content-Type: video/*) gives the same answer as the multipart upload.
+    raw = post(
+        f"{video_server.url}/predict/video", content=clips["two"].read_bytes(), headers={"Content-Type": "video/mp4"},
+        params={"fps": 2, "smooth_s": 0.5}, timeout=60,
+    )  # fmt: skip
+    assert raw.status_code == 200 and raw.json()["tracks"] == body["tracks"]
     tracks = body["tracks"]
     assert [track["id"] for track in tracks] == [1, 2]  # type: ignore[index]
     frame = tracks[0]["frames"][0]  # type: ignore[index]
@@ -206,6 +214,7 @@ def test_predict_video_answers_a_timeline(video_server: AppServer, clips: dict[s
 def test_predict_video_refuses_bad_input_with_the_right_status(video_server: AppServer, clips: dict[str, Path]) -> None:
     walk = clips["walk"].read_bytes()
     cases = {
+        "empty": (b"", 400, "the upload is empty"),
         "not a video": (face_png(2), 415, "MP4, MOV, WebM, MKV or AVI"),
         "truncated": (walk[:3000], 400, "truncated or damaged"),
         "too long": (walk, 413, "over the limit of 2.5 s"),
@@ -218,3 +227,66 @@ def test_predict_video_refuses_bad_input_with_the_right_status(video_server: App
     assert (status, body["tracks"]) == (200, [])
     status, body = upload(video_server, clips["empty"].read_bytes(), fps=30)
     assert status == 422 and "at most 5" in json.dumps(body)
+
+
+def test_cancelling_an_analysis_stops_it_and_leaves_nothing_queued(engine: Engine, tmp_path: Path) -> None:
+    long_walk = write_clip(tmp_path / "long.mp4", WALK * 8)  # 24 s: 120 analysed frames
+    seen: list[int] = []
+
+    async def cancel_after_two_frames() -> None:
+        analysis = asyncio.ensure_future(
+            engine.classify_video(long_walk, on_frame=lambda frame, faces: seen.append(frame.index))
+        )
+        while len(seen) < 2:
+            await asyncio.sleep(0.005)
+        analysis.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await analysis
+
+    asyncio.run(cancel_after_two_frames())
+    assert 2 <= len(seen) < 120
+    # Its faces still queued were cancelled: the batcher drops them as it reaches them.
+    deadline = time.monotonic() + 30
+    while engine.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.queue_depth == 0
+    # The engine is still whole: the next video is analysed in full.
+    assert timeline_of(engine, long_walk, fps=1).frames_analysed == 24
+
+
+def test_a_client_that_leaves_a_video_request_is_logged_as_499_and_the_next_is_served(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
+    import socket
+
+    long_walk = write_clip(tmp_path / "long.mp4", WALK * 8).read_bytes()
+    with app_serving(max_video_seconds=60) as server:
+        head = (
+            f"POST /predict/video HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+            f"Content-Length: {len(long_walk)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(head + long_walk)
+            time.sleep(0.05)  # gone during the upload or the analysis: 499 either way
+        server.wait_for_log(r"POST /predict/video 499")
+        status, body = upload(server, clips["two"].read_bytes())  # and it serves the next one
+        assert status == 200 and len(body["tracks"]) == 2  # type: ignore[arg-type]
+
+
+def test_videos_over_the_job_limit_get_503_and_the_slot_comes_back(clips: dict[str, Path]) -> None:
+    import socket
+
+    walk = clips["walk"].read_bytes()
+    with app_serving(max_video_jobs=1) as server:
+        head = (
+            f"POST /predict/video HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\nContent-Length: {len(walk)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(head + walk[:1000])  # holds the one slot while its upload is unfinished
+            while "fer_video_jobs 1.0" not in get(f"{server.url}/metrics/prometheus").text:
+                time.sleep(0.01)
+            status, body = upload(server, walk)
+            assert status == 503 and "already analysing 1 videos" in str(body["detail"])
+        while "fer_video_jobs 0.0" not in get(f"{server.url}/metrics/prometheus").text:
+            time.sleep(0.01)
+        assert upload(server, clips["two"].read_bytes(), fps=2)[0] == 200

@@ -93,6 +93,14 @@ def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, per
         onnx.helper.set_model_props(model, {WEIGHTS_KEY: weights_sha256(checkpoint.network), RECIPE_KEY: recipe})
         staged = Path(work) / "tagged.onnx"
         onnx.save(model, str(staged))
+        # Loaded the way the service will (hash, runtime, output shape) before it replaces anything.
+        Int8Network(
+            staged,
+            expected_weights=weights_sha256(checkpoint.network),
+            num_classes=len(checkpoint.classes),
+            size=checkpoint.preprocessing.size,
+            threads=torch.get_num_threads(),
+        )
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
         os.close(fd)
@@ -103,14 +111,6 @@ def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, per
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-    # Load it the way the service will: hash, runtime and output shape checked.
-    Int8Network(
-        output,
-        expected_weights=weights_sha256(checkpoint.network),
-        num_classes=len(checkpoint.classes),
-        size=checkpoint.preprocessing.size,
-        threads=torch.get_num_threads(),
-    )
     return recipe
 
 
