@@ -24,21 +24,25 @@ from models.tta import TtaMode
 
 router = APIRouter()
 
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
+
+def upload_body(raw_media_type: str) -> dict[str, object]:
+    """The OpenAPI request body of a one-file route: multipart field `file`, or the raw body of `raw_media_type`."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {"file": binary}, "required": ["file"]}
+                },
+                raw_media_type: {"schema": binary},
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
+        }
     }
-}
+
+
+IMAGE_BODY = upload_body("image/*")
+VIDEO_BODY = upload_body("video/*")
 BATCH_BODY = {
     "requestBody": {
         "required": True,
@@ -50,21 +54,6 @@ BATCH_BODY = {
                     "required": ["files"],
                 }
             }
-        },
-    }
-}
-VIDEO_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "video/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }

@@ -68,13 +68,14 @@ async def read_image(request: Request) -> bytes:
             await form.close()
     if content_type.startswith(("image/", "application/octet-stream")):
         return await request.body()
-    if (
-        not content_type
-        and request.headers.get("content-length", "0") in ("0", "")
-        and "transfer-encoding" not in request.headers
-    ):
+    if not content_type and has_no_body(request):
         raise MissingUpload(f"no file: the request has no body; {HOW_TO_SEND}")
     raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not an image upload: {HOW_TO_SEND}")
+
+
+def has_no_body(request: Request) -> bool:
+    """True when the headers announce no body at all (no length, or zero, and not chunked)."""
+    return request.headers.get("content-length", "0") in ("0", "") and "transfer-encoding" not in request.headers
 
 
 def uploaded_files(form: FormData) -> list[UploadFile]:
@@ -122,10 +123,6 @@ async def read_video(request: Request, destination: Path) -> None:
             async for chunk in request.stream():
                 out.write(chunk)
         return
-    if (
-        not content_type
-        and request.headers.get("content-length", "0") in ("0", "")
-        and "transfer-encoding" not in request.headers
-    ):
+    if not content_type and has_no_body(request):
         raise MissingUpload(f"no file: the request has no body; {HOW_TO_SEND_VIDEO}")
     raise NotAnImageUpload(f"Content-Type {content_type or 'missing'!r} is not a video upload: {HOW_TO_SEND_VIDEO}")

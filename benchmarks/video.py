@@ -234,28 +234,17 @@ def main() -> int:
     }
     server, _ = start_server([sys.executable, "-m", "app"], env, port, "/ready")
     try:
-        status, seconds = post_video(port, long_clip)
-        rss = peak_rss_mb(server.pid)
-        results["service_30s"] = {
-            "status": status,
-            "seconds": seconds,
-            "peak_rss_mb": rss,
-            "bytes": long_clip.stat().st_size,
-        }
-        print(
-            f"POST /predict/video, 30 s 640x480 clip ({long_clip.stat().st_size / 1e6:.1f} MB): {status} in {seconds:.2f} s; peak RSS {rss:.0f} MB"
-        )
-        status, seconds = post_video(port, big_clip)
-        rss = peak_rss_mb(server.pid)
-        results["service_4k"] = {
-            "status": status,
-            "seconds": seconds,
-            "peak_rss_mb": rss,
-            "bytes": big_clip.stat().st_size,
-        }
-        print(
-            f"POST /predict/video, 5 s 3840x2160 clip ({big_clip.stat().st_size / 1e6:.1f} MB): {status} in {seconds:.2f} s; peak RSS since start {rss:.0f} MB"
-        )
+        for key, clip, what in (
+            ("service_30s", long_clip, "30 s 640x480 clip"),
+            ("service_4k", big_clip, "5 s 3840x2160 clip"),
+        ):
+            status, seconds = post_video(port, clip)
+            rss = peak_rss_mb(server.pid)
+            results[key] = {"status": status, "seconds": seconds, "peak_rss_mb": rss, "bytes": clip.stat().st_size}
+            print(
+                f"POST /predict/video, {what} ({clip.stat().st_size / 1e6:.1f} MB): {status} in {seconds:.2f} s; "
+                f"the server's peak RSS since start {rss:.0f} MB"
+            )
     finally:
         server.terminate()
         server.wait()

@@ -34,11 +34,7 @@ def scene_with_face(left: int, top: int, side: int) -> tuple[bytes, tuple[int, i
 
     Returns the JPEG and where the face box should be found.
     """
-    photo = Image.open(ASTRONAUT).convert("RGB")
-    scale = side / ASTRONAUT_FACE[2]
-    photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
-    fx, fy = round(ASTRONAUT_FACE[0] * scale), round(ASTRONAUT_FACE[1] * scale)
-    head = photo.crop((fx - side // 2, fy - side // 2, fx + side + side // 2, fy + side + side // 2))
+    head = astronaut_head(side)
     scene = Image.new("RGB", (640, 480), (120, 130, 140))
     scene.paste(head, (left - side // 2, top - side // 2))
     return encode(scene, "JPEG", quality=92), (left, top, side, side)

@@ -21,7 +21,7 @@ from models.faces import DetectedFace, FaceBox, Framing, crop_geometry, detect_f
 from models.preprocessing import decode_image, decode_photo, to_rgb
 from models.yunet import MODEL_FILE, YuNetDetector
 from tests.conftest import ROOT
-from tests.images import ASTRONAUT, ASTRONAUT_FACE, encode
+from tests.images import astronaut_head, encode
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +29,11 @@ def detector() -> YuNetDetector:
     return YuNetDetector()
 
 
-def head(side: int) -> Image.Image:
-    """The astronaut's head and shoulders, scaled so her face box is about `side` wide."""
-    photo = Image.open(ASTRONAUT).convert("RGB")
-    scale = side / ASTRONAUT_FACE[2]
-    photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
-    fx, fy = round(ASTRONAUT_FACE[0] * scale), round(ASTRONAUT_FACE[1] * scale)
-    return photo.crop((fx - side // 2, fy - side // 2, fx + side + side // 2, fy + side + side // 2))
-
-
 def scene(size: tuple[int, int], heads: list[tuple[int, int, int]]) -> Image.Image:
     """A grey scene with a head pasted per (left, top, face side): its face box starts at (left, top)."""
     picture = Image.new("RGB", size, (120, 130, 140))
     for left, top, side in heads:
-        picture.paste(head(side), (left - side // 2, top - side // 2))
+        picture.paste(astronaut_head(side), (left - side // 2, top - side // 2))
     return picture
 
 
@@ -187,7 +178,7 @@ def test_faces_under_the_minimum_size_are_not_classified_and_the_answer_says_why
 
 
 def test_a_face_crop_is_not_searched(engine: Engine) -> None:
-    crop = head(60).resize((64, 64))
+    crop = astronaut_head(60).resize((64, 64))
     answer = asyncio.run(engine.classify(encode(crop)))
     assert answer.search is None and answer.faces[0].box is None
 
@@ -243,7 +234,7 @@ def test_phone_formats_are_decoded_upright_with_the_pixel_limit(fmt: str) -> Non
 def test_heic_is_decoded_with_the_pixel_limit() -> None:
     # HEIC stores orientation as transform boxes (irot, imir) that libheif applies while decoding,
     # as iPhones write them; pillow-heif then resets the EXIF tag so nothing turns it twice.
-    picture = head(100).resize((300, 200))
+    picture = astronaut_head(100).resize((300, 200))
     data = encode(picture, "HEIF", quality=90)
     image = decode_image(data)
     assert Image.open(io.BytesIO(data)).format == "HEIF" and image.size == (300, 200)
