@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -161,8 +160,9 @@ async def predict_video(
         finally:
             if not analysis.done():
                 analysis.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await analysis
+                # Waited for, not awaited: a cancellation of this request itself (at shutdown)
+                # must still reach it, and the analysis's own end is not this request's error.
+                await asyncio.wait({analysis})
             gone.cancel()
         if not analysis.done() or analysis.cancelled():
             raise ClientDisconnect()

@@ -71,7 +71,7 @@ class QueueRoom:
             if not isinstance(exc, TimeoutError):
                 raise
             raise QueueFullError(
-                f"the service is at capacity: this upload's {len(items)} images waited their turn for room in the "
-                "queue until the deadline; retry in a moment or send fewer images per request"
+                f"the service is at capacity: this request's {len(items)} faces waited their turn for room in the "
+                "queue until the deadline; retry in a moment, or send fewer images per request"
             ) from None
         return futures

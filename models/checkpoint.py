@@ -195,22 +195,34 @@ def store_metrics(
     `metrics["tta"]`, which become the main ones; `alternatives` maps other TTA modes to their
     figures, which `?tta=` serves; `precisions` maps other precisions to their own (metrics,
     alternatives), which a server that runs in that precision reports. Figures already stored
-    for other precisions and modes stay (they describe the same weights); those measured again
-    are replaced.
+    for other precisions and modes stay when they were measured the same way (split, number of
+    images, preprocessing; the weights are the same), so adding a mode or a precision keeps the
+    rest; those measured again are replaced. `drop_figures` forgets a precision's.
     """
+    main_precision = str(metrics.get("precision", "fp32"))
+    blocks = [(main_precision, metrics, alternatives or {})]
+    blocks += [
+        (name, figures, others) for name, (figures, others) in (precisions or {}).items() if name != main_precision
+    ]
     measured: dict[str, dict[str, dict[str, Any]]] = {}
-    for figures, others in [(metrics, alternatives or {}), *(precisions or {}).values()]:
+    for precision, figures, others in blocks:
         mode = check_tta(str(figures.get("tta", "none")))
-        by_mode = measured.setdefault(str(figures.get("precision", "fp32")), {})
-        by_mode[mode] = _bare(figures)
+        by_mode = measured.setdefault(precision, {})
+        by_mode[mode] = {**_bare(figures), "tta": mode, "precision": precision}
         for other, other_figures in others.items():
             if check_tta(other) != mode:  # the main figures of that mode win over a duplicate
-                by_mode[other] = _bare(other_figures)
+                by_mode[other] = {**_bare(figures), **_bare(other_figures), "tta": other, "precision": precision}
     payload = read_checkpoint_dict(path)
-    table = _figure_table(payload["metrics"])
+    # Figures stored before stay only when they were measured the same way (split, images,
+    # preprocessing): a test-split run must not sit beside val figures as if comparable.
+    same_way = {key: metrics[key] for key in ("split", "num_images", "preprocessing") if key in metrics}
+    table = {
+        precision: kept
+        for precision, by_mode in _figure_table(payload["metrics"]).items()
+        if (kept := {m: f for m, f in by_mode.items() if all(f.get(k, v) == v for k, v in same_way.items())})
+    }
     for precision, by_mode in measured.items():
         table.setdefault(precision, {}).update(by_mode)
-    main_precision = str(metrics.get("precision", "fp32"))
     main_mode = check_tta(str(metrics.get("tta", "none")))
     stored = _figure_block(table[main_precision], main_mode)
     others = {
@@ -222,6 +234,25 @@ def store_metrics(
         stored["precision_alternatives"] = others
     payload["metrics"] = stored
     atomic_torch_save(payload, path)
+
+
+def drop_figures(path: Path, precision: str) -> bool:
+    """Forget the stored figures of `precision` (say, int8 after re-quantising); True when there were some."""
+    payload = read_checkpoint_dict(path)
+    stored = dict(payload["metrics"])
+    others = dict(stored.pop("precision_alternatives", {}))
+    if precision in others:
+        del others[precision]
+    elif "accuracy" in stored and str(stored.get("precision", "fp32")) == precision:
+        # Another precision's figures, if any, become the main ones.
+        stored = others.pop(next(iter(others))) if others else {}
+    else:
+        return False
+    if others:
+        stored["precision_alternatives"] = others
+    payload["metrics"] = stored
+    atomic_torch_save(payload, path)
+    return True
 
 
 def _bare(figures: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +267,11 @@ def _figure_table(stored: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for precision, block in blocks.items():
         main = str(block.get("tta", "none"))
-        by_mode = {main: {**_bare(block), "tta": main}}
-        by_mode.update({mode: {**figures, "tta": mode} for mode, figures in block.get("tta_alternatives", {}).items()})
+        base = _bare(block)
+        by_mode = {main: {**base, "tta": main}}
+        by_mode.update(
+            {mode: {**base, **figures, "tta": mode} for mode, figures in block.get("tta_alternatives", {}).items()}
+        )
         table[precision] = by_mode
     return table
 

@@ -424,9 +424,11 @@ class Engine:
             self._prepare_pool, lambda: VideoReader(path, max_side=config.video_max_side)
         )
         window: deque[tuple[SampledFrame, asyncio.Future[tuple[FaceAnswer, ...]]]] = deque()
-        # A face unseen for 1 s ends its track, or for two and a half sampling intervals when those are longer.
+        # A face unseen for 1 s ends its track, or for two and a half sampling intervals when
+        # those are longer (a low rate asked for, or a source with fewer frames than that).
+        interval = max(1.0 / rate, 1.0 / reader.info.fps if reader.info.fps > 0 else 0.0)
         tracker = Tracker(
-            smooth_s=config.video_smooth_s if smooth_s is None else smooth_s, max_gap_s=max(MAX_GAP_S, 2.5 / rate)
+            smooth_s=config.video_smooth_s if smooth_s is None else smooth_s, max_gap_s=max(MAX_GAP_S, 2.5 * interval)
         )
         classes = self.classes
         analysed, last_t = 0, 0.0
@@ -455,15 +457,15 @@ class Engine:
             while window:
                 await settle_first()
         finally:
+            try:  # after a read still running on a prepare thread (the reader's lock), never during it
+                self._prepare_pool.submit(reader.close)
+            except RuntimeError:  # the pool is shut down: nothing else reads
+                reader.close()
             for _, pending in window:
                 pending.cancel()
             # Collected, so a frame that failed beside the one that ended the call is not logged
             # as a never-retrieved exception.
             await asyncio.gather(*(pending for _, pending in window), return_exceptions=True)
-            try:  # after a read still running on a prepare thread, never during it
-                self._prepare_pool.submit(reader.close)
-            except RuntimeError:  # the pool is shut down: nothing else reads
-                reader.close()
         if analysed == 0:
             raise InvalidVideoError("the video has no readable frames: it is empty, truncated or damaged")
         step = 1.0 / rate

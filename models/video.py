@@ -133,8 +133,10 @@ class VideoReader:
             raise VideoTooLargeError(
                 f"the video is {duration:.1f} s long, over the limit of {max_seconds:g} s: send a shorter clip"
             )
+        # Only with a believed frame rate: without one (WebM often), OpenCV's frame count is the
+        # duration times a made-up rate, and the count while reading decides instead.
         pixels = self.info.width * self.info.height * self.info.frame_count
-        if pixels > max_pixels:
+        if self.info.fps > 0 and pixels > max_pixels:
             raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
 
     def samples(self, fps: float, max_seconds: float, max_pixels: int) -> Iterator[SampledFrame]:
@@ -148,6 +150,7 @@ class VideoReader:
         next_t = 0.0
         index = -1
         decoded = 0
+        frame_pixels = self.info.width * self.info.height  # the largest frame seen, once one is retrieved
         max_frames = int(max_seconds * MAX_SOURCE_FPS) + 1
         while True:
             if not self._capture.grab():
@@ -158,7 +161,7 @@ class VideoReader:
                 raise VideoTooLargeError(
                     f"the video is longer than the limit of {max_seconds:g} s: send a shorter clip"
                 )
-            decoded += self.info.width * self.info.height
+            decoded += frame_pixels
             if decoded > max_pixels:
                 raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
             if t + 1e-6 < next_t:
@@ -166,6 +169,7 @@ class VideoReader:
             ok, bgr = self._capture.retrieve()
             if not ok or bgr is None:
                 raise InvalidVideoError(f"frame {index} of the video could not be decoded: it is damaged")
+            frame_pixels = max(frame_pixels, bgr.shape[0] * bgr.shape[1])
             next_t = max(next_t + step, t + step / 2)  # a long gap in the file does not make a burst of samples
             yield self._scaled(t, index, bgr)
 

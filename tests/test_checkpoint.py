@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import CLASSES, load_checkpoint, read_checkpoint_dict, save_checkpoint, store_metrics
+from models.checkpoint import (
+    CLASSES,
+    drop_figures,
+    load_checkpoint,
+    read_checkpoint_dict,
+    save_checkpoint,
+    store_metrics,
+)
 from models.errors import CheckpointError
 from models.network import EmotionRecognitionModelPyTorch
 from models.preprocessing import PreprocessingSpec
@@ -138,11 +145,27 @@ def test_stored_metrics_say_which_tta_modes_were_measured_and_give_each_its_figu
     assert loaded.measured_tta == "flip"
     # The main mode is never an alternative; "none", stored before (same weights), stays.
     assert loaded.measured_tta_modes() == ("flip", "none", "tencrop")
-    assert loaded.metrics_for("flip") == main
-    assert loaded.metrics_for("tencrop") == {**main, "accuracy": 0.7, "tta": "tencrop"}
-    assert loaded.metrics_for("none") == {**main, "accuracy": 0.5, "tta": "none"}
+    labelled = {**main, "precision": "fp32"}  # figures stored without a precision were measured in fp32
+    assert loaded.metrics_for("flip") == labelled
+    assert loaded.metrics_for("tencrop") == {**labelled, "accuracy": 0.7, "tta": "tencrop"}
+    assert loaded.metrics_for("none") == {**labelled, "accuracy": 0.5, "tta": "none"}
     assert loaded.metrics_for("none", "bf16") is None
+    # Figures measured another way (another split) replace what was stored instead of sitting beside it.
+    store_metrics(checkpoint_path, {**main, "split": "test", "num_images": 20})
+    assert load_checkpoint(checkpoint_path).measured_tta_modes() == ("flip",)
     assert loaded.training == {"recipe": "test"}  # everything else is left as it was
+
+
+def test_dropping_a_precisions_figures_keeps_the_others(checkpoint_path: Path) -> None:
+    fp32 = {"accuracy": 0.6, "precision": "fp32", "tta": "none"}
+    store_metrics(checkpoint_path, fp32, precisions={"int8": ({**fp32, "precision": "int8", "accuracy": 0.61}, {})})
+    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32", "int8")
+    assert drop_figures(checkpoint_path, "int8") and not drop_figures(checkpoint_path, "int8")
+    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32",)
+    store_metrics(checkpoint_path, {**fp32, "precision": "int8"}, precisions={"fp32": (fp32, {})})
+    assert drop_figures(checkpoint_path, "int8")  # the main one: fp32's become the main figures
+    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32",)
+    assert load_checkpoint(checkpoint_path).training == {"recipe": "test"}  # everything else is left as it was
 
 
 def test_metrics_of_an_unknown_tta_mode_are_refused(checkpoint_path: Path) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import drop_figures, load_checkpoint
 from models.errors import FerError
 from models.export import export_onnx
 from models.int8 import RECIPE_KEY, WEIGHTS_KEY, Int8Network, int8_model_path, weights_sha256
@@ -157,6 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {output}: {recipe}")
+    if output.resolve() == int8_model_path(args.checkpoint).resolve() and drop_figures(args.checkpoint, "int8"):
+        # The stored int8 figures described the previous file: auto must not serve this one on them.
+        print(
+            "dropped the checkpoint's int8 figures, which described the previous file; measure this one with "
+            f"python -m training.evaluate --checkpoint {args.checkpoint} --precision fp32 --also-precision int8 "
+            "--write-metrics (auto serves int8 only once they are stored)"
+        )
     return 0
 
 
