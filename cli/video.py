@@ -106,7 +106,8 @@ async def analyse(engine: Engine, path: Path, *, progress: bool) -> Timeline:
         else:
             bar = tqdm(unit="frame", file=sys.stderr)
     try:
-        return await engine.classify_video(path, on_frame=(lambda frame, faces: bar.update(1)) if bar else None)
+        on_frame = (lambda frame, faces: bar.update(1)) if bar is not None else None
+        return await engine.classify_video(path, on_frame=on_frame)
     finally:
         if bar is not None:
             bar.close()
@@ -187,17 +188,23 @@ def plot_timeline(timeline: Timeline, path: Path) -> None:
     panels = max(1, len(tracks))
     fig, axes = plt.subplots(panels, 1, figsize=(9, 2.2 * panels + 0.6), sharex=True, squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, track in zip(axes[:, 0], tracks, strict=False):
+    for ax, track, summary in zip(axes[:, 0], tracks, timeline.summaries, strict=False):
         times = [point.t for point in track.points]
         for index, name in enumerate(timeline.classes):
             ax.plot(times, [point.smoothed[index] for point in track.points], color=colours(index), label=name, lw=1.6)
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"track {track.id}")
+        ax.set_title(
+            f"track {track.id}: mostly {summary.dominant}, {track.first_s:.1f}-{track.last_s:.1f} s",
+            fontsize=9, loc="left",
+        )  # fmt: skip
         ax.grid(alpha=0.3)
     if not tracks:
         axes[0, 0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0, 0].transAxes)
-    axes[0, 0].legend(ncol=7, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.02), frameon=False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:  # one legend for every panel, above them
+        fig.legend(handles, labels, ncol=7, fontsize=8, loc="upper center", frameon=False)
     axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -155,7 +155,7 @@ def test_bad_videos_are_refused_with_their_reason(engine: Engine, clips: dict[st
 def test_fer_video_writes_csv_jsonl_and_a_plot(clips: dict[str, Path], tmp_path: Path) -> None:
     table, lines, plot = tmp_path / "t.csv", tmp_path / "t.jsonl", tmp_path / "t.png"
     assert fer(["video", str(clips["two"]), "--output", str(table), "--plot", str(plot), "--fps", "2"]) == 0
-    assert fer(["video", str(clips["two"]), "--output", str(lines), "--fps", "2", "--smooth", "0"]) == 0
+    assert fer(["video", str(clips["two"]), "--output", str(lines), "--fps", "2", "--smooth", "0", "--progress"]) == 0
     with table.open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == csv_header(CLASSES)
