@@ -162,25 +162,20 @@ def ordinary(port: int, seconds: float, pid: int) -> dict[str, Any]:
     end = time.monotonic() + seconds
     peak = rss_mb(pid)
 
-    def faces() -> None:
+    def client_loop(name: str, blob: bytes, ms: list[float], statuses: dict[int, int], pause_s: float) -> None:
         with httpx.Client(timeout=30) as client:
             while time.monotonic() < end:
                 started = time.perf_counter()
-                status = client.post(url, files={"file": ("f.jpg", face)}).status_code
-                face_ms.append((time.perf_counter() - started) * 1000)
-                face_statuses[status] = face_statuses.get(status, 0) + 1
-
-    def photos() -> None:
-        with httpx.Client(timeout=30) as client:
-            while time.monotonic() < end:
-                started = time.perf_counter()
-                status = client.post(url, files={"file": ("p.jpg", photo)}).status_code
-                photo_ms.append((time.perf_counter() - started) * 1000)
-                photo_statuses[status] = photo_statuses.get(status, 0) + 1
-                time.sleep(0.5)
+                status = client.post(url, files={"file": (name, blob)}).status_code
+                ms.append((time.perf_counter() - started) * 1000)
+                statuses[status] = statuses.get(status, 0) + 1
+                time.sleep(pause_s)
 
     with ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(faces), pool.submit(photos)]
+        running = [
+            pool.submit(client_loop, "f.jpg", face, face_ms, face_statuses, 0.0),
+            pool.submit(client_loop, "p.jpg", photo, photo_ms, photo_statuses, 0.5),
+        ]
         while not all(future.done() for future in running):
             peak = max(peak, rss_mb(pid))
             time.sleep(0.1)

@@ -43,15 +43,6 @@ def weights_sha256(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def runtime_available() -> str | None:
-    """None when ONNX Runtime imports here, else the one-line reason it does not."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return f"ONNX Runtime is not installed ({exc})"
-    return None
-
-
 class Int8Network:
     """The quantised network in an ONNX Runtime session: normalised faces → fp32 logits.
 
@@ -60,10 +51,10 @@ class Int8Network:
     """
 
     def __init__(self, path: Path, *, expected_weights: str, num_classes: int, size: int, threads: int) -> None:
-        reason = runtime_available()
-        if reason is not None:
-            raise CheckpointError(f"int8 model {path}: {reason}")
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise CheckpointError(f"int8 model {path}: ONNX Runtime is not installed ({exc})") from None
 
         if not path.is_file():
             checkpoint = path.with_name(path.name.removesuffix(INT8_SUFFIX) + ".pth")

@@ -11,6 +11,7 @@ reduced precision is a candidate only when the checkpoint's stored val accuracy 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -114,7 +115,7 @@ class Predictor:
                 logger.warning("precision auto: not serving int8 (%s)", exc)
         if len(candidates) == 1:
             return candidates[0]
-        key = (weights_sha256(self.checkpoint.network), tuple(candidates), self.threads)
+        key = (self.weights_sha256, tuple(candidates), self.threads)
         if key not in _SPEEDS:
             size = self.checkpoint.preprocessing.size
             _SPEEDS[key] = {
@@ -136,6 +137,11 @@ class Predictor:
             ", ".join(f"{name} {'/'.join(f'{r:.0f}' for r in rates.values())}" for name, rates in self.speeds.items()),
         )
         return chosen
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The hash that ties an int8 file to these weights (computed once: it reads every tensor)."""
+        return weights_sha256(self.checkpoint.network)
 
     @property
     def int8_recipe(self) -> str:
@@ -174,7 +180,7 @@ class Predictor:
         """The checkpoint's quantised network; raises `CheckpointError` when it is missing or not these weights."""
         return Int8Network(
             int8_model_path(self.checkpoint.path),
-            expected_weights=weights_sha256(self.checkpoint.network),
+            expected_weights=self.weights_sha256,
             num_classes=len(self.checkpoint.classes),
             size=self.checkpoint.preprocessing.size,
             threads=self.threads,

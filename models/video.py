@@ -104,11 +104,6 @@ class VideoReader:
         # Reads and the release take turns: a capture released under a running read crashes OpenCV.
         self._lock = threading.Lock()
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the frames, in the video's pixels."""
-        return self.info.width, self.info.height
-
     def next_sample(self, samples: Iterator[SampledFrame]) -> SampledFrame | None:
         """The next of `samples` (from `samples()`), or None at the end; safe beside `close` on another thread."""
         with self._lock:

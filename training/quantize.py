@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import drop_figures, load_checkpoint
+from models.checkpoint import Checkpoint, drop_figures, load_checkpoint
 from models.errors import FerError
 from models.export import export_onnx
 from models.int8 import RECIPE_KEY, WEIGHTS_KEY, Int8Network, int8_model_path, weights_sha256
@@ -46,7 +46,7 @@ def calibration_faces(pixels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return pixels[chosen]
 
 
-def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, percentile: float) -> str:
+def quantise(checkpoint: Checkpoint, calibration: torch.Tensor, output: Path, percentile: float) -> str:
     """Write the int8 model of a checkpoint to `output`, calibrated on normalised faces; returns its recipe line."""
     import onnx
     from onnxruntime.quantization import (
@@ -58,7 +58,7 @@ def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, per
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    checkpoint = load_checkpoint(checkpoint_path)
+    weights = weights_sha256(checkpoint.network)
     network = fuse_for_inference(checkpoint.network, pool_before_relu=False)
     batches = [{"faces": chunk.numpy()} for chunk in torch.split(calibration, 64)]
 
@@ -90,13 +90,13 @@ def quantise(checkpoint_path: Path, calibration: torch.Tensor, output: Path, per
             extra_options={"CalibPercentile": percentile},
         )
         model = onnx.load(str(quantised))
-        onnx.helper.set_model_props(model, {WEIGHTS_KEY: weights_sha256(checkpoint.network), RECIPE_KEY: recipe})
+        onnx.helper.set_model_props(model, {WEIGHTS_KEY: weights, RECIPE_KEY: recipe})
         staged = Path(work) / "tagged.onnx"
         onnx.save(model, str(staged))
         # Loaded the way the service will (hash, runtime, output shape) before it replaces anything.
         Int8Network(
             staged,
-            expected_weights=weights_sha256(checkpoint.network),
+            expected_weights=weights,
             num_classes=len(checkpoint.classes),
             size=checkpoint.preprocessing.size,
             threads=torch.get_num_threads(),
@@ -149,10 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     output = args.output or int8_model_path(args.checkpoint)
     try:
-        spec = load_checkpoint(args.checkpoint).preprocessing
+        checkpoint = load_checkpoint(args.checkpoint)
+        spec = checkpoint.preprocessing
         split = load_split((args.data_dir or default_data_dir()) / args.split, spec, cache_dir=args.cache_dir)
         faces = calibration_faces(split.pixels, args.images, args.seed)
-        recipe = quantise(args.checkpoint, to_model_input(torch.from_numpy(faces), spec), output, args.percentile)
+        recipe = quantise(checkpoint, to_model_input(torch.from_numpy(faces), spec), output, args.percentile)
     except (FerError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
