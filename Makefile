@@ -22,8 +22,11 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/python -m app
 
+# Two workers: a third of the suite's wall time is child processes starting (torchrun, SIGTERM, the CLI),
+# which leave a core idle; more workers than cores only add start-ups (each loads torch and a server).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check models training app cli tests benchmarks
