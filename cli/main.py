@@ -89,6 +89,12 @@ def progress_bar(total: int, enabled: bool) -> Any:
 
 def predict_command(args: argparse.Namespace) -> int:
     """`fer predict`: every file through the engine, written as it comes; 1 when every file failed."""
+    if args.engine == "ray":
+        return ray_predict(args)
+    for flag, value in (("--address", args.address), ("--workers", args.workers), ("--resume", args.resume)):
+        if value:
+            print(f"fer: {flag} is for --engine ray", file=sys.stderr)
+            return 2
     config = EngineConfig(
         precision=args.precision, tta=args.tta, max_batch=args.batch_size, queue_size=max(256, 2 * args.batch_size)
     )
@@ -114,6 +120,29 @@ def predict_command(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     return 1 if failures == len(files) and files else 0
+
+
+def ray_predict(args: argparse.Namespace) -> int:
+    """`fer predict --engine ray`: the same rows as Parquet or CSV part files, on a Ray cluster."""
+    from cli.scale import RayJob, ray_predict_command
+
+    if args.output is None:
+        print("fer: --engine ray writes a folder of part files: name it with --output results.parquet", file=sys.stderr)
+        return 2
+    job = RayJob(
+        inputs=tuple(args.paths),
+        output=args.output,
+        checkpoint=args.checkpoint or Settings().checkpoint,
+        precision=args.precision,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.address,
+        resume=args.resume,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
+    )
+    return ray_predict_command(job)
 
 
 async def write_results(
@@ -181,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar on stderr (default: when it is a terminal)",
     )
+
+    scale = predict.add_argument_group(
+        "on Ray (pip install 'fer-service[scale]')",
+        "--engine ray classifies on a Ray cluster: long-lived workers that each load the model once, "
+        "results written as part files under --output (results.parquet or results.csv), a failed file "
+        "a row with its error. Paths in a CSV/Parquet manifest (a `path` column) are read relative to it.",
+    )
+    scale.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="local: this process; ray: a Ray cluster"
+    )
+    scale.add_argument(
+        "--address", default=None, help="an existing Ray cluster (ray://host:10001 or auto); default: a local one"
+    )
+    scale.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="workers, each loading the model once (default: CPUs / cpus-per-worker)",
+    )
+    scale.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch and decoding threads) per worker")
+    scale.add_argument("--resume", action="store_true", help="skip the files already in --output, from an earlier run")
 
     add_video_parser(commands, defaults)
 

@@ -91,6 +91,7 @@ def test_fer_has_help_for_every_command(command: str, capsys: pytest.CaptureFixt
 KNOWN_EXTRAS_ONLY = {
     *("tqdm", "matplotlib"),  # train
     *("onnx", "onnxscript"),  # export
+    *("ray", "pyarrow"),  # scale
     *("pytest", "hypothesis", "schemathesis", "playwright"),  # dev
 }
 
