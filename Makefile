@@ -24,9 +24,11 @@ serve: $(VENV)/.installed
 
 # Two workers: a third of the suite's wall time is child processes starting (torchrun, SIGTERM, the CLI),
 # which leave a core idle; more workers than cores only add start-ups (each loads torch and a server).
+# Bytecode caching on even where the environment turns it off: the suite starts some twenty Python
+# processes (workers, servers, torchrun ranks, Ray actors) that would each compile the project again.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check models training app cli tests benchmarks

@@ -215,6 +215,21 @@ def resolve_precision(checkpoint: Path, precision: Precision) -> str:
     return Predictor(load_checkpoint(checkpoint), precision="auto").precision
 
 
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address`, or start a local one on this machine's CPUs (None)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network call home from a batch job
+    # Ray's C++ core logs notes such as how it restarts actors at ERROR on the driver's stderr;
+    # real failures still reach this process as exceptions, and the cluster's logs keep everything.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None:
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
+    else:
+        ray.init(address=address, **options)
+
+
 def run_on_ray(job: RayJob) -> RayRun:
     """Classify every listed file not yet in `job.output` on Ray Data; returns what was done."""
     try:
@@ -236,17 +251,9 @@ def run_on_ray(job: RayJob) -> RayRun:
     if not pending:
         return RayRun(classified=0, skipped=len(work) - len(pending), failed=0, precision=precision)
 
-    started_here = not ray.is_initialized()
+    started_here = not ray.is_initialized()  # a caller that connected already keeps its cluster
     if started_here:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network call home from a batch job
-        # Ray's C++ core logs notes such as how it restarts actors at ERROR on the driver's stderr;
-        # real failures still reach this process as exceptions, and the cluster's logs keep everything.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-        if job.address is None:
-            ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
-        else:
-            ray.init(address=job.address, **options)
+        connect(job.address)
     # Without a progress bar Ray Data would log each operator's state instead: only its warnings then.
     logging.getLogger("ray.data").setLevel(logging.INFO if job.progress else logging.ERROR)
     try:

@@ -23,6 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CHECKPOINT = ROOT / "models" / "checkpoint.pth"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `slow` first, so that `make test`'s two workers do not end on one long test.
+
+    Scheduling only: every test stands alone and passes in any order (-k, one file, one worker).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
 def make_face(seed: int, size: int = 48) -> Image.Image:
     """A deterministic grayscale 'face': a bright ellipse with dark eyes and a mouth, plus noise."""
     rng = np.random.default_rng(seed)

@@ -458,6 +458,7 @@ def test_bad_checkpoint_stops_start_up_with_one_line(
     assert "pwned" not in captured.out + captured.err  # weights_only never ran the pickle's code
 
 
+@pytest.mark.slow
 def test_python_m_app_with_a_bad_checkpoint_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
     write_bad_checkpoint(path, "pickle with code")
@@ -506,6 +507,7 @@ def refuses_connections(port: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     # fp32: what is under test is the shutdown, and a named precision skips auto's start-up timing.
     server = Server(
@@ -540,6 +542,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     assert "Finished server process" in server.log()
 
 
+@pytest.mark.slow
 def test_requests_still_running_when_the_shutdown_window_ends_get_a_json_503(tmp_path: Path) -> None:
     server = Server(
         tmp_path / "s.log",
@@ -568,36 +571,34 @@ def test_requests_still_running_when_the_shutdown_window_ends_get_a_json_503(tmp
     assert "Traceback" not in server.log()
 
 
-def test_all_of_val_through_the_api_reproduces_the_stored_accuracy(server: AppServer, fer2013_dir: Path) -> None:
-    stored = get(f"{server.url}/metrics").json()
-    files = sorted((fer2013_dir / "val").glob("*/*"))
-    assert len(files) == stored["num_images"]
-    results, _ = predict_batches(server, files, {})
-    correct = sum(result["label"] == path.parent.name for result, path in zip(results, files, strict=True))
-    assert abs(correct / len(files) - stored["accuracy"]) <= 0.005
-
-
-def test_ten_crop_asked_per_request_answers_as_the_evaluation_that_measured_it(
-    server: AppServer, fer2013_dir: Path
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", [None, "tencrop"], ids=["served tta", "tta=tencrop asked per request"])
+def test_val_through_the_api_answers_as_the_evaluation_that_measured_it(
+    server: AppServer, fer2013_dir: Path, tta: str | None
 ) -> None:
-    # Ten crops cost ten forward passes: every 16th face of val (225, all classes) through the API, face by face
-    # against the predictor that `training.evaluate --also-tta tencrop` runs, in the precision the server serves.
+    # Every 16th face of val (225, all classes) through the API, face by face against the predictor that
+    # `training.evaluate` runs, in the precision the server serves. That evaluation reproduces the stored
+    # figures over all of val (tests/test_training.py), so the API answers what /metrics reports.
     from models.predictor import Predictor
     from models.preprocessing import to_model_input
     from training.data import load_split
 
-    served = get(f"{server.url}/metrics", params={"tta": "tencrop"}).json()
-    assert served["tta"] == "tencrop" and served["num_images"] == 3589
+    params = {"tta": tta} if tta else {}
+    served = get(f"{server.url}/metrics", params=params).json()
+    assert served["num_images"] == 3589
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
     split = load_split(fer2013_dir / "val", checkpoint.preprocessing)
-    chosen = range(0, len(split), 16)
-    files = [fer2013_dir / "val" / split.paths[index] for index in chosen]
-    results, modes = predict_batches(server, files, {"tta": "tencrop"})
-    assert modes == {"tencrop"}
+    files = [fer2013_dir / "val" / path for path in split.paths[::16]]
+    results, modes = predict_batches(server, files, params)
+    assert modes == {served["tta"]}
     faces = to_model_input(torch.from_numpy(split.pixels[::16]), checkpoint.preprocessing)
-    offline = Predictor(checkpoint, precision=served["served_precision"], tta="tencrop").predict_tensors(faces)
+    predictor = Predictor(checkpoint, precision=served["served_precision"], tta=served["tta"])
+    offline = predictor.predict_tensors(faces)
     answered = np.array([[result["probabilities"][name] for name in checkpoint.classes] for result in results])
     assert np.abs(answered - offline).max() <= 1e-5
+    correct = [result["label"] == path.parent.name for result, path in zip(results, files, strict=True)]
+    # A class-order mix-up would agree with itself offline: the accuracy is the stored one's, within 225 faces' spread.
+    assert abs(np.mean(correct) - served["accuracy"]) <= 0.1
 
 
 def predict_batches(

@@ -135,6 +135,7 @@ def extras_only_modules() -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_fer_predict_works_from_an_install_without_the_extras(tmp_path: Path) -> None:
     blocked = extras_only_modules()
     assert blocked >= KNOWN_EXTRAS_ONLY, KNOWN_EXTRAS_ONLY - blocked
@@ -188,6 +189,7 @@ def test_torchscript_export_matches_pytorch(tmp_path: Path, faces: torch.Tensor)
     assert np.abs(exported - reference_logits(faces)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path: Path, faces: torch.Tensor) -> None:
     onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     out = tmp_path / "model.onnx"

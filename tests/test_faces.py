@@ -252,6 +252,7 @@ def kdef_dir() -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_face_is_found_in_nearly_every_kdef_dev_photo_at_every_angle(detector: YuNetDetector) -> None:
     paths = sorted(kdef_dir().glob("*/*.JPG"))
 

@@ -168,6 +168,7 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_after_every_hostile_case_the_server_is_healthy_and_its_memory_has_not_grown(tmp_path: Path) -> None:
     # A process of its own: its resident memory is the server's alone, not the test runner's.
     server = Server(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.conftest import SHIPPED_CHECKPOINT
 from tests.images import face_png
 from tests.server import app_serving, post
@@ -36,6 +38,7 @@ async def client(port: int, request: bytes, results: list[tuple[int, bool]]) -> 
         await writer.wait_closed()
 
 
+@pytest.mark.slow
 def test_overload_gets_200_or_503_and_recovers() -> None:
     with app_serving(checkpoint=SHIPPED_CHECKPOINT, queue_size=64) as server:
         body = face_png()

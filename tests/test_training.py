@@ -89,6 +89,7 @@ def test_resume_with_other_settings_is_refused(
     assert "resume with the same flags" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_with_a_resumable_state(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     flags = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
@@ -190,6 +191,7 @@ def test_calibration_error_of_hand_made_probabilities() -> None:
     assert expected_calibration_error(np.array([0]), certain) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path, tmp_path: Path) -> None:
     shipped = load_checkpoint(SHIPPED_CHECKPOINT)
     out = tmp_path / "val.json"
@@ -224,6 +226,7 @@ def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> Non
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir, output = tmp_path / "ddp", tmp_path / "ddp.pth"
     command = [
