@@ -260,7 +260,8 @@ def run_on_ray(job: RayJob) -> RayRun:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = job.progress
         context.enable_operator_progress_bars = job.progress
-        workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // job.cpus_per_worker)
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
+        workers = job.workers or max(1, cpus // job.cpus_per_worker)
         # A few blocks a worker, so that the last ones are shared out; a short resumed run may need
         # fewer workers than asked, so the pool starts at `workers` and may shrink to one.
         blocks = min(len(pending), max(workers, min(-(-len(pending) // job.batch_size), 4 * workers)))
