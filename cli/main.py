@@ -129,6 +129,14 @@ def ray_predict(args: argparse.Namespace) -> int:
     if args.output is None:
         print("fer: --engine ray writes a folder of part files: name it with --output results.parquet", file=sys.stderr)
         return 2
+    for flag, value in (
+        ("--workers", args.workers),
+        ("--cpus-per-worker", args.cpus_per_worker),
+        ("--batch-size", args.batch_size),
+    ):
+        if value is not None and value < 1:
+            print(f"fer: {flag} {value}: give a whole number of at least 1", file=sys.stderr)
+            return 2
     job = RayJob(
         inputs=tuple(args.paths),
         output=args.output,
