@@ -65,6 +65,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.tune --json benchmarks/results/tune.json
 	$(BIN)/python -m benchmarks.profile --json benchmarks/results/profile.json
 	$(BIN)/python -m benchmarks.video --json benchmarks/results/video.json | tee benchmarks/results/video.txt
+	$(BIN)/python -m benchmarks.scale --json benchmarks/results/scale.json | tee benchmarks/results/scale.txt
 	$(BIN)/python -m benchmarks.report --results benchmarks/results --out benchmarks/RESULTS.md
 
 soak: $(VENV)/.installed

@@ -156,6 +156,8 @@ def render(results: Path) -> str:
     if (results / "threads.json").is_file():
         lines += render_threads(json.loads((results / "threads.json").read_text()))
     lines += printed_section(results / "video.txt", "9. Video (`python -m benchmarks.video`; docs/video.md)")
+    if (results / "scale.json").is_file():
+        lines += render_scale(json.loads((results / "scale.json").read_text()))
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +279,23 @@ def render_threads(threads: dict[str, Any]) -> list[str]:
     """The thread combinations at 8 clients."""
     lines = ["", "## 8. Threads (`python -m benchmarks.threads`), 8 clients", "", f"`{threads['machine']}`", ""]
     return lines + service_table(threads["rows"])
+
+
+def render_scale(scale: dict[str, Any]) -> list[str]:
+    """Local fer predict against Ray with 1 and 2 workers, in one run."""
+    lines = ["", "## 10. Batch inference on Ray (`python -m benchmarks.scale`; docs/scale.md)", ""]
+    lines += [f"`{scale['machine']}`", "", "fp32 everywhere; start-up is the same command on one image.", ""]
+    lines += [
+        "| set | engine | images | wall s | start-up s | steady images/s | end-to-end images/s | peak RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in scale["runs"]:
+        steady = "–" if r["steady_images_per_s"] is None else f"{r['steady_images_per_s']:.0f}"
+        lines.append(
+            f"| {r['set']} | {r['engine']} | {r['images']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {steady} "
+            f"| {r['end_to_end_images_per_s']:.0f} | {r['peak_rss_mb']} |"
+        )
+    return lines
 
 
 def main() -> int:
