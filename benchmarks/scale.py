@@ -53,13 +53,15 @@ def tree_rss_mb(root: int) -> float:
         values = dict(line.split(":", 1) for line in fields if ":" in line)
         parents[int(entry.name)] = int(values.get("PPid", "0").strip())
         rss[int(entry.name)] = int(values.get("VmRSS", "0 kB").split()[0]) if "VmRSS" in values else 0
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
     members, frontier = {root}, [root]
     while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in members:
-                members.add(pid)
-                frontier.append(pid)
+        for child in children.get(frontier.pop(), []):
+            if child not in members:
+                members.add(child)
+                frontier.append(child)
     return sum(rss.get(pid, 0) for pid in members) / 1024
 
 
@@ -143,7 +145,9 @@ def main() -> int:
     args = parser.parse_args()
     fer2013 = Path(os.environ.get("FER2013_DIR", ROOT.parent / "shared/datasets/fer2013"))
     kdef = Path(os.environ.get("KDEF_DIR", ROOT.parent / "shared/datasets/kdef-dev"))
-    print(machine_line(), flush=True)
+    import ray
+
+    print(machine_line(), f"ray {ray.__version__}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fer-scale-") as temp:
         workdir = Path(temp)
@@ -160,7 +164,7 @@ def main() -> int:
         for name, folder, count in sets:
             one = next(iter(sorted(folder.iterdir())))
             rows += measure(name, folder, one, count, workdir)
-    write_results(args.json, machine=machine_line(), runs=rows)
+    write_results(args.json, machine=machine_line(), ray=ray.__version__, runs=rows)
     return 0
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO
@@ -24,40 +24,17 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from app.settings import Settings, settings_error_line
+from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
 from cli.video import add_video_parser, video_command
 from models.checkpoint import load_checkpoint
-from models.engine import Engine, EngineConfig, ImageAnswer
+from models.engine import Engine, EngineConfig
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
-from models.preprocessing import IMAGE_SUFFIXES
 from models.runtime import PRECISIONS
 from models.tta import TTA_MODES, TtaMode
 from training.helpformat import DefaultsHelpFormatter
 
 PASS_THROUGH = ("train", "evaluate", "plots")
-
-
-def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
-    """Files as given, and the images under directories, recursively, in sorted order."""
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            yield path
-
-
-def result_row(path: Path, answer: ImageAnswer | Exception) -> dict[str, Any]:
-    """One file's result as `fer predict` writes it: label, confidence, probabilities, the face box."""
-    if isinstance(answer, Exception):
-        return {"path": str(path), "error": str(answer)}
-    face = answer.faces[0]
-    return {
-        "path": str(path),
-        "label": face.prediction.label,
-        "confidence": face.prediction.confidence,
-        "probabilities": face.prediction.probabilities,
-        "face": face.box.as_list() if face.box else None,
-    }
 
 
 async def classify_files(
@@ -66,16 +43,11 @@ async def classify_files(
     """One result per file, in order, through the engine; unreadable files get an "error"."""
     for start in range(0, len(files), chunk):
         paths = files[start : start + chunk]
-        blobs: list[bytes | OSError] = []
-        for path in paths:
-            try:
-                blobs.append(path.read_bytes())
-            except OSError as exc:
-                blobs.append(exc)
+        blobs = [read_image_file(path) for path in paths]
         readable = [blob for blob in blobs if isinstance(blob, bytes)]
         answers = iter(await engine.classify_batch(readable, tta=tta))
         for path, blob in zip(paths, blobs, strict=True):
-            yield result_row(path, blob if isinstance(blob, OSError) else next(answers))
+            yield result_row(str(path), blob if isinstance(blob, OSError) else next(answers))
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
@@ -89,10 +61,14 @@ def progress_bar(total: int, enabled: bool) -> Any:
 
 def predict_command(args: argparse.Namespace) -> int:
     """`fer predict`: every file through the engine, written as it comes; 1 when every file failed."""
+    if args.batch_size < 1:
+        print(f"fer: --batch-size {args.batch_size}: give a whole number of at least 1", file=sys.stderr)
+        return 2
     if args.engine == "ray":
         return ray_predict(args)
-    for flag, value in (("--address", args.address), ("--workers", args.workers), ("--resume", args.resume)):
-        if value:
+    ray_only = (args.address, args.workers, args.cpus_per_worker, args.resume or None)
+    for flag, value in zip(("--address", "--workers", "--cpus-per-worker", "--resume"), ray_only, strict=True):
+        if value is not None:
             print(f"fer: {flag} is for --engine ray", file=sys.stderr)
             return 2
     config = EngineConfig(
@@ -111,7 +87,7 @@ def predict_command(args: argparse.Namespace) -> int:
                     bar.update(1)
                     yield row
 
-            return await write_results(rows(), args.format, engine.classes, out)
+            return await write_results(rows(), args.format or "jsonl", engine.classes, out)
 
     try:
         failures = asyncio.run(run())
@@ -129,11 +105,12 @@ def ray_predict(args: argparse.Namespace) -> int:
     if args.output is None:
         print("fer: --engine ray writes a folder of part files: name it with --output results.parquet", file=sys.stderr)
         return 2
-    for flag, value in (
-        ("--workers", args.workers),
-        ("--cpus-per-worker", args.cpus_per_worker),
-        ("--batch-size", args.batch_size),
-    ):
+    if args.format is not None:
+        print(
+            "fer: --engine ray takes its format from --output's name (.parquet or .csv), not --format", file=sys.stderr
+        )
+        return 2
+    for flag, value in (("--workers", args.workers), ("--cpus-per-worker", args.cpus_per_worker)):
         if value is not None and value < 1:
             print(f"fer: {flag} {value}: give a whole number of at least 1", file=sys.stderr)
             return 2
@@ -145,7 +122,7 @@ def ray_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         batch_size=args.batch_size,
         workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker or 1,
         address=args.address,
         resume=args.resume,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
@@ -160,7 +137,7 @@ async def write_results(
     failures = 0
     writer = csv.writer(out) if output_format == "csv" else None
     if writer:
-        writer.writerow(["path", "label", "confidence", *classes, "face", "error"])
+        writer.writerow(csv_columns(classes))
     elif output_format == "table":
         out.write(f"{'label':<9} {'conf':>5}  path\n")
     async for result in results:
@@ -177,7 +154,7 @@ async def write_results(
                     f"{result.get('confidence', 0):.4f}" if "label" in result else "",
                 ]
                 + [f"{probabilities[c]:.4f}" if probabilities else "" for c in classes]
-                + [" ".join(map(str, face)) if face else "", result.get("error", "")]
+                + [face_text(face) or "", result.get("error", "")]
             )
         elif "error" in result:
             out.write(f"{'error':<9} {'':>5}  {result['path']}: {result['error']}\n")
@@ -201,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
     )
-    predict.add_argument("--format", choices=("jsonl", "table", "csv"), default="jsonl", help="output format")
+    predict.add_argument(
+        "--format", choices=("jsonl", "table", "csv"), default=None, help="output format (default: jsonl)"
+    )
     predict.add_argument("--output", type=Path, default=None, help="write here instead of standard output")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     predict.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision")
@@ -237,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="workers, each loading the model once (default: CPUs / cpus-per-worker)",
     )
-    scale.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch and decoding threads) per worker")
+    scale.add_argument(
+        "--cpus-per-worker", type=int, default=None, help="CPUs (torch and decoding threads) per worker (default: 1)"
+    )
     scale.add_argument("--resume", action="store_true", help="skip the files already in --output, from an earlier run")
 
     add_video_parser(commands, defaults)

@@ -16,13 +16,14 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
 from models.checkpoint import load_checkpoint
-from models.engine import Engine, EngineConfig, ImageAnswer
+from models.engine import Engine, EngineConfig
 from models.errors import FerError
 from models.predictor import Predictor
 from models.runtime import Precision
@@ -38,12 +39,11 @@ MANIFEST_SUFFIXES = (".csv", ".parquet")
 # The local cluster's shared-memory object store: it holds paths and result tables, a few MB a
 # batch, never images (each actor reads its own files), so a small store leaves the RAM to the actors.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
 
 
 class ScaleError(FerError):
-    """A Ray run that cannot start: Ray missing, an output that exists, a manifest without paths."""
-
-    status = 2
+    """A Ray run that cannot start or finish: Ray missing, a bad output, a manifest without paths."""
 
 
 @dataclass(frozen=True)
@@ -84,35 +84,28 @@ def output_format(output: Path) -> str:
 
 
 def result_schema(classes: Sequence[str]) -> pa.Schema:
-    """The columns of `fer predict --format csv`, typed: one float64 per class, nulls where a file failed."""
+    """`fer predict --format csv`'s columns, typed: one float64 per class, nulls where a file failed."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("path", pa.string()),
-            ("label", pa.string()),
-            ("confidence", pa.float64()),
-            *[(name, pa.float64()) for name in classes],
-            ("face", pa.string()),  # "x y w h" in the photo's pixels, as in fer predict's CSV
-            ("error", pa.string()),
-        ]
-    )
+    types = {"path": pa.string(), "label": pa.string(), "face": pa.string(), "error": pa.string()}
+    return pa.schema([(name, types.get(name, pa.float64())) for name in csv_columns(classes)])
 
 
-def result_columns(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, list[Any]]:
-    """`fer predict`'s result rows (cli.main.result_row) as columns of `result_schema`."""
-    columns: dict[str, list[Any]] = {name: [] for name in ("path", "label", "confidence", *classes, "face", "error")}
+def result_table(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> pa.Table:
+    """`fer predict`'s result rows (cli.results.result_row) as one table of `result_schema`."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {name: [] for name in csv_columns(classes)}
     for row in rows:
         probabilities = row.get("probabilities") or {}
-        face = row.get("face")
         columns["path"].append(row["path"])
         columns["label"].append(row.get("label"))
         columns["confidence"].append(row.get("confidence"))
         for name in classes:
             columns[name].append(probabilities.get(name))
-        columns["face"].append(" ".join(map(str, face)) if face else None)
+        columns["face"].append(face_text(row.get("face")))
         columns["error"].append(row.get("error"))
-    return columns
+    return pa.table(columns, schema=result_schema(classes))
 
 
 class Classifier:
@@ -130,43 +123,29 @@ class Classifier:
             queue_size=max(256, 2 * batch_size),
         )
         self._engine = Engine.load(Path(checkpoint), config)
-        self._schema = result_schema(self._engine.classes)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        import pyarrow as pa
-
-        from cli.main import result_row
-
-        blobs: list[bytes | OSError] = []
-        for source in batch["source"]:
-            try:
-                blobs.append(Path(str(source)).read_bytes())
-            except OSError as exc:
-                blobs.append(exc)
-        readable = [blob for blob in blobs if isinstance(blob, bytes)]
-        answers: Iterable[ImageAnswer | Exception] = iter(
-            self._loop.run_until_complete(self._engine.classify_batch(readable))
+        blobs = [read_image_file(Path(str(source))) for source in batch["source"]]
+        answers = iter(
+            self._loop.run_until_complete(
+                self._engine.classify_batch([blob for blob in blobs if isinstance(blob, bytes)])
+            )
         )
+        # The path exactly as listed (a manifest's own text): it is what --resume matches on.
         rows = [
-            result_row(Path(str(path)), blob if isinstance(blob, OSError) else next(answers))  # type: ignore[call-overload]
+            result_row(str(path), blob if isinstance(blob, OSError) else next(answers))
             for path, blob in zip(batch["path"], blobs, strict=True)
         ]
-        return pa.table(result_columns(rows, self._engine.classes), schema=self._schema)
-
-    def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.close()
+        return result_table(rows, self._engine.classes)
 
 
 def list_work(inputs: Sequence[Path]) -> list[tuple[str, str]]:
     """(path as written in the results, absolute path to read) for every image the inputs name.
 
     Folders and image files are listed as `fer predict` lists them. A manifest's paths are read
-    relative to the manifest's own folder, so a manifest travels with its images.
+    relative to the manifest's own folder, so a manifest travels with its images; the results
+    keep each path as the manifest writes it.
     """
-    from cli.main import iter_images
-
     work: list[tuple[str, str]] = []
     for item in inputs:
         if item.is_file() and item.suffix.lower() in MANIFEST_SUFFIXES:
@@ -178,30 +157,59 @@ def list_work(inputs: Sequence[Path]) -> list[tuple[str, str]]:
 
 
 def manifest_paths(manifest: Path) -> list[str]:
-    """The `path` column of a CSV or Parquet manifest."""
+    """The `path` column of a CSV or Parquet manifest, as text."""
+    import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
 
     try:
         if manifest.suffix.lower() == ".csv":
-            table = pyarrow.csv.read_csv(manifest, convert_options=pyarrow.csv.ConvertOptions(include_columns=["path"]))
+            # Typed as text: a column of names like 001, 002 would otherwise become the integers 1, 2.
+            options = pyarrow.csv.ConvertOptions(include_columns=["path"], column_types={"path": pa.string()})
+            table = pyarrow.csv.read_csv(manifest, convert_options=options)
         else:
             table = pyarrow.parquet.read_table(manifest, columns=["path"])
-    except (KeyError, ValueError, OSError) as exc:  # pyarrow names a missing column with KeyError or ArrowInvalid
+    except (KeyError, pa.ArrowException, OSError) as exc:  # a missing column is a KeyError or ArrowInvalid
         raise ScaleError(f"manifest {manifest}: needs a `path` column of image paths ({exc})") from None
+    if not pa.types.is_string(table.schema.field("path").type):
+        raise ScaleError(f"manifest {manifest}: its `path` column holds {table.schema.field('path').type}, not text")
     return [str(value) for value in table.column("path").to_pylist() if value]
+
+
+def read_results(output: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every row the runs so far wrote under `output` (an empty table when there are none), typed as written."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.dataset
+
+    parts = (
+        sorted(str(p) for p in output.iterdir() if p.suffix.lower() == output.suffix.lower()) if output.is_dir() else []
+    )
+    if not parts:
+        return pa.table({name: pa.array([], pa.string()) for name in columns or ("path", "error")})
+    file_format: Any = "parquet"
+    if output_format(output) == "csv":
+        # Typed from the header, not guessed per file: a part whose error column (or, with only
+        # errors, whose class columns) is all empty would be read as nulls and not combine with the rest.
+        with open(parts[0], newline="") as first:
+            header = next(csv.reader(first), [])
+        text = {"path", "label", "face", "error"}
+        types = {name: pa.string() if name in text else pa.float64() for name in header}
+        file_format = pyarrow.dataset.CsvFileFormat(convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+    try:
+        return pyarrow.dataset.dataset(parts, format=file_format).to_table(columns=list(columns) if columns else None)
+    except (pa.ArrowException, OSError) as exc:
+        raise ScaleError(
+            f"--output {output}: a part file cannot be read, likely cut short by an interrupted run; "
+            f"delete it and run again with --resume ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def written_rows(output: Path) -> dict[str, str]:
     """Path → error ("" for a result) of every row the runs so far wrote under `output`."""
-    import pyarrow.dataset
-
-    parts = (
-        sorted(str(p) for p in output.iterdir() if p.suffix.lower() == output.suffix.lower()) if output.exists() else []
-    )
-    if not parts:
-        return {}
-    table = pyarrow.dataset.dataset(parts, format=output_format(output)).to_table(columns=["path", "error"])
+    table = read_results(output, ["path", "error"])
     return {
         str(path): str(error or "")
         for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True)
@@ -209,10 +217,12 @@ def written_rows(output: Path) -> dict[str, str]:
 
 
 def resolve_precision(checkpoint: Path, precision: Precision) -> str:
-    """`auto` decided once, here, so that every worker answers in the same precision, as one `fer predict` does."""
-    if precision != "auto":
-        return precision
-    return Predictor(load_checkpoint(checkpoint), precision="auto").precision
+    """`auto` decided once, here, so that every worker answers in the same precision, as one `fer predict` does.
+
+    The checkpoint is loaded either way: a bad one is refused here in one line, not in every actor.
+    """
+    loaded = load_checkpoint(checkpoint)
+    return Predictor(loaded, precision=precision).precision
 
 
 def connect(address: str | None) -> None:
@@ -224,10 +234,32 @@ def connect(address: str | None) -> None:
     # real failures still reach this process as exceptions, and the cluster's logs keep everything.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
-    else:
-        ray.init(address=address, **options)
+    try:
+        if address is None:
+            # "local": a new cluster even where RAY_ADDRESS or a `ray start` names another one.
+            ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
+        else:
+            ray.init(address=address, **options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise ScaleError(f"could not start or join {where}: {str(exc).splitlines()[0]}") from None
+
+
+def plan_workers(job: RayJob) -> int:
+    """How many actors to run: `job.workers`, or as many as the cluster's CPUs allow; refuses a size no node fits."""
+    import ray
+
+    largest_node = max(
+        (int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),  # type: ignore[no-untyped-call]
+        default=0,
+    )
+    if job.cpus_per_worker > largest_node:
+        raise ScaleError(
+            f"--cpus-per-worker {job.cpus_per_worker}: the largest node of this cluster has {largest_node} CPUs, "
+            "so no worker could ever start"
+        )
+    cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
+    return job.workers or max(1, cpus // job.cpus_per_worker)
 
 
 def run_on_ray(job: RayJob) -> RayRun:
@@ -235,21 +267,28 @@ def run_on_ray(job: RayJob) -> RayRun:
     try:
         import ray
         import ray.data
+        import ray.exceptions
     except ImportError:
         raise ScaleError("--engine ray needs Ray: pip install 'fer-service[scale]'") from None
 
     output_format(job.output)  # refuse a bad name before any work
-    if job.output.exists() and any(job.output.iterdir()) and not job.resume:
+    if job.output.exists() and not job.output.is_dir():
+        raise ScaleError(
+            f"--output {job.output} is a file: --engine ray writes a folder of part files, name one that is not a file"
+        )
+    if job.output.is_dir() and any(job.output.iterdir()) and not job.resume:
         raise ScaleError(
             f"--output {job.output} already holds results: add --resume to classify only the files not in it, "
             "or name another output"
         )
-    work = list_work(job.inputs)
+    work = list(dict(list_work(job.inputs)).items())  # a file named twice is classified once
+    if not work:
+        raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
     done = written_rows(job.output) if job.resume else {}
     pending = [(path, source) for path, source in work if path not in done]
     precision = resolve_precision(job.checkpoint, job.precision)
     if not pending:
-        return RayRun(classified=0, skipped=len(work) - len(pending), failed=0, precision=precision)
+        return RayRun(classified=0, skipped=len(work), failed=0, precision=precision)
 
     started_here = not ray.is_initialized()  # a caller that connected already keeps its cluster
     if started_here:
@@ -260,8 +299,7 @@ def run_on_ray(job: RayJob) -> RayRun:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = job.progress
         context.enable_operator_progress_bars = job.progress
-        cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-        workers = job.workers or max(1, cpus // job.cpus_per_worker)
+        workers = plan_workers(job)
         # A few blocks a worker, so that the last ones are shared out; a short resumed run may need
         # fewer workers than asked, so the pool starts at `workers` and may shrink to one.
         blocks = min(len(pending), max(workers, min(-(-len(pending) // job.batch_size), 4 * workers)))
@@ -284,18 +322,23 @@ def run_on_ray(job: RayJob) -> RayRun:
         )
         job.output.mkdir(parents=True, exist_ok=True)
         target = str(job.output.resolve())
-        # A part file per ~10,000 rows rather than per batch: fewer, larger files for what reads them next.
         if output_format(job.output) == "parquet":
-            results.write_parquet(target, min_rows_per_file=10_000)
+            results.write_parquet(target, min_rows_per_file=ROWS_PER_PART_FILE)
         else:
-            results.write_csv(target, min_rows_per_file=10_000)
+            results.write_csv(target, min_rows_per_file=ROWS_PER_PART_FILE)
+    except ray.exceptions.RayError as exc:
+        # An actor that could not start or died, a task that failed past its retries: one line here,
+        # the whole story in the cluster's logs. What was written stays, and --resume continues it.
+        raise ScaleError(f"the Ray job failed: {str(exc).strip().splitlines()[-1][:300]}") from None
     finally:
         if started_here:
             ray.shutdown()
     written = written_rows(job.output)
     missing = [path for path, _ in pending if path not in written]
     if missing:  # Ray retries failed tasks; a row still missing means a write was lost
-        raise ScaleError(f"{len(missing)} files have no row in {job.output}, e.g. {missing[0]}")
+        raise ScaleError(
+            f"{len(missing)} files have no row in {job.output}, e.g. {missing[0]}: run again with --resume"
+        )
     failed = sum(1 for path, _ in pending if written[path])
     return RayRun(classified=len(pending), skipped=len(work) - len(pending), failed=failed, precision=precision)
 

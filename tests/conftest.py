@@ -27,6 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `slow` first, so that `make test`'s two workers do not end on one long test.
 
     Scheduling only: every test stands alone and passes in any order (-k, one file, one worker).
+    A module-scoped fixture used by slow and other tests alike may be set up twice; none costly is.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 

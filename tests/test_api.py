@@ -597,8 +597,9 @@ def test_val_through_the_api_answers_as_the_evaluation_that_measured_it(
     answered = np.array([[result["probabilities"][name] for name in checkpoint.classes] for result in results])
     assert np.abs(answered - offline).max() <= 1e-5
     correct = [result["label"] == path.parent.name for result, path in zip(results, files, strict=True)]
-    # A class-order mix-up would agree with itself offline: the accuracy is the stored one's, within 225 faces' spread.
-    assert abs(np.mean(correct) - served["accuracy"]) <= 0.1
+    # A class-order mix-up would agree with itself offline, so the labels are checked too: these 225 faces
+    # score 0.662 in both modes against 0.666 and 0.678 over all of val (int8), well inside 0.05.
+    assert abs(np.mean(correct) - served["accuracy"]) <= 0.05
 
 
 def predict_batches(

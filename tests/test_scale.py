@@ -1,8 +1,8 @@
 """`fer predict --engine ray`: a real local Ray cluster, two workers, against local `fer predict`.
 
-The cluster test starts one local cluster the way the command does and runs the command twice on
-it (a run, then a resumed run): each start costs seconds of both cores. `benchmarks/scale.py`
-runs the command as users do, starting and stopping its own. Listing and manifests need no Ray.
+The main test starts one local cluster the way the command does and runs the command several
+times on it (a run, refusals, a resumed run): each cluster start costs seconds of both cores. One
+small run starts and stops its own cluster, as users run it. Listing and manifests need no Ray.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ import pyarrow.csv  # noqa: E402
 import pyarrow.parquet  # noqa: E402
 import ray  # noqa: E402
 
-from cli.scale import ScaleError, connect, list_work, written_rows  # noqa: E402
+from cli.scale import ScaleError, connect, list_work, read_results  # noqa: E402
 
 
 def write_images(folder: Path, seeds: range) -> list[Path]:
@@ -42,24 +43,28 @@ def write_images(folder: Path, seeds: range) -> list[Path]:
     return paths
 
 
-def local_rows(inputs: list[Path], out: Path) -> dict[str, dict[str, object]]:
+def local_rows(inputs: list[Path], out: Path) -> dict[str, dict[str, Any]]:
     assert fer(["predict", *map(str, inputs), "--precision", "fp32", "--format", "jsonl", "--output", str(out)]) == 0
     return {row["path"]: row for row in map(json.loads, out.read_text().splitlines())}
 
 
-def assert_same_rows(ray_rows: list[dict[str, object]], local: dict[str, dict[str, object]]) -> None:
-    assert sorted(str(row["path"]) for row in ray_rows) == sorted(local)  # each file once, none lost
-    for row in ray_rows:
-        expected = local[str(row["path"])]
-        if "error" in expected:
-            assert row["error"] == expected["error"] and row["label"] is None
-            continue
-        assert row["error"] is None and row["label"] == expected["label"]
-        probabilities = expected["probabilities"]
-        assert isinstance(probabilities, dict)
-        assert np.allclose([row[name] for name in CLASSES], [probabilities[name] for name in CLASSES], atol=1e-5)
-        face = expected["face"]
-        assert row["face"] == (" ".join(map(str, face)) if isinstance(face, list) else None)
+def results(output: Path) -> dict[str, dict[str, Any]]:
+    """The output's rows by path; each path once. CSV reads empty text as "", Parquet keeps None: both None here."""
+    rows = read_results(output).to_pylist()
+    by_path = {row["path"]: {key: (None if value == "" else value) for key, value in row.items()} for row in rows}
+    assert len(by_path) == len(rows), "a file has two rows"
+    return by_path
+
+
+def assert_same_row(row: dict[str, Any], expected: dict[str, Any]) -> None:
+    if "error" in expected:
+        assert row["error"] == expected["error"] and row["label"] is None
+        return
+    assert row["error"] is None and row["label"] == expected["label"]
+    probabilities = expected["probabilities"]
+    assert np.allclose([row[name] for name in CLASSES], [probabilities[name] for name in CLASSES], atol=1e-5)
+    face = expected["face"]
+    assert row["face"] == (" ".join(map(str, face)) if face else None)
 
 
 @pytest.fixture()
@@ -82,28 +87,52 @@ def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
     photo, _ = scene_with_face(200, 120, 160)
     (images / "photo.jpg").write_bytes(photo)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    # A manifest beside the images, its paths as people write them: "./" and a file that is not there.
+    (images / "list.csv").write_text("path,note\n./crops/face-0003.png,a\ncrops//face-0004.png,b\n./missing.png,c\n")
     later = write_images(Path("later"), range(200, 230))  # moved in before the resumed run
 
-    output = Path("results.parquet")
-    command = ["predict", str(images), "--engine", "ray", "--precision", "fp32", "--output", str(output)]
+    output = Path("results.csv")  # CSV: its parts are read back typed, whatever each one holds
+    command = ["predict", str(images), str(images / "list.csv"), "--engine", "ray", "--precision", "fp32"]
+    command += ["--output", str(output)]
     assert fer([*command, "--workers", "2", "--batch-size", "16"]) == 0
     assert ray.is_initialized()  # the command leaves a cluster it joined, and stops only one it started
-    first = pyarrow.parquet.read_table(output).to_pylist()
+    first = results(output)
     local = local_rows([images], tmp_path / "local.jsonl")
-    assert len(first) == 202 and sum(row["error"] is not None for row in first) == 1
-    assert_same_rows(first, local)
+    assert len(first) == 202 + 3
+    for path, expected in local.items():
+        assert_same_row(first[path], expected)
+    for listed, file in (("./crops/face-0003.png", "face-0003.png"), ("crops//face-0004.png", "face-0004.png")):
+        assert_same_row(first[listed], local[str(images / "crops" / file)])  # the row keeps the manifest's text
+    assert "No such file" in first["./missing.png"]["error"]
 
-    # Without --resume an output that holds results is refused, whole, before any work.
+    # Refused, whole, before any work: an output with results and no --resume; a worker no node can hold.
     assert fer(command) == 2
     for path in later:
         shutil.move(path, images / "crops" / path.name)
+    assert fer([*command, "--resume", "--cpus-per-worker", "64"]) == 2
+    assert results(output) == first
     # One worker this time: the answers do not depend on how many there are.
     assert fer([*command, "--workers", "1", "--resume"]) == 0
-    both = pyarrow.parquet.read_table(output).to_pylist()
-    assert len(both) == 232  # the 202 rows of the first run, untouched, and the 30 new files once each
-    by_path = {row["path"]: row for row in both}
-    assert all(by_path[row["path"]] == row for row in first)
-    assert_same_rows(both, local_rows([images], tmp_path / "local-all.jsonl"))
+    both = results(output)
+    assert len(both) == 235  # the first run's rows, untouched, and the 30 new files once each
+    assert all(both[path] == row for path, row in first.items())
+    for path, expected in local_rows([images], tmp_path / "local-all.jsonl").items():
+        assert_same_row(both[path], expected)
+
+
+@pytest.mark.slow
+def test_without_an_address_the_command_starts_and_stops_its_own_cluster(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    write_images(folder, range(3))
+    output = tmp_path / "results.parquet"
+    assert not ray.is_initialized()
+    assert fer(["predict", str(folder), "--engine", "ray", "--precision", "fp32", "--output", str(output)]) == 0
+    assert not ray.is_initialized()
+    rows = pyarrow.parquet.read_table(output).to_pylist()  # a folder of parts, read as one table
+    local = local_rows([folder], tmp_path / "local.jsonl")
+    assert sorted(row["path"] for row in rows) == sorted(local)
+    for row in rows:
+        assert_same_row(row, local[row["path"]])
 
 
 def test_a_manifest_lists_paths_relative_to_itself_and_must_have_a_path_column(tmp_path: Path) -> None:
@@ -119,6 +148,9 @@ def test_a_manifest_lists_paths_relative_to_itself_and_must_have_a_path_column(t
             ("crops/face-0000.png", str(crops[0].resolve())),
             ("crops/face-0002.png", str(crops[2].resolve())),
         ]
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("path\n001\n002\n")  # names, not numbers
+    assert [path for path, _ in list_work([numbered])] == ["001", "002"]
     bad = tmp_path / "paths.csv"
     bad.write_text("file\nx.png\n")
     with pytest.raises(ScaleError, match="needs a `path` column"):
@@ -130,14 +162,24 @@ def test_refusals_need_no_cluster(
 ) -> None:
     (tmp_path / "face.png").write_bytes(encode(make_face(0)))
     base = ["predict", str(tmp_path / "face.png"), "--engine", "ray"]
+    refusals = {
+        "--output results.parquet": base,
+        "name it *.parquet or *.csv": [*base, "--output", str(tmp_path / "results.json")],
+        "from --output's name": [*base, "--output", str(tmp_path / "r.csv"), "--format", "csv"],
+        "--resume is for --engine ray": ["predict", str(tmp_path / "face.png"), "--resume"],
+        "--cpus-per-worker is for --engine ray": ["predict", str(tmp_path / "face.png"), "--cpus-per-worker", "2"],
+        "--workers 0: give a whole number": [*base, "--output", str(tmp_path / "r.parquet"), "--workers", "0"],
+    }
+    (tmp_path / "results.csv").write_text("path\n")  # what local `fer predict --format csv` leaves
+    refusals["is a file"] = [*base, "--output", str(tmp_path / "results.csv")]
+    (tmp_path / "empty").mkdir()
+    refusals["no images in"] = ["predict", str(tmp_path / "empty"), "--engine", "ray", "--output", "x.parquet"]
+    for fragment, argv in refusals.items():
+        assert fer(argv) == 2, fragment
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
     with monkeypatch.context() as without_ray:
         without_ray.setitem(sys.modules, "ray", None)  # what `import ray` meets where the extra is not installed
         assert fer([*base, "--output", str(tmp_path / "results.parquet")]) == 2
         assert "pip install 'fer-service[scale]'" in capsys.readouterr().err
-    assert fer(base) == 2
-    assert "--output results.parquet" in capsys.readouterr().err
-    assert fer([*base, "--output", str(tmp_path / "results.json")]) == 2
-    assert "name it *.parquet or *.csv" in capsys.readouterr().err
-    assert fer(["predict", str(tmp_path / "face.png"), "--resume"]) == 2
-    assert "--resume is for --engine ray" in capsys.readouterr().err
-    assert written_rows(tmp_path / "nothing.parquet") == {}
+    assert read_results(tmp_path / "nothing.parquet").num_rows == 0
