@@ -126,7 +126,23 @@ def test_without_an_address_the_command_starts_and_stops_its_own_cluster(tmp_pat
     write_images(folder, range(3))
     output = tmp_path / "results.parquet"
     assert not ray.is_initialized()
-    assert fer(["predict", str(folder), "--engine", "ray", "--precision", "fp32", "--output", str(output)]) == 0
+    assert (
+        fer(
+            [
+                "predict",
+                str(folder),
+                "--engine",
+                "ray",
+                "--workers",
+                "1",
+                "--precision",
+                "fp32",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     assert not ray.is_initialized()
     rows = pyarrow.parquet.read_table(output).to_pylist()  # a folder of parts, read as one table
     local = local_rows([folder], tmp_path / "local.jsonl")
