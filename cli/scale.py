@@ -39,6 +39,7 @@ MANIFEST_SUFFIXES = (".csv", ".parquet")
 # The local cluster's shared-memory object store: it holds paths and result tables, a few MB a
 # batch, never images (each actor reads its own files), so a small store leaves the RAM to the actors.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+ADDRESS_TIMEOUT_S = 5.0  # how long a cluster's address may take to accept a connection
 ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
 
 
@@ -233,7 +234,10 @@ def connect(address: str | None) -> None:
     # Ray's C++ core logs notes such as how it restarts actors at ERROR on the driver's stderr;
     # real failures still reach this process as exceptions, and the cluster's logs keep everything.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Ray's own notices (token authentication on, its deprecations) are not the user's business here.
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address is not None and address != "auto":
+        check_reachable(address)
     try:
         if address is None:
             # "local": a new cluster even where RAY_ADDRESS or a `ray start` names another one.
@@ -243,6 +247,19 @@ def connect(address: str | None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise ScaleError(f"could not start or join {where}: {str(exc).splitlines()[0]}") from None
+
+
+def check_reachable(address: str) -> None:
+    """Refuse, in seconds, an address nothing answers at: Ray itself retries such a connection for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ScaleError(f"--address {address}: give host:port (the head's GCS, 6379) or ray://host:10001, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ScaleError(f"--address {address}: no Ray cluster answers there ({exc})") from None
 
 
 def plan_workers(job: RayJob) -> int:

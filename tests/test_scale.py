@@ -188,6 +188,13 @@ def test_refusals_need_no_cluster(
     }
     (tmp_path / "results.csv").write_text("path\n")  # what local `fer predict --format csv` leaves
     refusals["is a file"] = [*base, "--output", str(tmp_path / "results.csv")]
+    refusals["no Ray cluster answers there"] = [
+        *base,
+        "--output",
+        str(tmp_path / "r.parquet"),
+        "--address",
+        "127.0.0.1:1",
+    ]
     (tmp_path / "empty").mkdir()
     refusals["no images in"] = ["predict", str(tmp_path / "empty"), "--engine", "ray", "--output", "x.parquet"]
     for fragment, argv in refusals.items():
