@@ -317,9 +317,10 @@ def run_on_ray(job: RayJob) -> RayRun:
         context.enable_progress_bars = job.progress
         context.enable_operator_progress_bars = job.progress
         workers = plan_workers(job)
-        # A few blocks a worker, so that the last ones are shared out; a short resumed run may need
-        # fewer workers than asked, so the pool starts at `workers` and may shrink to one.
+        # A few blocks a worker, so that the last ones are shared out. No more workers than blocks:
+        # each one loads the model, which a worker with nothing to do would load for nothing.
         blocks = min(len(pending), max(workers, min(-(-len(pending) // job.batch_size), 4 * workers)))
+        workers = min(workers, blocks)
         dataset = ray.data.from_items(
             [{"path": path, "source": source} for path, source in pending], override_num_blocks=blocks
         )
@@ -334,7 +335,7 @@ def run_on_ray(job: RayJob) -> RayRun:
             },
             batch_size=job.batch_size,
             batch_format="numpy",
-            concurrency=(1, workers, workers),
+            concurrency=(1, workers, workers),  # starts with `workers`; may shrink to one as the work runs out
             num_cpus=job.cpus_per_worker,
         )
         job.output.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """`fer predict --engine ray`: a real local Ray cluster, two workers, against local `fer predict`.
 
-The main test starts one local cluster the way the command does and runs the command several
-times on it (a run, refusals, a resumed run): each cluster start costs seconds of both cores. One
-small run starts and stops its own cluster, as users run it. Listing and manifests need no Ray.
+The cluster test runs the command as users do (it starts and stops a local cluster of its own),
+then joins one local cluster for a refusal and a resumed run: each cluster start costs seconds of
+both cores. Listing, manifests and refusals before any work need no Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -67,9 +68,9 @@ def assert_same_row(row: dict[str, Any], expected: dict[str, Any]) -> None:
     assert row["face"] == (" ".join(map(str, face)) if face else None)
 
 
-@pytest.fixture()
+@contextlib.contextmanager
 def local_cluster() -> Iterator[None]:
-    """A local cluster as the command starts one, kept across the test's runs (each start costs seconds)."""
+    """A local cluster as the command starts one, kept across several runs (each start costs seconds)."""
     connect(None)
     try:
         yield
@@ -78,9 +79,7 @@ def local_cluster() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_cluster: None
-) -> None:
+def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths in, relative paths out, as a user types them
     images = Path("images")
     write_images(images / "crops", range(200))
@@ -94,8 +93,9 @@ def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
     output = Path("results.csv")  # CSV: its parts are read back typed, whatever each one holds
     command = ["predict", str(images), str(images / "list.csv"), "--engine", "ray", "--precision", "fp32"]
     command += ["--output", str(output)]
+    # No --address: the command starts a local cluster for itself and stops it.
     assert fer([*command, "--workers", "2", "--batch-size", "16"]) == 0
-    assert ray.is_initialized()  # the command leaves a cluster it joined, and stops only one it started
+    assert not ray.is_initialized()
     first = results(output)
     local = local_rows([images], tmp_path / "local.jsonl")
     assert len(first) == 202 + 3
@@ -105,50 +105,31 @@ def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
         assert_same_row(first[listed], local[str(images / "crops" / file)])  # the row keeps the manifest's text
     assert "No such file" in first["./missing.png"]["error"]
 
-    # Refused, whole, before any work: an output with results and no --resume; a worker no node can hold.
+    # Refused, whole, before any work: an output with results and no --resume.
     assert fer(command) == 2
     for path in later:
         shutil.move(path, images / "crops" / path.name)
-    assert fer([*command, "--resume", "--cpus-per-worker", "64"]) == 2
-    assert results(output) == first
-    # One worker this time: the answers do not depend on how many there are.
-    assert fer([*command, "--workers", "1", "--resume"]) == 0
+    with local_cluster():  # joined, as with --address: the command leaves it running
+        assert fer([*command, "--resume", "--cpus-per-worker", "64"]) == 2  # no node can hold such a worker
+        assert results(output) == first
+        # One worker this time: the answers do not depend on how many there are.
+        assert fer([*command, "--workers", "1", "--resume"]) == 0
+        assert ray.is_initialized()
+        # Parquet, the other format: a folder of parts that pyarrow reads as one table.
+        crop = str(images / "crops" / "face-0000.png")
+        assert (
+            fer(
+                ["predict", crop, "--engine", "ray", "--workers", "1", "--precision", "fp32", "--output", "one.parquet"]
+            )
+            == 0
+        )
+        (row,) = pyarrow.parquet.read_table("one.parquet").to_pylist()
+        assert_same_row(row, local[crop])
     both = results(output)
     assert len(both) == 235  # the first run's rows, untouched, and the 30 new files once each
     assert all(both[path] == row for path, row in first.items())
     for path, expected in local_rows([images], tmp_path / "local-all.jsonl").items():
         assert_same_row(both[path], expected)
-
-
-@pytest.mark.slow
-def test_without_an_address_the_command_starts_and_stops_its_own_cluster(tmp_path: Path) -> None:
-    folder = tmp_path / "images"
-    write_images(folder, range(3))
-    output = tmp_path / "results.parquet"
-    assert not ray.is_initialized()
-    assert (
-        fer(
-            [
-                "predict",
-                str(folder),
-                "--engine",
-                "ray",
-                "--workers",
-                "1",
-                "--precision",
-                "fp32",
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
-    )
-    assert not ray.is_initialized()
-    rows = pyarrow.parquet.read_table(output).to_pylist()  # a folder of parts, read as one table
-    local = local_rows([folder], tmp_path / "local.jsonl")
-    assert sorted(row["path"] for row in rows) == sorted(local)
-    for row in rows:
-        assert_same_row(row, local[row["path"]])
 
 
 def test_a_manifest_lists_paths_relative_to_itself_and_must_have_a_path_column(tmp_path: Path) -> None:
