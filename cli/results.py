@@ -6,16 +6,17 @@ them and shape each one's answer here, so their outputs agree row for row.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.engine import ImageAnswer
+from models.engine import ENGINE_DEFAULTS, ImageAnswer
 from models.preprocessing import IMAGE_SUFFIXES
 
-# A file larger than this is a row with an error, not read: a batch of 64 files then holds at most
-# 2 GiB of bytes. A 48-megapixel phone JPEG is 15-25 MB; decoding is bounded by FER_MAX_PIXELS anyway.
-MAX_FILE_BYTES = 32 * 1024 * 1024
+# A file larger than the largest image the engine decodes would be even uncompressed (8 bytes a
+# pixel: 16-bit RGBA) cannot be one it accepts: it is a row with an error, never read into memory.
+MAX_FILE_BYTES = 8 * ENGINE_DEFAULTS.max_pixels
 
 
 def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
@@ -31,11 +32,16 @@ def read_image_file(path: Path) -> bytes | OSError:
     """The file's bytes, or the error that stands in its row (unreadable, missing, too large)."""
     try:
         with path.open("rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)
+            # The size first, so that a huge file costs nothing; the bounded read also holds for one still growing.
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
     except OSError as exc:
         return exc
-    if len(data) > MAX_FILE_BYTES:
-        return OSError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, not read")
+    if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+        return OSError(
+            f"{path}: over {MAX_FILE_BYTES // 2**20} MiB, more than any image of at most "
+            f"{ENGINE_DEFAULTS.max_pixels:,} pixels needs: not read"
+        )
     return data
 
 

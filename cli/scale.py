@@ -13,6 +13,7 @@ Ray and pyarrow come with the `scale` extra; this module imports them only when 
 from __future__ import annotations
 
 import asyncio
+import csv
 import logging
 import os
 import sys
@@ -36,11 +37,17 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 MANIFEST_SUFFIXES = (".csv", ".parquet")
-# The local cluster's shared-memory object store: it holds paths and result tables, a few MB a
-# batch, never images (each actor reads its own files), so a small store leaves the RAM to the actors.
+# The local cluster's shared-memory object store: it holds the list of paths and the result tables,
+# never images (each actor reads its own files), so a small store leaves the RAM to the actors; Ray
+# spills to disk past it. (The driver holds every path listed, about 100 bytes each.)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 ADDRESS_TIMEOUT_S = 5.0  # how long a cluster's address may take to accept a connection
 ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, or its type's name: what a one-line refusal quotes."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 class ScaleError(FerError):
@@ -172,58 +179,93 @@ def manifest_paths(manifest: Path) -> list[str]:
             table = pyarrow.parquet.read_table(manifest, columns=["path"])
     except (KeyError, pa.ArrowException, OSError) as exc:  # a missing column is a KeyError or ArrowInvalid
         raise ScaleError(f"manifest {manifest}: needs a `path` column of image paths ({exc})") from None
-    if not pa.types.is_string(table.schema.field("path").type):
-        raise ScaleError(f"manifest {manifest}: its `path` column holds {table.schema.field('path').type}, not text")
-    return [str(value) for value in table.column("path").to_pylist() if value]
+    column = table.column("path")
+    if pa.types.is_dictionary(column.type):  # pandas' categoricals
+        column = column.cast(column.type.value_type)
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    if not any(is_text(column.type) for is_text in text):
+        raise ScaleError(f"manifest {manifest}: its `path` column holds {column.type}, not text")
+    return [str(value) for value in column.to_pylist() if value]
 
 
-def read_results(output: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Every row the runs so far wrote under `output` (an empty table when there are none), typed as written."""
-    import csv
+def read_results(output: Path, classes: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """Every row the runs so far wrote under `output` (an empty table when there are none), typed as written.
 
+    Refuses, in one line, a part whose columns are not these classes' (another model's run) or that
+    cannot be read (cut short by an interrupted run), naming it.
+    """
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.dataset
+    import pyarrow.parquet
 
-    parts = (
-        sorted(str(p) for p in output.iterdir() if p.suffix.lower() == output.suffix.lower()) if output.is_dir() else []
-    )
+    schema = result_schema(classes)
+    wanted = list(columns or schema.names)
+    parts = sorted(p for p in output.iterdir() if p.suffix.lower() == output.suffix.lower()) if output.is_dir() else []
     if not parts:
-        return pa.table({name: pa.array([], pa.string()) for name in columns or ("path", "error")})
+        return schema.empty_table().select(wanted)
     file_format: Any = "parquet"
     if output_format(output) == "csv":
-        # Typed from the header, not guessed per file: a part whose error column (or, with only
-        # errors, whose class columns) is all empty would be read as nulls and not combine with the rest.
-        with open(parts[0], newline="") as first:
-            header = next(csv.reader(first), [])
-        text = {"path", "label", "face", "error"}
-        types = {name: pa.string() if name in text else pa.float64() for name in header}
-        file_format = pyarrow.dataset.CsvFileFormat(convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+        # Typed from the result schema, not guessed per file: a part whose error column (or, with
+        # only errors, whose class columns) is all empty would be read as nulls of no type.
+        file_format = pyarrow.dataset.CsvFileFormat(
+            convert_options=pyarrow.csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True))),
+            parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),  # a path may hold one
+        )
+    for part in parts:
+        try:
+            if file_format == "parquet":
+                names = pyarrow.parquet.read_schema(part).names
+            else:
+                with part.open(newline="") as opened:
+                    names = next(csv.reader(opened), [])
+        except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise cut_short(output, part, exc) from None
+        if names != schema.names:
+            raise ScaleError(
+                f"--output {output}: {part.name} has the columns of another model's results "
+                f"({', '.join(names[:10])}): name another output for this checkpoint"
+            )
     try:
-        return pyarrow.dataset.dataset(parts, format=file_format).to_table(columns=list(columns) if columns else None)
+        return pyarrow.dataset.dataset([str(part) for part in parts], schema=schema, format=file_format).to_table(
+            columns=wanted
+        )
     except (pa.ArrowException, OSError) as exc:
-        raise ScaleError(
-            f"--output {output}: a part file cannot be read, likely cut short by an interrupted run; "
-            f"delete it and run again with --resume ({str(exc).splitlines()[0]})"
-        ) from None
+        for part in parts:  # name the part that fails
+            try:
+                pyarrow.dataset.dataset(str(part), schema=schema, format=file_format).to_table(columns=["path"])
+            except (pa.ArrowException, OSError) as part_exc:
+                raise cut_short(output, part, part_exc) from None
+        raise cut_short(output, None, exc) from None
 
 
-def written_rows(output: Path) -> dict[str, str]:
+def cut_short(output: Path, part: Path | None, exc: BaseException) -> ScaleError:
+    """The refusal for a part file that cannot be read."""
+    which = f"{part.name} cannot be read" if part else "a part file cannot be read"
+    return ScaleError(
+        f"--output {output}: {which}, likely cut short by an interrupted run; delete it and run again with "
+        f"--resume ({first_line(exc)})"
+    )
+
+
+def written_rows(output: Path, classes: Sequence[str]) -> dict[str, str]:
     """Path → error ("" for a result) of every row the runs so far wrote under `output`."""
-    table = read_results(output, ["path", "error"])
+    table = read_results(output, classes, ["path", "error"])
     return {
         str(path): str(error or "")
         for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True)
     }
 
 
-def resolve_precision(checkpoint: Path, precision: Precision) -> str:
-    """`auto` decided once, here, so that every worker answers in the same precision, as one `fer predict` does.
+def resolve_model(checkpoint: Path, precision: Precision) -> tuple[str, tuple[str, ...]]:
+    """The precision every worker runs in and the checkpoint's classes, decided once, here.
 
-    The checkpoint is loaded either way: a bad one is refused here in one line, not in every actor.
+    `auto` is timed on this machine, so that every worker answers in the same precision, as one
+    `fer predict` does. The checkpoint is loaded either way: a bad one is refused here in one
+    line, not in every actor.
     """
     loaded = load_checkpoint(checkpoint)
-    return Predictor(loaded, precision=precision).precision
+    return Predictor(loaded, precision=precision).precision, loaded.classes
 
 
 def connect(address: str | None) -> None:
@@ -236,25 +278,26 @@ def connect(address: str | None) -> None:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # Ray's own notices (token authentication on, its deprecations) are not the user's business here.
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if address is not None and address != "auto":
-        check_reachable(address)
     try:
         if address is None:
             # "local": a new cluster even where RAY_ADDRESS or a `ray start` names another one.
             ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
         else:
             ray.init(address=address, **options)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # Ray's own start-up and connection errors are of many kinds
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise ScaleError(f"could not start or join {where}: {str(exc).splitlines()[0]}") from None
+        raise ScaleError(f"could not start or join {where}: {first_line(exc)}") from None
 
 
 def check_reachable(address: str) -> None:
     """Refuse, in seconds, an address nothing answers at: Ray itself retries such a connection for minutes."""
     import socket
 
+    if address in ("auto", "local"):
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ScaleError(f"--address {address}: give host:port (the head's GCS, 6379) or ray://host:10001, or auto")
     try:
         socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
@@ -266,16 +309,15 @@ def plan_workers(job: RayJob) -> int:
     """How many actors to run: `job.workers`, or as many as the cluster's CPUs allow; refuses a size no node fits."""
     import ray
 
-    largest_node = max(
-        (int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),  # type: ignore[no-untyped-call]
-        default=0,
-    )
-    if job.cpus_per_worker > largest_node:
+    nodes = [node for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+    largest_node = max((int(node.get("Resources", {}).get("CPU", 0)) for node in nodes), default=0)
+    # An autoscaling cluster may have no worker node up yet (and a head without CPUs): let Ray start one.
+    if largest_node and job.cpus_per_worker > largest_node:
         raise ScaleError(
             f"--cpus-per-worker {job.cpus_per_worker}: the largest node of this cluster has {largest_node} CPUs, "
             "so no worker could ever start"
         )
-    cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
+    cpus = int(ray.cluster_resources().get("CPU", 0))  # type: ignore[no-untyped-call]
     return job.workers or max(1, cpus // job.cpus_per_worker)
 
 
@@ -284,7 +326,6 @@ def run_on_ray(job: RayJob) -> RayRun:
     try:
         import ray
         import ray.data
-        import ray.exceptions
     except ImportError:
         raise ScaleError("--engine ray needs Ray: pip install 'fer-service[scale]'") from None
 
@@ -298,14 +339,30 @@ def run_on_ray(job: RayJob) -> RayRun:
             f"--output {job.output} already holds results: add --resume to classify only the files not in it, "
             "or name another output"
         )
-    work = list(dict(list_work(job.inputs)).items())  # a file named twice is classified once
+    if job.address is not None and not ray.is_initialized():
+        check_reachable(job.address)
+    listed = list_work(job.inputs)
+    work = dict(listed)  # a file named twice is classified once
+    if len(work) < len(listed):
+        sources: dict[str, set[str]] = {}
+        for path, source in listed:
+            sources.setdefault(path, set()).add(source)
+        clash = next((path for path, found in sources.items() if len(found) > 1), None)
+        if clash is not None:
+            raise ScaleError(
+                f"{clash} names two different files (two manifests in different folders?): list absolute paths"
+            )
     if not work:
         raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
-    done = written_rows(job.output) if job.resume else {}
-    pending = [(path, source) for path, source in work if path not in done]
-    precision = resolve_precision(job.checkpoint, job.precision)
+    precision, classes = resolve_model(job.checkpoint, job.precision)
+    done = written_rows(job.output, classes) if job.resume else {}
+    pending = [(path, source) for path, source in work.items() if path not in done]
     if not pending:
         return RayRun(classified=0, skipped=len(work), failed=0, precision=precision)
+    try:
+        job.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScaleError(f"--output {job.output}: cannot create it ({first_line(exc)})") from None
 
     started_here = not ray.is_initialized()  # a caller that connected already keeps its cluster
     if started_here:
@@ -338,20 +395,23 @@ def run_on_ray(job: RayJob) -> RayRun:
             concurrency=(1, workers, workers),  # starts with `workers`; may shrink to one as the work runs out
             num_cpus=job.cpus_per_worker,
         )
-        job.output.mkdir(parents=True, exist_ok=True)
         target = str(job.output.resolve())
         if output_format(job.output) == "parquet":
             results.write_parquet(target, min_rows_per_file=ROWS_PER_PART_FILE)
         else:
             results.write_csv(target, min_rows_per_file=ROWS_PER_PART_FILE)
-    except ray.exceptions.RayError as exc:
-        # An actor that could not start or died, a task that failed past its retries: one line here,
-        # the whole story in the cluster's logs. What was written stays, and --resume continues it.
-        raise ScaleError(f"the Ray job failed: {str(exc).strip().splitlines()[-1][:300]}") from None
+    except ScaleError:
+        raise
+    except Exception as exc:
+        # An actor that could not start or died, a task or a write that failed past Ray's retries: one
+        # line here, the whole story in the cluster's logs. What was written stays; --resume continues it.
+        # A task's error reads as a traceback whose last line is the error itself.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ScaleError(f"the Ray job failed: {(lines[-1] if lines else type(exc).__name__)[:300]}") from None
     finally:
         if started_here:
             ray.shutdown()
-    written = written_rows(job.output)
+    written = written_rows(job.output, classes)
     missing = [path for path, _ in pending if path not in written]
     if missing:  # Ray retries failed tasks; a row still missing means a write was lost
         raise ScaleError(

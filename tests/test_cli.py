@@ -48,6 +48,23 @@ def test_predict_writes_json_lines_for_a_folder(image_dir: Path, capsys: pytest.
         assert sum(row["probabilities"].values()) == pytest.approx(1.0)
 
 
+def test_predict_table_names_missing_and_oversized_files_and_answers_the_rest(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.results import MAX_FILE_BYTES
+
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as sparse:  # no disk used: the size alone refuses it, nothing is read
+        sparse.truncate(MAX_FILE_BYTES + 1)
+    files = [image_dir / "a.png", tmp_path / "gone.png", huge]
+    assert main(["predict", *map(str, files), "--format", "table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["label", "conf", "path"] and len(lines) == 4
+    assert lines[1].split()[0] in CLASSES and lines[1].endswith("a.png")
+    assert lines[2].startswith("error") and "No such file" in lines[2]
+    assert lines[3].startswith("error") and "more than any image of at most 40,000,000 pixels needs" in lines[3]
+
+
 def test_predict_csv_matches_the_predictor(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.csv"
     assert (

@@ -102,6 +102,8 @@ def test_every_rendered_object_is_valid_and_the_settings_are_accepted(layout: st
     for kind in ("PodDisruptionBudget", "Deployment"):
         assert of_kind(objects, kind)["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert of_kind(objects, "Service")["spec"]["selector"].items() <= labels.items()
+    for spread in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+        assert spread["labelSelector"]["matchLabels"].items() <= labels.items()  # else spreading is off
 
 
 def test_the_settings_every_pod_gets_are_accepted_by_the_app() -> None:

@@ -51,7 +51,7 @@ def local_rows(inputs: list[Path], out: Path) -> dict[str, dict[str, Any]]:
 
 def results(output: Path) -> dict[str, dict[str, Any]]:
     """The output's rows by path; each path once. CSV reads empty text as "", Parquet keeps None: both None here."""
-    rows = read_results(output).to_pylist()
+    rows = read_results(output, CLASSES).to_pylist()
     by_path = {row["path"]: {key: (None if value == "" else value) for key, value in row.items()} for row in rows}
     assert len(by_path) == len(rows), "a file has two rows"
     return by_path
@@ -79,7 +79,9 @@ def local_cluster() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths in, relative paths out, as a user types them
     images = Path("images")
     write_images(images / "crops", range(200))
@@ -107,10 +109,14 @@ def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(tmp_path: Path, mo
 
     # Refused, whole, before any work: an output with results and no --resume.
     assert fer(command) == 2
+    assert "already holds results" in capsys.readouterr().err
     for path in later:
         shutil.move(path, images / "crops" / path.name)
     with local_cluster():  # joined, as with --address: the command leaves it running
-        assert fer([*command, "--resume", "--cpus-per-worker", "64"]) == 2  # no node can hold such a worker
+        too_many = str(int(ray.cluster_resources()["CPU"]) + 1)  # no node can hold such a worker
+        capsys.readouterr()
+        assert fer([*command, "--resume", "--cpus-per-worker", too_many]) == 2
+        assert "no worker could ever start" in capsys.readouterr().err
         assert results(output) == first
         # One worker this time: the answers do not depend on how many there are.
         assert fer([*command, "--workers", "1", "--resume"]) == 0
@@ -178,6 +184,16 @@ def test_refusals_need_no_cluster(
     ]
     (tmp_path / "empty").mkdir()
     refusals["no images in"] = ["predict", str(tmp_path / "empty"), "--engine", "ray", "--output", "x.parquet"]
+    for folder in ("a", "b"):  # the same relative path in two manifests, two different files
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "face.png").write_bytes(encode(make_face(1)))
+        (tmp_path / folder / "list.csv").write_text("path\nface.png\n")
+    lists = [str(tmp_path / folder / "list.csv") for folder in ("a", "b")]
+    refusals["names two different files"] = ["predict", *lists, "--engine", "ray", "--output", "x.parquet"]
+    other = tmp_path / "other.csv"  # results of a model with other classes, to resume
+    other.mkdir()
+    (other / "part-0.csv").write_text("path,label,confidence,cat,dog,face,error\nx.png,cat,0.9,0.9,0.1,,\n")
+    refusals["the columns of another model's results"] = [*base, "--output", str(other), "--resume"]
     for fragment, argv in refusals.items():
         assert fer(argv) == 2, fragment
         err = capsys.readouterr().err
@@ -186,4 +202,4 @@ def test_refusals_need_no_cluster(
         without_ray.setitem(sys.modules, "ray", None)  # what `import ray` meets where the extra is not installed
         assert fer([*base, "--output", str(tmp_path / "results.parquet")]) == 2
         assert "pip install 'fer-service[scale]'" in capsys.readouterr().err
-    assert read_results(tmp_path / "nothing.parquet").num_rows == 0
+    assert read_results(tmp_path / "nothing.parquet", CLASSES).num_rows == 0
