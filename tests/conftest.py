@@ -24,12 +24,18 @@ SHIPPED_CHECKPOINT = ROOT / "models" / "checkpoint.pth"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `slow` first, so that `make test`'s two workers do not end on one long test.
+    """Tests marked `slow` first, the longest (`seconds=`) first of all, so that `make test`'s two
+    workers do not end on one long test.
 
     Scheduling only: every test stands alone and passes in any order (-k, one file, one worker).
     A module-scoped fixture used by slow and other tests alike may be set up twice; none costly is.
     """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+    def longest_first(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("seconds", 0)) if slow else 0.0
+
+    items.sort(key=longest_first)  # stable: file order otherwise
 
 
 def make_face(seed: int, size: int = 48) -> Image.Image:

@@ -78,7 +78,7 @@ def local_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -89,7 +89,7 @@ def test_resume_with_other_settings_is_refused(
     assert "resume with the same flags" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=5)
 def test_sigterm_stops_training_with_a_resumable_state(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     flags = ["--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
@@ -226,7 +226,7 @@ def test_plots_cli_draws_every_figure(tiny_dataset: Path, tmp_path: Path) -> Non
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=7)
 def test_torchrun_trains_with_two_gloo_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir, output = tmp_path / "ddp", tmp_path / "ddp.pth"
     command = [
