@@ -33,8 +33,6 @@ from models.tta import ServedTta
 if TYPE_CHECKING:
     import pyarrow as pa
 
-log = logging.getLogger(__name__)
-
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 # The local cluster's shared-memory object store: it holds the list of paths and the result tables,
@@ -45,9 +43,10 @@ ADDRESS_TIMEOUT_S = 5.0  # how long a cluster's address may take to accept a con
 ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line, or its type's name: what a one-line refusal quotes."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+def first_line(exc: BaseException, *, last: bool = False) -> str:
+    """An exception's first (or last) non-empty line, or its type's name: what a one-line refusal quotes."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
 
 
 class ScaleError(FerError):
@@ -406,8 +405,7 @@ def run_on_ray(job: RayJob) -> RayRun:
         # An actor that could not start or died, a task or a write that failed past Ray's retries: one
         # line here, the whole story in the cluster's logs. What was written stays; --resume continues it.
         # A task's error reads as a traceback whose last line is the error itself.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise ScaleError(f"the Ray job failed: {(lines[-1] if lines else type(exc).__name__)[:300]}") from None
+        raise ScaleError(f"the Ray job failed: {first_line(exc, last=True)[:300]}") from None
     finally:
         if started_here:
             ray.shutdown()
