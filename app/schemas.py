@@ -173,11 +173,32 @@ class ErrorOut(BaseModel):
     )
 
 
+class TruthMetricsOut(BaseModel):
+    """Classification figures against one truth of the val split (here: the FER+ crowd's majority)."""
+
+    truth: str = Field(..., description="what the figures are measured against, and which images count")
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    confusion_matrix: list[list[int]]
+    num_images: int = Field(..., description="the images that have this truth")
+
+
 class MetricsOut(BaseModel):
-    """The evaluation metrics stored in the checkpoint, and the model they describe."""
+    """The evaluation metrics stored in the checkpoint, and the model they describe.
+
+    Two truths of the same val images: the top-level figures are against FER2013's original
+    labels (`truth` says so), `ferplus` against the FER+ crowd's majority label.
+    """
 
     model: ModelOut
     classes: list[str]
+    truth: str | None = Field(
+        None, description="what accuracy, macro_f1, per_class and the confusion matrix are measured against"
+    )
+    ferplus: TruthMetricsOut | None = Field(
+        None, description="the same images' figures against the FER+ majority of ten crowd votes (null before measured)"
+    )
     accuracy: float | None = None
     loss: float | None = None
     macro_f1: float | None = None

@@ -51,14 +51,20 @@ class EmotionRecognitionModelPyTorch(nn.Module):
             nn.Dropout(DROPOUT),
             nn.Linear(512, num_classes),
         )
+        # Serving keeps the first block in fp32 (see forward); `training.speed` lets training
+        # run it in bf16, where its activations are the largest memory traffic of a step.
+        self.is_first_block_fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a batch of faces (N, 1, 48, 48) to logits (N, num_classes)."""
         # The first block and the head run in fp32 even under bf16 autocast: bf16 keeps ~3
         # significant digits, so it rounds the input pixels and the logits; together they are
         # under 1% of the FLOPs (benchmarks/precision.py measures the drift that remains).
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            first = self.features[0](x.float())
+        if self.is_first_block_fp32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                first = self.features[0](x.float())
+        else:
+            first = self.features[0](x)
         features = self.features[1:](first)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.classifier(features.float())  # type: ignore[no-any-return]

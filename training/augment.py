@@ -1,4 +1,4 @@
-"""Batch augmentation on tensors: flips, affine, erasing and noise for a whole batch at once.
+"""Batch augmentation on tensors: flips, affine and perspective, light, blur, erasing and noise for a whole batch.
 
 Doing it per batch (one `affine_grid`/`grid_sample` call) instead of per PIL image keeps the
 2-core machine busy with the model, not with Python loops.
@@ -25,7 +25,7 @@ def augment_batch(images: torch.Tensor, config: TrainConfig, generator: torch.Ge
     if config.hflip:
         flip = torch.rand(n, generator=generator, device=device) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if config.rotate_degrees or config.translate_fraction or config.scale_range:
+    if config.rotate_degrees or config.translate_fraction or config.scale_range or config.perspective:
         angle = uniform(-config.rotate_degrees, config.rotate_degrees) * (math.pi / 180.0)
         scale = uniform(1.0 - config.scale_range, 1.0 + config.scale_range)
         # affine_grid works in [-1, 1] coordinates: a translation of t·width is 2t there.
@@ -35,9 +35,21 @@ def augment_batch(images: torch.Tensor, config: TrainConfig, generator: torch.Ge
         theta = torch.stack(
             [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
         )  # (N, 2, 3): output → input sampling coordinates
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (N, H, W, 2): x, y
+        if config.perspective:
+            grid = _turn_head(grid, uniform(-config.perspective, config.perspective))
         # Pixels moved in from outside are black (-1 after normalisation), as torchvision's RandomAffine fills 0.
         images = F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+    if config.gamma_range or config.contrast_range:
+        images = _relight(
+            images,
+            uniform(-config.gamma_range, config.gamma_range),
+            uniform(1.0 - config.contrast_range, 1.0 + config.contrast_range),
+        )
+    if config.blur_probability > 0:
+        blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), _BLUR_KERNEL.to(images))
+        chosen = torch.rand(n, generator=generator, device=device) < config.blur_probability
+        images = torch.where(chosen[:, None, None, None], blurred, images)
     if config.erase_probability > 0:
         images = _random_erase(images, config.erase_probability, generator)
     if config.noise_std > 0:
@@ -69,3 +81,27 @@ def _random_erase(images: torch.Tensor, probability: float, generator: torch.Gen
     mask = (inside & chosen[:, None, None])[:, None]  # (N, 1, H, W)
     fill = torch.randn(images.shape, generator=generator, device=device).clamp(-1, 1)
     return torch.where(mask, fill, images)
+
+
+# 3×3 Gaussian, sigma 0.8: the softness of a face cut from a photo at a few times 48 px.
+_BLUR_1D = torch.tensor([0.2261, 0.5478, 0.2261])
+_BLUR_KERNEL = (_BLUR_1D[:, None] * _BLUR_1D[None, :])[None, None]  # (1, 1, 3, 3)
+
+
+def _turn_head(grid: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """A keystone warp of the sampling grid (N, H, W, 2), as if each head turned by `turn` (N,) about its vertical axis.
+
+    The side turned away gets shorter (y is sampled from a range 1 + turn·x times as tall) and the
+    middle of the face moves towards it (x shifts by turn/2 at the centre, nothing at the edges).
+    """
+    x, y = grid[..., 0], grid[..., 1]
+    t = turn[:, None, None]
+    return torch.stack([x + 0.5 * t * (1.0 - x * x), y * (1.0 + t * x)], dim=-1)
+
+
+def _relight(images: torch.Tensor, log_gamma: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """Gamma exp(log_gamma) on the [0, 1] intensities, then contrast about each face's mean; stays in [-1, 1]."""
+    gamma = torch.exp(log_gamma)[:, None, None, None]
+    lit = ((images + 1.0) * 0.5).clamp(0.0, 1.0).pow(gamma) * 2.0 - 1.0
+    mean = lit.mean(dim=(1, 2, 3), keepdim=True)
+    return ((lit - mean) * contrast[:, None, None, None] + mean).clamp(-1.0, 1.0)

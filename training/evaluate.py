@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.checkpoint import store_metrics
@@ -26,6 +27,7 @@ from models.predictor import Predictor
 from models.runtime import PRECISIONS
 from models.tta import TTA_MODES
 from training.data import Split, default_data_dir, load_split
+from training.ferplus import VOTES_FILE, ferplus_majority, read_votes
 from training.helpformat import DefaultsHelpFormatter
 from training.loop import predict_split
 from training.metrics import classification_metrics, expected_calibration_error, mean_cross_entropy
@@ -33,8 +35,23 @@ from training.metrics import classification_metrics, expected_calibration_error,
 logger = logging.getLogger(__name__)
 
 
-def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256) -> dict[str, Any]:
-    """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, calibration, per class, confusion."""
+# What the "ferplus" block of the figures is measured against (training/ferplus.py has the rule).
+FERPLUS_TRUTH = (
+    "FER+ majority: the class most of the ten crowd votes chose, on the images where it is one of the "
+    "seven classes and unique (ties and contempt/unknown/not-a-face majorities are left out)"
+)
+ORIGINAL_TRUTH = "FER2013's original labels (the folder each file is in)"
+
+
+def evaluate_predictor(
+    predictor: Predictor, split: Split, majority: np.ndarray | None = None, batch_size: int = 256
+) -> dict[str, Any]:
+    """Metrics of `predictor` on `split`: accuracy, loss, macro-F1, calibration, per class, confusion.
+
+    The top-level figures are against the split's original labels; with `majority` (the split's
+    FER+ majority labels, -1 where none) the same classification figures against the FER+ majority
+    go under "ferplus". "truth" says which is which.
+    """
     if split.classes != predictor.classes:
         raise ValueError(f"the split's classes {split.classes} differ from the checkpoint's {predictor.classes}")
     # The predictor's own forward pass: its precision, its TTA and the fused network, as served.
@@ -47,6 +64,11 @@ def evaluate_predictor(predictor: Predictor, split: Split, batch_size: int = 256
     metrics["precision"] = predictor.precision
     metrics["tta"] = predictor.tta
     metrics["preprocessing"] = predictor.checkpoint.preprocessing.to_dict()
+    metrics["truth"] = ORIGINAL_TRUTH
+    if majority is not None:
+        counted = majority >= 0
+        ferplus = classification_metrics(majority[counted], probabilities[counted].argmax(1), split.classes)
+        metrics["ferplus"] = {**ferplus, "truth": FERPLUS_TRUTH}
     return metrics
 
 
@@ -56,6 +78,13 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, row in metrics["per_class"].items():
         lines.append(
             f"{name:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8d}"
+        )
+    if "ferplus" in metrics:
+        ferplus = metrics["ferplus"]
+        recalls = "  ".join(f"{name} {row['recall']:.3f}" for name, row in ferplus["per_class"].items())
+        lines.append(
+            f"FER+ majority: accuracy {ferplus['accuracy']:.4f}  macro-F1 {ferplus['macro_f1']:.4f}  "
+            f"on {ferplus['num_images']} images; recall {recalls}"
         )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
@@ -129,12 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, tta=args.tta)
         split = load_split(split_dir, predictor.checkpoint.preprocessing, cache_dir=args.cache_dir)
         modes = [mode for mode in dict.fromkeys(args.also_tta) if mode != predictor.tta]
-        metrics, alternatives = measure_modes(predictor, split, modes)
+        majority = split_majority(split_dir, split)
+        metrics, alternatives = measure_modes(predictor, split, modes, majority)
         precisions = {
             precision: measure_modes(
                 Predictor(predictor.checkpoint, precision=precision, tta=predictor.tta, threads=predictor.threads),
                 split,
                 modes,
+                majority,
             )
             for precision in dict.fromkeys(args.also_precision)
             if precision != predictor.precision
@@ -159,15 +190,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def split_majority(split_dir: Path, split: Split) -> np.ndarray | None:
+    """The FER+ majority labels of a train/ or val/ folder from the votes file beside it; None without one."""
+    votes_file = split_dir.parent / VOTES_FILE
+    if split_dir.name not in ("train", "val") or not votes_file.is_file():
+        logger.info("no %s beside %s: FER+ figures are not measured", VOTES_FILE, split_dir)
+        return None
+    return ferplus_majority(read_votes(votes_file, split_dir.name, split.paths), split.classes)
+
+
 def measure_modes(
-    predictor: Predictor, split: Split, modes: list[str]
+    predictor: Predictor, split: Split, modes: list[str], majority: np.ndarray | None = None
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The predictor's figures in its own TTA mode, and in each of `modes` (same precision)."""
-    main = evaluate_predictor(predictor, split)
+    main = evaluate_predictor(predictor, split, majority)
     others = {
         mode: evaluate_predictor(
             Predictor(predictor.checkpoint, precision=predictor.precision, tta=mode, threads=predictor.threads),  # type: ignore[arg-type]
             split,
+            majority,
         )
         for mode in modes
     }

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from models.checkpoint import load_checkpoint
 from models.network import build_network
 from models.preprocessing import PreprocessingSpec, to_model_input
 from models.runtime import autocast, resolve_bf16
@@ -32,6 +33,7 @@ from training.augment import augment_batch
 from training.config import TrainConfig
 from training.data import Split
 from training.metrics import mean_cross_entropy
+from training.speed import keep_freed_memory, speed_up_for_training
 from training.state import STATE_FILE, RunState, select_epoch
 
 logger = logging.getLogger(__name__)
@@ -115,9 +117,16 @@ def predict_split(
 
 
 def evaluate(
-    model: nn.Module, split: Split, spec: PreprocessingSpec, device: torch.device, use_bf16: bool
-) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the model being trained on a split, in eval mode.
+    model: nn.Module,
+    split: Split,
+    spec: PreprocessingSpec,
+    device: torch.device,
+    use_bf16: bool,
+    majority: np.ndarray | None = None,
+) -> tuple[float, float, float | None]:
+    """(mean cross-entropy, accuracy, FER+ majority accuracy or None) of the model being trained, in eval mode.
+
+    `majority`: the split's FER+ majority labels (`training.ferplus.ferplus_majority`, -1 = none).
 
     This is the per-epoch val figure: the training network as it is (unfused, autocast as in
     training, no TTA). The checkpoint's stored metrics come from `training.evaluate` instead,
@@ -133,8 +142,12 @@ def evaluate(
         return probabilities
 
     probabilities = predict_split(forward, split, spec, device=device)
-    accuracy = float((probabilities.argmax(1) == split.labels).mean())
-    return mean_cross_entropy(split.labels, probabilities), accuracy
+    predicted = probabilities.argmax(1)
+    accuracy = float((predicted == split.labels).mean())
+    ferplus_accuracy = None
+    if majority is not None and (counted := majority >= 0).any():
+        ferplus_accuracy = float((predicted[counted] == majority[counted]).mean())
+    return mean_cross_entropy(split.labels, probabilities), accuracy, ferplus_accuracy
 
 
 def seed_generators(seed: int, device: torch.device, rank: int, world: int) -> tuple[torch.Generator, torch.Generator]:
@@ -156,16 +169,19 @@ def log_epoch(record: dict[str, float], epochs: int) -> None:
         record["epoch"], epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
         record["val_accuracy"], record["lr"], record["seconds"], record["train_images_per_second"],
     )  # fmt: skip
+    if "val_ferplus_accuracy" in record:
+        logger.info("epoch %d val FER+ majority acc %.4f", record["epoch"], record["val_ferplus_accuracy"])
 
 
 def train_one_epoch(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
     pixels: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     order: torch.Tensor,
     *,
     config: TrainConfig,
+    log_prior_shift: torch.Tensor,
     spec: PreprocessingSpec,
     generator: torch.Generator,
     epoch: int,
@@ -176,7 +192,8 @@ def train_one_epoch(
 
     Args:
         pixels: the whole training split, (N, H, W) uint8 on the training device.
-        labels: its labels, (N,) int64 on the same device.
+        targets: its target distributions, (N, classes) float32 on the same device (one-hot for hard labels).
+        log_prior_shift: (classes,) added to the logits inside the loss (logit adjustment; zeros for none).
         order: this rank's shuffled indices into `pixels` for this epoch.
         generator: the augmentation's random generator.
         steps: batches per epoch, the same on every rank (DistributedDataParallel syncs each step).
@@ -193,10 +210,11 @@ def train_one_epoch(
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
         inputs = to_model_input(pixels[index], spec)  # (B, 1, 48, 48) float32
         inputs = augment_batch(inputs, config, generator).contiguous(memory_format=torch.channels_last)
-        batch_labels = labels[index]
+        batch_targets = targets[index]
+        batch_labels = batch_targets.argmax(1)
         with autocast(pixels.device, use_bf16):
             logits = net(inputs)
-        loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=config.label_smoothing)
+        loss = soft_cross_entropy(logits.float() + log_prior_shift, batch_targets, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave backward untyped
         optimizer.step()
@@ -207,9 +225,29 @@ def train_one_epoch(
     return loss_sum / seen, correct / seen, seen
 
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy against target distributions (N, C), smoothed towards uniform.
+
+    With one-hot targets this is `F.cross_entropy(logits, labels, label_smoothing=...)`.
+    """
+    smoothed = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
+    return -(smoothed * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
 def start_run(config: TrainConfig, num_classes: int, device: torch.device, generator: torch.Generator) -> RunState:
-    """A fresh run's state: the network built from `config.architecture`, its optimiser and plateau scheduler."""
-    model = build_network(config.architecture, num_classes=num_classes).to(device)
+    """A fresh run's state: the network built from `config.architecture` (or `config.init_from`'s weights), its optimiser."""
+    model = build_network(config.architecture, num_classes=num_classes)
+    if config.init_from:
+        start = load_checkpoint(Path(config.init_from))
+        if start.architecture != config.architecture or len(start.classes) != num_classes:
+            raise ValueError(
+                f"{config.init_from}: a {start.architecture} with {len(start.classes)} classes, "
+                f"not a {config.architecture} with {num_classes}"
+            )
+        model.load_state_dict(start.network.state_dict())
+    if config.cpu_speedups and device.type == "cpu":
+        speed_up_for_training(model)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -228,8 +266,13 @@ def train(
     *,
     resume: bool = False,
     spec: PreprocessingSpec | None = None,
+    targets: np.ndarray | None = None,
+    val_majority: np.ndarray | None = None,
 ) -> TrainResult:
     """Train `config.architecture`; writes `state.pt` and `history.json` in `run_dir` every epoch.
+
+    `targets`: (N, classes) float32 target distributions for `train_split` (default: its labels,
+    one-hot). `val_majority`: val's FER+ majority labels, for the per-epoch FER+ figure.
 
     Under torchrun with several processes it trains with DistributedDataParallel: every rank
     draws the same permutation and takes its own shard of it, and rank 0 alone writes files.
@@ -241,6 +284,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu" and config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
+    if device.type == "cpu" and config.cpu_speedups:
+        keep_freed_memory()
     use_bf16 = resolve_bf16(config.precision, device)
     generator, augment_generator = seed_generators(config.seed, device, rank, world)
     state = start_run(config, len(train_split.classes), device, generator)
@@ -248,7 +293,11 @@ def train(
         state.load(run_dir / STATE_FILE)
         logger.info("resumed %s at epoch %d", run_dir, state.epoch + 1)
     train_pixels = torch.from_numpy(train_split.pixels).to(device)  # (N, 48, 48) uint8
-    train_labels = torch.from_numpy(train_split.labels).to(device)
+    if targets is None:
+        targets = np.eye(len(train_split.classes), dtype=np.float32)[train_split.labels]
+    train_targets = torch.from_numpy(targets).to(device)  # (N, classes) float32
+    prior = train_targets.mean(dim=0).clamp_min(1e-6)
+    log_prior_shift = config.logit_adjustment * torch.log(prior)
     steps = len(train_split) // (config.batch_size * world)
     net: nn.Module = DistributedDataParallel(state.model) if world > 1 else state.model
     if world > 1:
@@ -261,11 +310,11 @@ def train(
         started = time.perf_counter()
         order = torch.randperm(len(train_split), generator=generator, device=device)[rank::world]
         train_loss, train_accuracy, seen = train_one_epoch(
-            net, state.optimizer, train_pixels, train_labels, order,
-            config=config, spec=spec, generator=augment_generator, epoch=epoch, steps=steps, use_bf16=use_bf16,
+            net, state.optimizer, train_pixels, train_targets, order, config=config, log_prior_shift=log_prior_shift,
+            spec=spec, generator=augment_generator, epoch=epoch, steps=steps, use_bf16=use_bf16,
         )  # fmt: skip
         train_seconds = time.perf_counter() - started
-        val_loss, val_accuracy = evaluate(state.model, val_split, spec, device, use_bf16)
+        val_loss, val_accuracy, val_ferplus = evaluate(state.model, val_split, spec, device, use_bf16, val_majority)
         if config.schedule == "plateau":
             state.plateau.step(val_loss)
         record = {
@@ -278,6 +327,8 @@ def train(
             "seconds": time.perf_counter() - started,
             "train_images_per_second": seen / train_seconds,
         }
+        if val_ferplus is not None:
+            record["val_ferplus_accuracy"] = val_ferplus
         state.epoch = epoch
         state.history.append(record)
         state.selection = select_epoch(state.selection, config.selection, epoch, val_loss, val_accuracy, state.model)

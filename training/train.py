@@ -16,15 +16,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.checkpoint import save_checkpoint, store_metrics
+from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
-from training.config import RECIPES, config_for
-from training.data import default_data_dir, load_split
+from training.config import RECIPES, TrainConfig, config_for
+from training.data import Split, default_data_dir, load_split
 from training.evaluate import evaluate_predictor, format_table
+from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_votes, training_targets
 from training.helpformat import DefaultsHelpFormatter
 from training.loop import train
 
@@ -92,6 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (seed 0, default 0.1)"
     )
     parser.add_argument(
+        "--label-mode",
+        choices=LABEL_MODES,
+        default=None,
+        help="targets: the folder labels, the FER+ majority or the FER+ vote distribution (training/ferplus.py)",
+    )
+    parser.add_argument(
+        "--original-weight",
+        type=float,
+        default=None,
+        help="weight of the folder's one-hot label mixed into a FER+ target (0 = FER+ alone)",
+    )
+    parser.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=None,
+        help="tau of the logit-adjusted loss: served logits assume prior^(1-tau) (1 = classes equally likely)",
+    )
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="start from this checkpoint's weights (fine-tuning)"
+    )
+    parser.add_argument(
+        "--perspective", type=float, default=None, help="keystone warp of up to this fraction, as a turned head"
+    )
+    parser.add_argument("--gamma-range", type=float, default=None, help="gamma within [exp(-g), exp(g)]")
+    parser.add_argument("--contrast-range", type=float, default=None, help="contrast within [1 - c, 1 + c]")
+    parser.add_argument("--blur-probability", type=float, default=None, help="probability of a light blur per image")
+    parser.add_argument(
         "--erase-probability",
         type=float,
         default=None,
@@ -121,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser
+
+
+def labelled(
+    config: TrainConfig, data_dir: Path, train_split: Split, val_split: Split
+) -> tuple[Split, np.ndarray, np.ndarray | None]:
+    """(the training images the label mode keeps, their targets (N, C), val's FER+ majority or None).
+
+    The FER+ votes file is read when the mode needs it, and otherwise when it is there, for the
+    per-epoch and stored FER+ figures; an original-label run without it trains as before.
+    """
+    votes_file = data_dir / VOTES_FILE
+    needs_votes = config.label_mode != "original"
+    if not needs_votes and not votes_file.is_file():
+        return train_split, training_targets(train_split.labels, train_split.classes, "original", None)[0], None
+    train_votes = read_votes(votes_file, "train", train_split.paths) if needs_votes else None
+    targets, keep = training_targets(
+        train_split.labels, train_split.classes, config.label_mode, train_votes, config.original_weight
+    )
+    val_majority = ferplus_majority(read_votes(votes_file, "val", val_split.paths), val_split.classes)
+    if not keep.all():
+        logger.info("label mode %s keeps %d of %d training images", config.label_mode, keep.sum(), len(keep))
+        train_split = Split(
+            pixels=train_split.pixels[keep],
+            labels=train_split.labels[keep],
+            classes=train_split.classes,
+            paths=tuple(path for path, kept in zip(train_split.paths, keep, strict=True) if kept),
+        )
+    return train_split, targets[keep], val_majority
 
 
 @contextmanager
@@ -160,6 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizer=args.optimizer,
         label_smoothing=args.label_smoothing,
         erase_probability=args.erase_probability,
+        label_mode=args.label_mode,
+        original_weight=args.original_weight,
+        logit_adjustment=args.logit_adjustment,
+        init_from=None if args.init_from is None else str(args.init_from),
+        perspective=args.perspective,
+        gamma_range=args.gamma_range,
+        contrast_range=args.contrast_range,
+        blur_probability=args.blur_probability,
         noise_std=args.noise_std,
         selection=args.selection,
         seed=args.seed,
@@ -175,9 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if train_split.classes != val_split.classes:
             raise ValueError(f"train/ classes {train_split.classes} differ from val/ classes {val_split.classes}")
         logger.info("train %d images, val %d images, classes %s", len(train_split), len(val_split), train_split.classes)
+        train_split, targets, val_majority = labelled(config, data_dir, train_split, val_split)
         with sigterm_interrupts():
-            result = train(config, train_split, val_split, args.run_dir, resume=args.resume, spec=spec)
-    except (FileNotFoundError, ValueError) as exc:
+            result = train(
+                config, train_split, val_split, args.run_dir,
+                resume=args.resume, spec=spec, targets=targets, val_majority=val_majority,
+            )  # fmt: skip
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -188,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0  # rank 0 writes the checkpoint
+    prior = targets.mean(axis=0)
+    served_prior = prior ** (1.0 - config.logit_adjustment)
     network = build_network(config.architecture, num_classes=len(train_split.classes))
     network.load_state_dict(result.state_dict)
     save_checkpoint(
@@ -203,10 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stopped_early": result.stopped_early,
             "schedule": result.schedule,
             "history": result.history,
+            "images": len(train_split),
+            # The class prior of the training targets, and the one the served probabilities assume.
+            "target_prior": dict(zip(train_split.classes, prior.round(4).tolist(), strict=True)),
+            "served_prior": dict(
+                zip(train_split.classes, (served_prior / served_prior.sum()).round(4).tolist(), strict=True)
+            ),
         },
     )
     # The stored metrics are measured the way `training.evaluate` measures them, through the predictor.
-    metrics = evaluate_predictor(Predictor.from_checkpoint(output), val_split)
+    metrics = evaluate_predictor(Predictor.from_checkpoint(output), val_split, val_majority)
     metrics["split"] = "val"
     store_metrics(output, metrics)
     (args.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -1,0 +1,106 @@
+"""Checkpoints side by side on kdef-dev's detected faces: accuracy per angle, recall per class and angle.
+
+The faces are found and cut once, the way the service does it (the engine's decode → YuNet →
+framing → preprocessing, the largest face of each photo), and kept in `.cache/kdef-faces.npz`;
+each checkpoint then classifies the same 840 model inputs in fp32. This is the quick yardstick
+for choosing a training recipe; `benchmarks.photos` measures the shipped model through the whole
+engine. kdef-dev is for measuring only: nothing here trains on it.
+
+python -m benchmarks.kdef models/checkpoint.pth runs/ferplus/checkpoint.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.machine import machine_line
+from models.checkpoint import SHIPPED_CHECKPOINT
+from models.engine import Engine, EngineConfig
+from models.predictor import Predictor
+
+HALF_PROFILE = ("HL", "HR")
+CACHE = Path(".cache/kdef-faces.npz")
+
+
+def photo_list(kdef_dir: Path) -> list[tuple[Path, str]]:
+    """(photo, class folder) for every kdef-dev JPEG, in sorted order."""
+    return sorted((path, path.parent.name) for path in kdef_dir.glob("*/*.JPG"))
+
+
+def detected_faces(kdef_dir: Path, cache: Path = CACHE) -> tuple[torch.Tensor, list[str], list[str], np.ndarray]:
+    """(model inputs (N, 1, 48, 48) float32, labels, angles, face found (N,) bool), cached by the file list."""
+    photos = photo_list(kdef_dir)
+    key = hashlib.sha256("".join(f"{p.name}{p.stat().st_size}" for p, _ in photos).encode()).hexdigest()[:12]
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) == key:
+                return (
+                    torch.from_numpy(stored["inputs"]),
+                    [str(v) for v in stored["labels"]],
+                    [str(v) for v in stored["angles"]],
+                    stored["found"],
+                )
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig())
+    try:
+        prepared = [engine._prepare_faces(path.read_bytes(), all_faces=True, require_face=False) for path, _ in photos]
+    finally:
+        engine.close()
+    inputs = torch.cat([image.faces[0].inputs[None] for image in prepared])
+    found = np.array([image.faces[0].detected is not None for image in prepared])
+    labels = [label for _, label in photos]
+    angles = [path.stem[6:] for path, _ in photos]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, key=key, inputs=inputs.numpy(), labels=labels, angles=angles, found=found)
+    return inputs, labels, angles, found
+
+
+def recall_table(
+    predicted: list[str], labels: list[str], angles: list[str], found: np.ndarray, classes: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """Per view (frontal, half profile): accuracy and each class's recall; a photo with no face counts as wrong."""
+    table: dict[str, dict[str, float]] = {}
+    for view, members in (("frontal", ("S",)), ("half_profile", HALF_PROFILE)):
+        rows = [i for i, angle in enumerate(angles) if angle in members]
+        right = [bool(found[i]) and predicted[i] == labels[i] for i in rows]
+        figures = {"accuracy": sum(right) / len(rows)}
+        for name in classes:
+            picked = [r for r, i in zip(right, rows, strict=True) if labels[i] == name]
+            figures[name] = sum(picked) / len(picked) if picked else float("nan")
+        table[view] = figures
+    return table
+
+
+def main() -> int:
+    """Print each checkpoint's table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", type=Path, nargs="*", default=[SHIPPED_CHECKPOINT])
+    parser.add_argument("--kdef", type=Path, default=Path(os.environ.get("KDEF_DIR", "../shared/datasets/kdef-dev")))
+    parser.add_argument("--tta", default="none", choices=("none", "flip", "tencrop"), help="test-time augmentation")
+    args = parser.parse_args()
+    if not args.kdef.is_dir():
+        parser.error(f"{args.kdef}: no kdef-dev here (set KDEF_DIR or --kdef)")
+    print(machine_line())
+    inputs, labels, angles, found = detected_faces(args.kdef)
+    print(f"{len(labels)} photos, a face found in {found.mean():.3f}")
+    for path in args.checkpoints:
+        predictor = Predictor.from_checkpoint(path, precision="fp32", tta=args.tta)
+        probabilities = predictor.predict_tensors(inputs)
+        predicted = [predictor.classes[i] for i in probabilities.argmax(1)]
+        table = recall_table(predicted, labels, angles, found, predictor.classes)
+        print(f"\n{path} (fp32, tta {args.tta})")
+        print(f"| view | accuracy | {' | '.join(predictor.classes)} |")
+        print(f"| --- | ---: |{' ---: |' * len(predictor.classes)}")
+        for view, figures in table.items():
+            recalls = " | ".join(f"{figures[name]:.2f}" for name in predictor.classes)
+            print(f"| {view} | {figures['accuracy']:.3f} | {recalls} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
