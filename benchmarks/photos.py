@@ -91,6 +91,25 @@ def kdef_table(rows_by_detector: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def view_recalls(rows_by_detector: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Per detector and view (frontal, half profile): accuracy and each class's recall (a missed face counts as wrong)."""
+    classes = sorted({row["label"] for rows in rows_by_detector.values() for row in rows})
+    lines = [
+        f"| detector | view | accuracy | {' | '.join(classes)} |",
+        f"| --- | --- | ---: |{' ---: |' * len(classes)}",
+    ]
+    for name, rows in rows_by_detector.items():
+        for view, angles in (("frontal", ("S",)), ("half profile", ("HL", "HR"))):
+            members = [row for row in rows if row["angle"] in angles]
+            recalls = []
+            for label in classes:
+                of_class = [row["correct"] for row in members if row["label"] == label]
+                recalls.append(f"{sum(of_class) / len(of_class):.2f}")
+            accuracy = sum(row["correct"] for row in members) / len(members)
+            lines.append(f"| {name} | {view} | {accuracy:.3f} | {' | '.join(recalls)} |")
+    return lines
+
+
 def main() -> int:
     """Run both parts and print the tables (and the JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +135,8 @@ def main() -> int:
             engine.close()
     table = kdef_table(rows_by_detector)
     print("\n".join(table))
+    recalls = view_recalls(rows_by_detector)
+    print("\n".join(recalls))
 
     workdir = Path(tempfile.mkdtemp(prefix="fer-photos-"))
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
@@ -139,7 +160,7 @@ def main() -> int:
         finally:
             process.terminate()
             process.wait()
-    write_results(args.json, kdef=rows_by_detector, kdef_table=table, service=service_rows)
+    write_results(args.json, kdef=rows_by_detector, kdef_table=table, kdef_recalls=recalls, service=service_rows)
     return 0
 
 

@@ -281,3 +281,32 @@ def test_evaluate_stores_other_tta_modes_and_the_predictor_serves_their_figures(
     assert again.measured_precisions() == ("fp32", "bf16")
     assert again.metrics_for("tencrop", "fp32") == loaded.metrics_for("tencrop", "fp32")
     assert again.measured_tta_modes("bf16") == ("none",)
+
+
+def test_fine_tuning_starts_from_a_checkpoint_and_interpolates_back_to_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    base = ["--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY_FLAGS]
+    start = tmp_path / "start.pth"
+    assert train.main([*base, "--run-dir", str(tmp_path / "a"), "--output", str(start)]) == 0
+    kept, tuned = tmp_path / "kept.pth", tmp_path / "tuned.pth"
+    fine_tune = [*base, "--init-from", str(start), "--lr", "0.05"]
+    assert (
+        train.main([*fine_tune, "--interpolation", "0", "--run-dir", str(tmp_path / "b"), "--output", str(kept)]) == 0
+    )
+    assert train.main([*fine_tune, "--run-dir", str(tmp_path / "c"), "--output", str(tuned)]) == 0
+    weights = {name: torch.load(path, weights_only=True)["state_dict"] for name, path in
+               (("start", start), ("kept", kept), ("tuned", tuned))}  # fmt: skip
+    floating = [name for name, tensor in weights["start"].items() if tensor.is_floating_point()]
+    assert all(torch.equal(weights["kept"][name], weights["start"][name]) for name in floating)
+    assert not all(torch.equal(weights["tuned"][name], weights["start"][name]) for name in floating)
+    recorded = torch.load(tuned, weights_only=True)["training"]["config"]
+    assert recorded["init_from"] == str(start) and recorded["interpolation"] == 1.0
+
+
+def test_a_missing_starting_checkpoint_is_refused_in_one_line(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--recipe", "ferplus"]
+    argv += ["--init-from", str(tmp_path / "nothing.pth"), *TINY_FLAGS]
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: {tmp_path / 'nothing.pth'}: no checkpoint to start from\n"

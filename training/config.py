@@ -34,6 +34,10 @@ class TrainConfig:
     logit_adjustment: float = 0.0
     # Start from this checkpoint's weights instead of a random initialisation ("" = from scratch).
     init_from: str = ""
+    # WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the checkpoint gets
+    # (1 - a) * init_from's weights + a * the fine-tuned ones. Interpolating keeps what the starting
+    # model knew about photos unlike the training data; 1 = the fine-tuned weights as they are.
+    interpolation: float = 1.0
     # Augmentation, applied to whole batches as tensors (training/augment.py).
     hflip: bool = True
     rotate_degrees: float = 10.0
@@ -59,6 +63,11 @@ class TrainConfig:
         """Plain dict for the checkpoint and the history file."""
         return asdict(self)
 
+
+# What `--recipe ferplus` fine-tunes: the `default` recipe's 200-epoch model, shipped until the
+# FER+ model replaced it; `git show 3fd1dd3:models/checkpoint.pth > runs/default-recipe.pth` restores it.
+BASE_CHECKPOINT = "runs/default-recipe.pth"
+BASE_COMMAND = f"git show 3fd1dd3:models/checkpoint.pth > {BASE_CHECKPOINT}"
 
 RECIPES: dict[str, TrainConfig] = {
     # The seed notebook: Adam 1e-4, plateau schedule on val loss, early stop after 205 epochs,
@@ -99,7 +108,8 @@ RECIPES: dict[str, TrainConfig] = {
         label_mode="votes",
         original_weight=0.5,
         logit_adjustment=1.0,
-        init_from="models/checkpoint.pth",
+        init_from=BASE_CHECKPOINT,
+        interpolation=0.5,
         perspective=0.2,
         gamma_range=0.3,
         contrast_range=0.3,

@@ -38,7 +38,9 @@ class MaskDropout(nn.Dropout):
             return x
         keep = 1.0 - self.p
         count = x.numel()
-        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        # The whole int64 range: a bare random_() stays in [0, 2^63), which leaves one slice in four
+        # without its sign bit.
+        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         draws = words.view(torch.int16)[:count]
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             n, c, h, w = x.shape

@@ -60,13 +60,16 @@ def select_epoch(
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config as the current code reads it, less `epochs` (which a resume may change).
+    """A saved config as the current code reads it, less what a resume may change.
+
+    `epochs` stretches the schedule; `interpolation` only decides what the finished run's
+    checkpoint holds, so a finished run can be written again with another one.
 
     Fields added since the run started take their defaults: a state.pt written before
     `architecture` existed trained the default network.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    return {k: v for k, v in {**defaults, **config}.items() if k != "epochs"}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in ("epochs", "interpolation")}
 
 
 @dataclass

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import save_checkpoint, store_metrics
+from models.checkpoint import load_checkpoint, save_checkpoint, store_metrics
 from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
-from training.config import RECIPES, TrainConfig, config_for
+from training.config import BASE_CHECKPOINT, BASE_COMMAND, RECIPES, TrainConfig, config_for
 from training.data import Split, default_data_dir, load_split
 from training.evaluate import evaluate_predictor, format_table
 from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_votes, training_targets
@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from", type=Path, default=None, help="start from this checkpoint's weights (fine-tuning)"
     )
     parser.add_argument(
+        "--interpolation",
+        type=float,
+        default=None,
+        help="with --init-from: the checkpoint gets (1-a)*start + a*fine-tuned weights (WiSE-FT; 1 = fine-tuned alone)",
+    )
+    parser.add_argument(
         "--perspective", type=float, default=None, help="keystone warp of up to this fraction, as a turned head"
     )
     parser.add_argument("--gamma-range", type=float, default=None, help="gamma within [exp(-g), exp(g)]")
@@ -151,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser
+
+
+def interpolated(config: TrainConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights the checkpoint gets: `trained`, or its WiSE-FT blend with `config.init_from`'s (TrainConfig.interpolation)."""
+    if not config.init_from or config.interpolation == 1.0:
+        return trained
+    start = load_checkpoint(Path(config.init_from)).network.state_dict()
+    weight = config.interpolation
+    return {
+        name: (1.0 - weight) * start[name] + weight * tensor if tensor.is_floating_point() else tensor
+        for name, tensor in trained.items()
+    }
 
 
 def labelled(
@@ -222,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         original_weight=args.original_weight,
         logit_adjustment=args.logit_adjustment,
         init_from=None if args.init_from is None else str(args.init_from),
+        interpolation=args.interpolation,
         perspective=args.perspective,
         gamma_range=args.gamma_range,
         contrast_range=args.contrast_range,
@@ -232,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=args.precision,
         num_threads=args.threads,
     )
+    if config.init_from and not Path(config.init_from).is_file():
+        hint = f" ({BASE_COMMAND} restores it)" if config.init_from == BASE_CHECKPOINT else ""
+        print(f"error: {config.init_from}: no checkpoint to start from{hint}", file=sys.stderr)
+        return 2
     data_dir = args.data_dir or default_data_dir()
     spec = PreprocessingSpec()
     output = args.output or args.run_dir / "checkpoint.pth"
@@ -261,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prior = targets.mean(axis=0)
     served_prior = prior ** (1.0 - config.logit_adjustment)
     network = build_network(config.architecture, num_classes=len(train_split.classes))
-    network.load_state_dict(result.state_dict)
+    network.load_state_dict(interpolated(config, result.state_dict))
     save_checkpoint(
         output,
         network,
