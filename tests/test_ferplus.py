@@ -14,6 +14,7 @@ from tests.server import app_serving, get
 from training import evaluate, train
 from training.data import list_split
 from training.ferplus import (
+    CLASS_OF_COLUMN,
     NO_LABEL,
     VOTE_COLUMNS,
     SplitVotes,
@@ -50,19 +51,16 @@ def write_votes(root: Path, rules: dict[str, list[int]], extra_rows: list[list[s
             relative = str(path.relative_to(root / split))
             if split == "train" and relative == "angry/12.png":
                 continue
-            column = next(c for c, name in zip(VOTE_COLUMNS, _CLASS_COLUMNS, strict=False) if name == classes[label])
+            column = next(c for c, name in CLASS_OF_COLUMN.items() if name == classes[label])
+            clear = votes(**{"surprise" if column == "neutral" else "neutral": 2, column: 8})
             counts = rules.get(relative) if split == "train" else None
-            rows.append([split, f"{split}/{relative}", "0", *map(str, counts or votes(**{column: 8, "neutral": 2}))])
+            rows.append([split, f"{split}/{relative}", "0", *map(str, counts or clear)])
     path = root / "ferplus.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["split", "path", "fer_index", *VOTE_COLUMNS])
         writer.writerows(rows + (extra_rows or []))
     return path
-
-
-# VOTE_COLUMNS' first seven, as the folder names them.
-_CLASS_COLUMNS = ("neutral", "happy", "surprise", "sad", "angry", "disgust", "fear")
 
 
 @pytest.fixture
@@ -89,7 +87,10 @@ def test_majority_takes_a_unique_top_class_and_leaves_out_ties_and_foreign_tops(
     assert by_path["angry/10.png"] == NO_LABEL  # NF on top
     assert by_path["angry/11.png"] == NO_LABEL  # contempt on top
     assert by_path["angry/12.png"] == NO_LABEL  # no row
-    assert by_path["happy/0.png"] == classes.index("happy")
+    _, files = list_split(voted_dataset / "train")
+    for path, label in files:  # every file the rules leave alone has its folder's class as majority
+        if str(path.relative_to(voted_dataset / "train")) not in (*RULES, "angry/12.png"):
+            assert by_path[str(path.relative_to(voted_dataset / "train"))] == label
 
 
 def test_vote_distribution_drops_lone_votes_and_images_that_are_mostly_not_ours(voted_dataset: Path) -> None:
@@ -156,16 +157,22 @@ def test_loader_refuses_votes_for_other_files_in_one_line(
 def test_each_label_mode_trains_and_stores_both_truths(voted_dataset: Path, tmp_path: Path, mode: str) -> None:
     output = tmp_path / "model.pth"
     argv = ["--data-dir", str(voted_dataset), "--run-dir", str(tmp_path / "run"), "--output", str(output)]
-    argv += ["--label-mode", mode, "--logit-adjustment", "1", "--perspective", "0.2", "--blur-probability", "0.5"]
+    argv += ["--label-mode", mode, "--logit-adjustment", "0.5", "--perspective", "0.2", "--blur-probability", "0.5"]
     argv += ["--gamma-range", "0.3", "--contrast-range", "0.3"]
     assert train.main([*argv, *TINY_FLAGS]) == 0
     raw = torch.load(output, map_location="cpu", weights_only=True)
     expected_images = {"original": 140, "majority": 136, "votes": 138}[mode]
     assert raw["training"]["images"] == expected_images
     assert raw["training"]["config"]["label_mode"] == mode
-    assert sum(raw["training"]["served_prior"].values()) == pytest.approx(1.0, abs=1e-3)
-    # tau = 1: the served probabilities assume every class equally likely
-    assert list(raw["training"]["served_prior"].values()) == pytest.approx([1 / 7] * 7, abs=1e-3)
+    # the prior of the targets trained on, and tau = 0.5: the served one is its square root, normalised
+    classes, files = list_split(voted_dataset / "train")
+    labels = np.array([label for _, label in files])
+    split_votes = train_votes(voted_dataset)[2]
+    targets, keep = training_targets(labels, classes, mode, None if mode == "original" else split_votes)
+    prior = targets[keep].mean(axis=0)
+    assert list(raw["training"]["target_prior"].values()) == pytest.approx(prior.tolist(), abs=1e-4)
+    served = np.sqrt(prior) / np.sqrt(prior).sum()
+    assert list(raw["training"]["served_prior"].values()) == pytest.approx(served.tolist(), abs=1e-3)
     metrics = raw["metrics"]
     assert metrics["truth"] == evaluate.ORIGINAL_TRUTH
     assert metrics["ferplus"]["truth"] == evaluate.FERPLUS_TRUTH

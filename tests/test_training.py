@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models.checkpoint import CLASSES, load_checkpoint, save_checkpoint
-from models.network import EmotionRecognitionModelPyTorch
+from models.network import EmotionRecognitionModelPyTorch, build_network
 from tests.conftest import SHIPPED_CHECKPOINT, write_dataset
 from training import evaluate, plots, train
 from training.metrics import expected_calibration_error
@@ -287,19 +287,47 @@ def test_fine_tuning_starts_from_a_checkpoint_and_interpolates_back_to_it(tiny_d
     base = ["--data-dir", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", *TINY_FLAGS]
     start = tmp_path / "start.pth"
     assert train.main([*base, "--run-dir", str(tmp_path / "a"), "--output", str(start)]) == 0
-    kept, tuned = tmp_path / "kept.pth", tmp_path / "tuned.pth"
-    fine_tune = [*base, "--init-from", str(start), "--lr", "0.05"]
-    assert (
-        train.main([*fine_tune, "--interpolation", "0", "--run-dir", str(tmp_path / "b"), "--output", str(kept)]) == 0
-    )
-    assert train.main([*fine_tune, "--run-dir", str(tmp_path / "c"), "--output", str(tuned)]) == 0
-    weights = {name: torch.load(path, weights_only=True)["state_dict"] for name, path in
-               (("start", start), ("kept", kept), ("tuned", tuned))}  # fmt: skip
-    floating = [name for name, tensor in weights["start"].items() if tensor.is_floating_point()]
-    assert all(torch.equal(weights["kept"][name], weights["start"][name]) for name in floating)
-    assert not all(torch.equal(weights["tuned"][name], weights["start"][name]) for name in floating)
-    recorded = torch.load(tuned, weights_only=True)["training"]["config"]
-    assert recorded["init_from"] == str(start) and recorded["interpolation"] == 1.0
+
+    def fine_tune(name: str, *flags: str) -> dict[str, torch.Tensor]:
+        output = tmp_path / f"{name}.pth"
+        argv = [*base, "--init-from", str(start), "--run-dir", str(tmp_path / name), "--output", str(output), *flags]
+        assert train.main(argv) == 0
+        return torch.load(output, weights_only=True)["state_dict"]  # type: ignore[no-any-return]
+
+    begun = torch.load(start, weights_only=True)["state_dict"]
+    parameters = [name for name, _ in build_network("EmotionRecognitionModelPyTorch").named_parameters()]
+    # lr 0: the weights are where they started, so training really began from the checkpoint
+    still = fine_tune("still", "--lr", "0")
+    assert all(torch.equal(still[name], begun[name]) for name in parameters)
+    tuned = fine_tune("tuned", "--lr", "0.05")
+    assert not all(torch.equal(tuned[name], begun[name]) for name in parameters)
+    halfway = fine_tune("halfway", "--lr", "0.05", "--interpolation", "0.5")
+    for name in parameters:
+        assert torch.allclose(halfway[name], 0.5 * begun[name] + 0.5 * tuned[name], atol=1e-6), name
+    # a finished run is written again with another interpolation, without training
+    rewritten = tmp_path / "rewritten.pth"
+    argv = [*base, "--init-from", str(start), "--run-dir", str(tmp_path / "tuned"), "--output", str(rewritten)]
+    assert train.main([*argv, "--lr", "0.05", "--interpolation", "0", "--resume"]) == 0
+    again = torch.load(rewritten, weights_only=True)
+    assert all(torch.equal(again["state_dict"][name], begun[name]) for name in parameters)
+    assert again["training"]["config"]["interpolation"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--interpolation", "0.5"], "give --init-from too"),
+        (["--logit-adjustment", "-1"], "--logit-adjustment must be at least 0"),
+        (["--original-weight", "0.5"], "use --label-mode votes or majority"),
+    ],
+)
+def test_settings_that_would_do_nothing_are_refused_in_one_line(
+    tiny_dataset: Path, tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), *flags, *TINY_FLAGS]
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
 
 
 def test_a_missing_starting_checkpoint_is_refused_in_one_line(

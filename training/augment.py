@@ -91,12 +91,15 @@ _BLUR_KERNEL = (_BLUR_1D[:, None] * _BLUR_1D[None, :])[None, None]  # (1, 1, 3, 
 def _turn_head(grid: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     """A keystone warp of the sampling grid (N, H, W, 2), as if each head turned by `turn` (N,) about its vertical axis.
 
-    The side turned away gets shorter (y is sampled from a range 1 + turn·x times as tall) and the
-    middle of the face moves towards it (x shifts by turn/2 at the centre, nothing at the edges).
+    The grid maps output to input coordinates, so content moves against it. For turn > 0 the right
+    side comes out shorter (its rows sample a range 1 + turn·x times as tall) and narrower (there
+    the grid's x runs faster, its slope 1 + turn·x), and the middle of the face moves towards that
+    side (the grid shifts left by turn/2 at the centre, not at all at the edges): a head turned
+    away to the right, foreshortened as a camera sees it.
     """
     x, y = grid[..., 0], grid[..., 1]
     t = turn[:, None, None]
-    return torch.stack([x + 0.5 * t * (1.0 - x * x), y * (1.0 + t * x)], dim=-1)
+    return torch.stack([x - 0.5 * t * (1.0 - x * x), y * (1.0 + t * x)], dim=-1)
 
 
 def _relight(images: torch.Tensor, log_gamma: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,24 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that would silently do nothing or train on NaNs.
+
+    Raises:
+        ValueError: one line naming the setting and what it needs.
+    """
+    if config.logit_adjustment < 0:
+        raise ValueError(f"--logit-adjustment must be at least 0, not {config.logit_adjustment}")
+    if not 0.0 <= config.interpolation <= 1.0:
+        raise ValueError(f"--interpolation must be within [0, 1], not {config.interpolation}")
+    if config.interpolation != 1.0 and not config.init_from:
+        raise ValueError("--interpolation blends back towards --init-from's weights: give --init-from too")
+    if config.original_weight and config.label_mode == "original":
+        raise ValueError(
+            "--original-weight mixes the folder labels into a FER+ target: use --label-mode votes or majority"
+        )
+
+
 def config_for(recipe: str, **overrides: Any) -> TrainConfig:
     """The recipe's config with the given fields replaced (None values are ignored)."""
     base = RECIPES[recipe]

@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # What the "ferplus" block of the figures is measured against (training/ferplus.py has the rule).
 FERPLUS_TRUTH = (
-    "FER+ majority: the class most of the ten crowd votes chose, on the images where it is one of the "
-    "seven classes and unique (ties and contempt/unknown/not-a-face majorities are left out)"
+    "FER+ majority: the class with the most of the ten crowd votes (a plurality), on the images where it is "
+    "one of the seven classes and unique (ties and contempt/unknown/not-a-face tops are left out)"
 )
 ORIGINAL_TRUTH = "FER2013's original labels (the folder each file is in)"
 
@@ -65,8 +65,7 @@ def evaluate_predictor(
     metrics["tta"] = predictor.tta
     metrics["preprocessing"] = predictor.checkpoint.preprocessing.to_dict()
     metrics["truth"] = ORIGINAL_TRUTH
-    if majority is not None:
-        counted = majority >= 0
+    if majority is not None and (counted := majority >= 0).any():
         ferplus = classification_metrics(majority[counted], probabilities[counted].argmax(1), split.classes)
         metrics["ferplus"] = {**ferplus, "truth": FERPLUS_TRUTH}
     return metrics
@@ -191,12 +190,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def split_majority(split_dir: Path, split: Split) -> np.ndarray | None:
-    """The FER+ majority labels of a train/ or val/ folder from the votes file beside it; None without one."""
+    """The FER+ majority labels of a train/ or val/ folder from the votes file beside it; None without one.
+
+    The FER+ figures are optional here: votes that do not fit the folder are reported and skipped.
+    """
     votes_file = split_dir.parent / VOTES_FILE
     if split_dir.name not in ("train", "val") or not votes_file.is_file():
         logger.info("no %s beside %s: FER+ figures are not measured", VOTES_FILE, split_dir)
         return None
-    return ferplus_majority(read_votes(votes_file, split_dir.name, split.paths), split.classes)
+    try:
+        return ferplus_majority(read_votes(votes_file, split_dir.name, split.paths), split.classes)
+    except ValueError as exc:
+        logger.warning("FER+ figures are not measured: %s", exc)
+        return None
 
 
 def measure_modes(

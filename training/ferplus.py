@@ -82,35 +82,51 @@ def read_votes(csv_path: Path, split: str, paths: tuple[str, ...]) -> SplitVotes
     index_of = {path: i for i, path in enumerate(paths)}
     counts = np.zeros((len(paths), len(VOTE_COLUMNS)), dtype=np.int64)
     has_row = np.zeros(len(paths), dtype=bool)
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        expected = ["split", "path", "fer_index", *VOTE_COLUMNS]
-        if reader.fieldnames != expected:
-            raise ValueError(f"{csv_path}: columns {reader.fieldnames} are not {expected}")
-        for line, row in enumerate(reader, start=2):
-            if row["split"] not in ("train", "val"):
-                raise ValueError(f"{csv_path}:{line}: split {row['split']!r} is neither train nor val")
-            if row["split"] != split:
-                continue
-            prefix = f"{split}/"
-            if not row["path"].startswith(prefix):
-                raise ValueError(f"{csv_path}:{line}: {row['path']!r} is not under {prefix}")
-            index = index_of.get(row["path"][len(prefix) :])
-            if index is None:
-                raise ValueError(
-                    f"{csv_path}:{line}: {row['path']} is not in the {split} folder: the votes belong to other data"
-                )
-            if has_row[index]:
-                raise ValueError(f"{csv_path}:{line}: {row['path']} has a second row")
-            try:
-                votes = [int(row[column]) for column in VOTE_COLUMNS]
-            except (TypeError, ValueError):
-                raise ValueError(f"{csv_path}:{line}: vote counts must be whole numbers") from None
-            if min(votes) < 0:
-                raise ValueError(f"{csv_path}:{line}: a negative vote count")
-            counts[index] = votes
-            has_row[index] = True
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            _read_rows(csv.DictReader(handle), csv_path, split, index_of, counts, has_row)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{csv_path}: not a readable CSV file ({exc})") from None
     return SplitVotes(counts=counts, has_row=has_row)
+
+
+def _read_rows(
+    reader: csv.DictReader[str],
+    csv_path: Path,
+    split: str,
+    index_of: dict[str, int],
+    counts: np.ndarray,
+    has_row: np.ndarray,
+) -> None:
+    """Fill `counts` and `has_row` from the file's rows for `split`, refusing any row that does not fit."""
+    expected = ["split", "path", "fer_index", *VOTE_COLUMNS]
+    if reader.fieldnames != expected:
+        raise ValueError(f"{csv_path}: columns {reader.fieldnames} are not {expected}")
+    for line, row in enumerate(reader, start=2):
+        if None in row.values() or None in row:
+            raise ValueError(f"{csv_path}:{line}: {len(expected)} fields expected")
+        if row["split"] not in ("train", "val"):
+            raise ValueError(f"{csv_path}:{line}: split {row['split']!r} is neither train nor val")
+        if row["split"] != split:
+            continue
+        prefix = f"{split}/"
+        if not row["path"].startswith(prefix):
+            raise ValueError(f"{csv_path}:{line}: {row['path']!r} is not under {prefix}")
+        index = index_of.get(row["path"][len(prefix) :])
+        if index is None:
+            raise ValueError(
+                f"{csv_path}:{line}: {row['path']} is not in the {split} folder: the votes belong to other data"
+            )
+        if has_row[index]:
+            raise ValueError(f"{csv_path}:{line}: {row['path']} has a second row")
+        try:
+            votes = [int(row[column]) for column in VOTE_COLUMNS]
+        except (TypeError, ValueError):
+            raise ValueError(f"{csv_path}:{line}: vote counts must be whole numbers") from None
+        if min(votes) < 0:
+            raise ValueError(f"{csv_path}:{line}: a negative vote count")
+        counts[index] = votes
+        has_row[index] = True
 
 
 def ferplus_majority(votes: SplitVotes, classes: tuple[str, ...]) -> np.ndarray:

@@ -33,7 +33,7 @@ from training.augment import augment_batch
 from training.config import TrainConfig
 from training.data import Split
 from training.metrics import mean_cross_entropy
-from training.speed import keep_freed_memory, speed_up_for_training
+from training.speed import speed_up_for_training
 from training.state import STATE_FILE, RunState, select_epoch
 
 logger = logging.getLogger(__name__)
@@ -284,8 +284,6 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu" and config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    if device.type == "cpu" and config.cpu_speedups:
-        keep_freed_memory()
     use_bf16 = resolve_bf16(config.precision, device)
     generator, augment_generator = seed_generators(config.seed, device, rank, world)
     state = start_run(config, len(train_split.classes), device, generator)

@@ -4,8 +4,11 @@ Profiled on a 2-core Xeon (AMX) at batch 128 with bf16 autocast, a step was most
 element-wise work, not convolution: `bernoulli_` (dropout masks) 17% of the time, BatchNorm and
 ReLU backward over the first block's 128×64×48×48 activations, and zero-filling freshly
 mmap-ed buffers every step. `benchmarks/train_speed.py` measures before and after in one run.
-Every change here computes the same function as the plain network, so a checkpoint trained this
-way is an ordinary checkpoint of the same architecture, with the same state_dict keys.
+The rewritten network has the same weights under the same names, so a checkpoint trained this way
+is an ordinary checkpoint of the same architecture. It computes the same function except that its
+first block runs in bf16 under autocast (its per-epoch val figures differ from the stored fp32
+ones in the third decimal); the served network is the plain one. `keep_freed_memory` is
+process-wide: the `training.train` CLI calls it, `training.loop.train` does not.
 """
 
 from __future__ import annotations
@@ -90,5 +93,7 @@ def keep_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 40)):
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # untyped, a Python int would be cut to its low 32 bits
+    mallopt.restype = ctypes.c_int
+    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         logger.debug("mallopt refused: the allocator keeps its defaults")

@@ -24,12 +24,13 @@ from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
-from training.config import BASE_CHECKPOINT, BASE_COMMAND, RECIPES, TrainConfig, config_for
+from training.config import BASE_CHECKPOINT, BASE_COMMAND, RECIPES, TrainConfig, check_config, config_for
 from training.data import Split, default_data_dir, load_split
-from training.evaluate import evaluate_predictor, format_table
+from training.evaluate import evaluate_predictor, format_table, split_majority
 from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_votes, training_targets
 from training.helpformat import DefaultsHelpFormatter
 from training.loop import train
+from training.speed import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -159,11 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interpolated(config: TrainConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights the checkpoint gets: `trained`, or its WiSE-FT blend with `config.init_from`'s (TrainConfig.interpolation)."""
-    if not config.init_from or config.interpolation == 1.0:
+def starting_weights(config: TrainConfig, classes: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """`config.init_from`'s weights, read once before training (the blend must use what training started from).
+
+    Raises:
+        CheckpointError: the file is not a readable checkpoint.
+        ValueError: it classifies other classes, or in another order.
+    """
+    if not config.init_from:
+        return None
+    start = load_checkpoint(Path(config.init_from))
+    if start.classes != classes:
+        raise ValueError(f"{config.init_from}: its classes {list(start.classes)} are not the data's {list(classes)}")
+    return {name: tensor.clone() for name, tensor in start.network.state_dict().items()}
+
+
+def interpolated(
+    config: TrainConfig, trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The weights the checkpoint gets: `trained`, or its WiSE-FT blend with the starting weights (TrainConfig.interpolation)."""
+    if start is None or config.interpolation == 1.0:
         return trained
-    start = load_checkpoint(Path(config.init_from)).network.state_dict()
     weight = config.interpolation
     return {
         name: (1.0 - weight) * start[name] + weight * tensor if tensor.is_floating_point() else tensor
@@ -180,10 +197,10 @@ def labelled(
     per-epoch and stored FER+ figures; an original-label run without it trains as before.
     """
     votes_file = data_dir / VOTES_FILE
-    needs_votes = config.label_mode != "original"
-    if not needs_votes and not votes_file.is_file():
-        return train_split, training_targets(train_split.labels, train_split.classes, "original", None)[0], None
-    train_votes = read_votes(votes_file, "train", train_split.paths) if needs_votes else None
+    if config.label_mode == "original":
+        one_hot = training_targets(train_split.labels, train_split.classes, "original", None)[0]
+        return train_split, one_hot, split_majority(data_dir / "val", val_split)
+    train_votes = read_votes(votes_file, "train", train_split.paths)
     targets, keep = training_targets(
         train_split.labels, train_split.classes, config.label_mode, train_votes, config.original_weight
     )
@@ -264,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if train_split.classes != val_split.classes:
             raise ValueError(f"train/ classes {train_split.classes} differ from val/ classes {val_split.classes}")
         logger.info("train %d images, val %d images, classes %s", len(train_split), len(val_split), train_split.classes)
+        check_config(config)
+        start = starting_weights(config, train_split.classes)
         train_split, targets, val_majority = labelled(config, data_dir, train_split, val_split)
+        if config.cpu_speedups:
+            keep_freed_memory()  # process-wide, so here and not in train(), which tests call in-process
         with sigterm_interrupts():
             result = train(
                 config, train_split, val_split, args.run_dir,
@@ -282,9 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank != 0:
             return 0  # rank 0 writes the checkpoint
     prior = targets.mean(axis=0)
-    served_prior = prior ** (1.0 - config.logit_adjustment)
+    served_prior = np.clip(prior, 1e-6, None) ** (1.0 - config.logit_adjustment)  # the loss's clamp
     network = build_network(config.architecture, num_classes=len(train_split.classes))
-    network.load_state_dict(interpolated(config, result.state_dict))
+    network.load_state_dict(interpolated(config, result.state_dict, start))
     save_checkpoint(
         output,
         network,
