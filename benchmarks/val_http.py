@@ -57,7 +57,9 @@ def main() -> int:
     recorded = stored["accuracy"], stored["ferplus"]["accuracy"] if stored.get("ferplus") else float("nan")
     print(f"served precision {stored['served_precision']}, tta {stored['served_tta']}, {len(files)} val images")
     for name, answered, kept in zip(("original labels", "FER+ majority"), served, recorded, strict=True):
-        print(f"{name}: /predict/batch {answered:.4f}, /metrics {kept:.4f}, difference {100 * (answered - kept):+.2f} points")
+        print(
+            f"{name}: /predict/batch {answered:.4f}, /metrics {kept:.4f}, difference {100 * (answered - kept):+.2f} points"
+        )
     return 0
 
 
