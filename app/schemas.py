@@ -196,9 +196,6 @@ class MetricsOut(BaseModel):
     truth: str | None = Field(
         None, description="what accuracy, macro_f1, per_class and the confusion matrix are measured against"
     )
-    ferplus: TruthMetricsOut | None = Field(
-        None, description="the same images' figures against the FER+ majority of ten crowd votes (null before measured)"
-    )
     accuracy: float | None = None
     loss: float | None = None
     macro_f1: float | None = None
@@ -211,6 +208,9 @@ class MetricsOut(BaseModel):
     confusion_matrix: list[list[int]] | None = None
     split: str | None = None
     num_images: int | None = None
+    ferplus: TruthMetricsOut | None = Field(
+        None, description="the same images' figures against the FER+ majority of ten crowd votes (null before measured)"
+    )
     precision: str | None = Field(None, description="the precision the metrics were measured in")
     served_precision: str = Field(..., description="the precision this server runs in")
     tta: str | None = Field(None, description="the test-time augmentation the metrics were measured with")

@@ -78,18 +78,18 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(
             f"{name:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8d}"
         )
-    if "ferplus" in metrics:
-        ferplus = metrics["ferplus"]
-        recalls = "  ".join(f"{name} {row['recall']:.3f}" for name, row in ferplus["per_class"].items())
-        lines.append(
-            f"FER+ majority: accuracy {ferplus['accuracy']:.4f}  macro-F1 {ferplus['macro_f1']:.4f}  "
-            f"on {ferplus['num_images']} images; recall {recalls}"
-        )
     lines.append(
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
         f"ECE {metrics['calibration_error']:.4f}  "
         f"on {metrics['num_images']} images of {metrics['split']} ({metrics['precision']}, tta {metrics['tta']})"
     )
+    if "ferplus" in metrics:
+        ferplus = metrics["ferplus"]
+        recalls = "  ".join(f"{name} {row['recall']:.3f}" for name, row in ferplus["per_class"].items())
+        lines.append(
+            f"  against the FER+ majority: accuracy {ferplus['accuracy']:.4f}  macro-F1 {ferplus['macro_f1']:.4f}  "
+            f"on {ferplus['num_images']} images; recall {recalls}"
+        )
     return "\n".join(lines)
 
 
