@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_line
-from models.checkpoint import SHIPPED_CHECKPOINT
+from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from models.engine import Engine, EngineConfig
 from models.predictor import Predictor
 
@@ -36,7 +36,9 @@ def photo_list(kdef_dir: Path) -> list[tuple[Path, str]]:
 def detected_faces(kdef_dir: Path, cache: Path = CACHE) -> tuple[torch.Tensor, list[str], list[str], np.ndarray]:
     """(model inputs (N, 1, 48, 48) float32, labels, angles, face found (N,) bool), cached by the file list."""
     photos = photo_list(kdef_dir)
-    key = hashlib.sha256("".join(f"{p.name}{p.stat().st_size}" for p, _ in photos).encode()).hexdigest()[:12]
+    spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing  # the cut faces are this spec's model input
+    listing = "".join(f"{p.name}{p.stat().st_size}" for p, _ in photos) + repr(sorted(spec.to_dict().items()))
+    key = hashlib.sha256(listing.encode()).hexdigest()[:12]
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             if str(stored["key"]) == key:
@@ -88,8 +90,12 @@ def main() -> int:
     print(machine_line())
     inputs, labels, angles, found = detected_faces(args.kdef)
     print(f"{len(labels)} photos, a face found in {found.mean():.3f}")
+    shipped_spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing
     for path in args.checkpoints:
         predictor = Predictor.from_checkpoint(path, precision="fp32", tta=args.tta)
+        if predictor.checkpoint.preprocessing != shipped_spec:
+            print(f"\n{path}: other preprocessing than the cached faces were cut with; not measured")
+            continue
         probabilities = predictor.predict_tensors(inputs)
         predicted = [predictor.classes[i] for i in probabilities.argmax(1)]
         table = recall_table(predicted, labels, angles, found, predictor.classes)

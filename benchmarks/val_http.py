@@ -45,8 +45,12 @@ def main() -> int:
             for start in range(0, len(files), 64):
                 chunk = files[start : start + 64]
                 upload = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path, _ in chunk]
-                answer = client.post(f"{url}/predict/batch", files=upload).json()
-                predicted += [classes.index(result["label"]) for result in answer["results"]]
+                response = client.post(f"{url}/predict/batch", files=upload)
+                if response.status_code != 200:
+                    parser.error(f"/predict/batch answered {response.status_code}: {response.text[:200]}")
+                # an image the service refused counts as wrong (-1 matches no label)
+                results = response.json()["results"]
+                predicted += [classes.index(r["label"]) if r.get("label") else -1 for r in results]
             stored = client.get(f"{url}/metrics").json()
     finally:
         process.terminate()
