@@ -104,8 +104,8 @@ def view_recalls(rows_by_detector: dict[str, list[dict[str, Any]]]) -> list[str]
             recalls = []
             for label in classes:
                 of_class = [row["correct"] for row in members if row["label"] == label]
-                recalls.append(f"{sum(of_class) / len(of_class):.2f}")
-            accuracy = sum(row["correct"] for row in members) / len(members)
+                recalls.append(f"{sum(of_class) / len(of_class):.2f}" if of_class else "-")
+            accuracy = sum(row["correct"] for row in members) / len(members) if members else float("nan")
             lines.append(f"| {name} | {view} | {accuracy:.3f} | {' | '.join(recalls)} |")
     return lines
 

@@ -33,7 +33,10 @@ def main() -> int:
     classes, files = list_split(data_dir / "val")
     paths = tuple(str(path.relative_to(data_dir / "val")) for path, _ in files)
     labels = np.array([label for _, label in files])
-    majority = ferplus_majority(read_votes(data_dir / VOTES_FILE, "val", paths), classes)
+    try:
+        majority = ferplus_majority(read_votes(data_dir / VOTES_FILE, "val", paths), classes)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
     print(machine_line())
     port = free_port()
     env = {**os.environ, "FER_PORT": str(port), "FER_LOG_LEVEL": "warning"}

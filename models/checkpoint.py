@@ -216,18 +216,21 @@ def store_metrics(
     # Figures stored before stay only when they were measured the same way (split, images,
     # preprocessing): a test-split run must not sit beside val figures as if comparable.
     same_way = {key: metrics[key] for key in ("split", "num_images", "preprocessing") if key in metrics}
-    # Nor beside figures measured against other truths: a mode without the FER+ block would
-    # otherwise show the new main mode's FER+ figures as its own.
+    # Figures against the FER+ truth stay only beside FER+ figures: a kept mode without its own
+    # FER+ block would otherwise show the new main mode's as its own, so it goes; a new main
+    # measured without the votes keeps the other modes but not their FER+ figures.
     has_ferplus = "ferplus" in metrics
 
-    def is_comparable(figures: dict[str, Any]) -> bool:
-        same = all(figures.get(k, v) == v for k, v in same_way.items())
-        return same and ("ferplus" in figures) == has_ferplus
+    def kept_figures(by_mode: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        kept = {m: f for m, f in by_mode.items() if all(f.get(k, v) == v for k, v in same_way.items())}
+        if has_ferplus:
+            return {m: f for m, f in kept.items() if "ferplus" in f}
+        return {m: {k: v for k, v in f.items() if k != "ferplus"} for m, f in kept.items()}
 
     table = {
         precision: kept
         for precision, by_mode in _figure_table(payload["metrics"]).items()
-        if (kept := {m: f for m, f in by_mode.items() if is_comparable(f)})
+        if (kept := kept_figures(by_mode))
     }
     for precision, by_mode in measured.items():
         table.setdefault(precision, {}).update(by_mode)

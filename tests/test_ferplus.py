@@ -27,6 +27,11 @@ from training.ferplus import (
 TINY_FLAGS = ["--batch-size", "16", "--threads", "2", "--log-level", "WARNING", "--epochs", "1"]
 
 
+def tiny_flags(tmp_path: Path) -> list[str]:
+    """The tiny run's flags, with the decode cache in the test's own folder."""
+    return [*TINY_FLAGS, "--cache-dir", str(tmp_path / "cache")]
+
+
 def votes(**counts: int) -> list[int]:
     """Ten vote counts in VOTE_COLUMNS order from column=count keywords."""
     return [counts.get(column, 0) for column in VOTE_COLUMNS]
@@ -147,7 +152,7 @@ def test_loader_refuses_votes_for_other_files_in_one_line(
     with pytest.raises(ValueError, match=message):
         train_votes(voted_dataset)
     argv = ["--data-dir", str(voted_dataset), "--run-dir", str(voted_dataset / "run"), "--label-mode", "votes"]
-    assert train.main([*argv, *TINY_FLAGS]) == 2
+    assert train.main([*argv, *tiny_flags(voted_dataset)]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1 and error.startswith("error: ")
 
@@ -159,7 +164,7 @@ def test_each_label_mode_trains_and_stores_both_truths(voted_dataset: Path, tmp_
     argv = ["--data-dir", str(voted_dataset), "--run-dir", str(tmp_path / "run"), "--output", str(output)]
     argv += ["--label-mode", mode, "--logit-adjustment", "0.5", "--perspective", "0.2", "--blur-probability", "0.5"]
     argv += ["--gamma-range", "0.3", "--contrast-range", "0.3"]
-    assert train.main([*argv, *TINY_FLAGS]) == 0
+    assert train.main([*argv, *tiny_flags(tmp_path)]) == 0
     raw = torch.load(output, map_location="cpu", weights_only=True)
     expected_images = {"original": 140, "majority": 136, "votes": 138}[mode]
     assert raw["training"]["images"] == expected_images
@@ -184,7 +189,7 @@ def test_each_label_mode_trains_and_stores_both_truths(voted_dataset: Path, tmp_
 def test_both_truths_round_trip_through_the_checkpoint_and_metrics(voted_dataset: Path, tmp_path: Path) -> None:
     output = tmp_path / "model.pth"
     argv = ["--data-dir", str(voted_dataset), "--run-dir", str(tmp_path / "run"), "--output", str(output)]
-    assert train.main([*argv, *TINY_FLAGS]) == 0
+    assert train.main([*argv, *tiny_flags(tmp_path)]) == 0
     # Votes that disagree with the folder on every val image: the two truths must differ.
     classes, files = list_split(voted_dataset / "val")
     rows = [
@@ -214,3 +219,22 @@ def test_both_truths_round_trip_through_the_checkpoint_and_metrics(voted_dataset
     assert body["ferplus"]["macro_f1"] == ferplus["macro_f1"]
     assert body["ferplus"]["confusion_matrix"] == ferplus["confusion_matrix"]
     assert "ferplus" not in body["extra"]
+
+
+def test_figures_without_the_votes_keep_the_other_modes_but_not_their_ferplus_blocks(tmp_path: Path) -> None:
+    from models.checkpoint import load_checkpoint, save_checkpoint, store_metrics
+    from models.network import build_network
+
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, build_network("EmotionRecognitionModelPyTorch"))
+    same_way = {"split": "val", "num_images": 28, "precision": "fp32"}
+    with_votes = {"accuracy": 0.5, "tta": "none", "ferplus": {"accuracy": 0.6}, **same_way}
+    store_metrics(path, with_votes, {"flip": {"accuracy": 0.55, "tta": "flip", "ferplus": {"accuracy": 0.65}}})
+    assert load_checkpoint(path).metrics_for("flip")["ferplus"] == {"accuracy": 0.65}
+    store_metrics(path, {"accuracy": 0.5, "tta": "none", **same_way})  # measured again without ferplus.csv
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.measured_tta_modes() == ("none", "flip")
+    assert "ferplus" not in checkpoint.metrics_for("flip") and "ferplus" not in checkpoint.metrics_for("none")
+    # and the other way: a FER+ main drops a mode that has no FER+ figures of its own
+    store_metrics(path, with_votes)
+    assert load_checkpoint(path).measured_tta_modes() == ("none",)

@@ -324,7 +324,8 @@ def test_fine_tuning_starts_from_a_checkpoint_and_interpolates_back_to_it(tiny_d
 def test_settings_that_would_do_nothing_are_refused_in_one_line(
     tiny_dataset: Path, tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), *flags, *TINY_FLAGS]
+    # checked before any data is read: a folder that does not exist is not what gets reported
+    argv = ["--data-dir", str(tmp_path / "no-data"), "--run-dir", str(tmp_path / "run"), *flags, *TINY_FLAGS]
     assert train.main(argv) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
@@ -334,7 +335,7 @@ def test_a_missing_starting_checkpoint_is_refused_in_one_line(
     tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--recipe", "ferplus"]
-    argv += ["--init-from", str(tmp_path / "nothing.pth"), *TINY_FLAGS]
+    argv += ["--init-from", str(tmp_path / "nothing.pth"), "--cache-dir", str(tmp_path / "cache"), *TINY_FLAGS]
     assert train.main(argv) == 2
     error = capsys.readouterr().err
     assert error == f"error: {tmp_path / 'nothing.pth'}: no checkpoint to start from\n"

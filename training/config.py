@@ -64,10 +64,10 @@ class TrainConfig:
         return asdict(self)
 
 
-# What `--recipe ferplus` fine-tunes: the `default` recipe's 200-epoch model, shipped until the
-# FER+ model replaced it; `git show 3fd1dd3:models/checkpoint.pth > runs/default-recipe.pth` restores it.
+# What `--recipe ferplus` fine-tunes: the `default` recipe's 200-epoch model, the shipped one (its
+# weights are those of models/checkpoint.pth at 3fd1dd3, which BASE_COMMAND restores).
 BASE_CHECKPOINT = "runs/default-recipe.pth"
-BASE_COMMAND = f"git show 3fd1dd3:models/checkpoint.pth > {BASE_CHECKPOINT}"
+BASE_COMMAND = f"mkdir -p runs && git show 3fd1dd3:models/checkpoint.pth > {BASE_CHECKPOINT}"
 
 RECIPES: dict[str, TrainConfig] = {
     # The seed notebook: Adam 1e-4, plateau schedule on val loss, early stop after 205 epochs,
@@ -97,7 +97,7 @@ RECIPES: dict[str, TrainConfig] = {
     # reported val figure upwards.
     "default": TrainConfig(),
     # The best of the FER+ fine-tunes measured (issue 33, docs/training.md: run R1 blended halfway
-    # back, val 0.663, FER+ val 0.717, kdef-dev 0.768 / 0.627): the default recipe's network on FER+
+    # back, val 0.663, FER+ val 0.717, kdef-dev 0.768 / 0.627, measured with the first keystone warp): the default recipe's network on FER+
     # vote distributions blended with the folder labels, logit-adjusted, with the photo
     # augmentations. Within a point of the shipped model everywhere, so it does not replace it.
     "ferplus": TrainConfig(
@@ -133,8 +133,15 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--interpolation blends back towards --init-from's weights: give --init-from too")
     if config.original_weight and config.label_mode == "original":
         raise ValueError(
-            "--original-weight mixes the folder labels into a FER+ target: use --label-mode votes or majority"
+            "--original-weight mixes the folder labels into a FER+ target: use --label-mode votes or majority "
+            "(or --original-weight 0 with --label-mode original)"
         )
+    if not 0.0 <= config.original_weight <= 1.0:
+        raise ValueError(f"--original-weight must be within [0, 1], not {config.original_weight}")
+    if not 0.0 <= config.perspective < 1.0 or not 0.0 <= config.contrast_range <= 1.0 or config.gamma_range < 0:
+        raise ValueError("--perspective must be within [0, 1), --contrast-range within [0, 1], --gamma-range >= 0")
+    if not 0.0 <= config.blur_probability <= 1.0:
+        raise ValueError(f"--blur-probability must be within [0, 1], not {config.blur_probability}")
 
 
 def config_for(recipe: str, **overrides: Any) -> TrainConfig:

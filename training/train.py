@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=sorted(RECIPES),
         default="default",
-        help="'seed' reproduces the seed notebook; 'default' trains the shipped model",
+        help="'seed' reproduces the seed notebook; 'default' trains the shipped model; 'ferplus' fine-tunes it on FER+ votes",
     )
     parser.add_argument(
         "--architecture",
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="checkpoint to write at the end (default: RUN_DIR/checkpoint.pth)"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --run-dir from its state.pt, with the same flags"
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its state.pt, with the same flags (--epochs and --interpolation may change)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -268,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=args.precision,
         num_threads=args.threads,
     )
+    try:
+        check_config(config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if config.init_from and not Path(config.init_from).is_file():
         hint = f" ({BASE_COMMAND} restores it)" if config.init_from == BASE_CHECKPOINT else ""
         print(f"error: {config.init_from}: no checkpoint to start from{hint}", file=sys.stderr)
@@ -281,10 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if train_split.classes != val_split.classes:
             raise ValueError(f"train/ classes {train_split.classes} differ from val/ classes {val_split.classes}")
         logger.info("train %d images, val %d images, classes %s", len(train_split), len(val_split), train_split.classes)
-        check_config(config)
         start = starting_weights(config, train_split.classes)
         train_split, targets, val_majority = labelled(config, data_dir, train_split, val_split)
-        if config.cpu_speedups:
+        if config.cpu_speedups and not torch.cuda.is_available():
             keep_freed_memory()  # process-wide, so here and not in train(), which tests call in-process
         with sigterm_interrupts():
             result = train(
