@@ -234,17 +234,40 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     return -(smoothed * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def start_run(config: TrainConfig, num_classes: int, device: torch.device, generator: torch.Generator) -> RunState:
-    """A fresh run's state: the network built from `config.architecture` (or `config.init_from`'s weights), its optimiser."""
+def starting_weights(config: TrainConfig, classes: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """`config.init_from`'s weights (None: train from scratch), checked against the run's network and classes.
+
+    Raises:
+        CheckpointError: the file is not a readable checkpoint.
+        ValueError: another architecture, or other classes or another class order.
+    """
+    if not config.init_from:
+        return None
+    start = load_checkpoint(Path(config.init_from))
+    if start.architecture != config.architecture:
+        raise ValueError(f"{config.init_from}: a {start.architecture}, not a {config.architecture}")
+    if start.classes != classes:
+        raise ValueError(f"{config.init_from}: its classes {list(start.classes)} are not the data's {list(classes)}")
+    return {name: tensor.clone() for name, tensor in start.network.state_dict().items()}
+
+
+def target_prior(targets: np.ndarray) -> np.ndarray:
+    """(classes,) float64: the mean training target, floored at 1e-6 so that its log is finite."""
+    prior: np.ndarray = np.clip(targets.mean(axis=0, dtype=np.float64), 1e-6, None)
+    return prior
+
+
+def start_run(
+    config: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    generator: torch.Generator,
+    initial_weights: dict[str, torch.Tensor] | None = None,
+) -> RunState:
+    """A fresh run's state: the network built from `config.architecture` (with `initial_weights`), its optimiser."""
     model = build_network(config.architecture, num_classes=num_classes)
-    if config.init_from:
-        start = load_checkpoint(Path(config.init_from))
-        if start.architecture != config.architecture or len(start.classes) != num_classes:
-            raise ValueError(
-                f"{config.init_from}: a {start.architecture} with {len(start.classes)} classes, "
-                f"not a {config.architecture} with {num_classes}"
-            )
-        model.load_state_dict(start.network.state_dict())
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     if config.cpu_speedups and device.type == "cpu":
         speed_up_for_training(model)
     model = model.to(device)
@@ -268,11 +291,13 @@ def train(
     spec: PreprocessingSpec | None = None,
     targets: np.ndarray | None = None,
     val_majority: np.ndarray | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `config.architecture`; writes `state.pt` and `history.json` in `run_dir` every epoch.
 
     `targets`: (N, classes) float32 target distributions for `train_split` (default: its labels,
     one-hot). `val_majority`: val's FER+ majority labels, for the per-epoch FER+ figure.
+    `initial_weights`: `starting_weights(config, ...)` when the caller has read them already.
 
     Under torchrun with several processes it trains with DistributedDataParallel: every rank
     draws the same permutation and takes its own shard of it, and rank 0 alone writes files.
@@ -286,7 +311,9 @@ def train(
         torch.set_num_threads(config.num_threads)
     use_bf16 = resolve_bf16(config.precision, device)
     generator, augment_generator = seed_generators(config.seed, device, rank, world)
-    state = start_run(config, len(train_split.classes), device, generator)
+    if initial_weights is None:
+        initial_weights = starting_weights(config, train_split.classes)
+    state = start_run(config, len(train_split.classes), device, generator, initial_weights)
     if resume:
         state.load(run_dir / STATE_FILE)
         logger.info("resumed %s at epoch %d", run_dir, state.epoch + 1)
@@ -294,8 +321,8 @@ def train(
     if targets is None:
         targets = np.eye(len(train_split.classes), dtype=np.float32)[train_split.labels]
     train_targets = torch.from_numpy(targets).to(device)  # (N, classes) float32
-    prior = train_targets.mean(dim=0).clamp_min(1e-6)
-    log_prior_shift = config.logit_adjustment * torch.log(prior)
+    log_prior = torch.from_numpy(np.log(target_prior(targets))).float().to(device)
+    log_prior_shift = config.logit_adjustment * log_prior
     steps = len(train_split) // (config.batch_size * world)
     net: nn.Module = DistributedDataParallel(state.model) if world > 1 else state.model
     if world > 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint, store_metrics
+from models.checkpoint import save_checkpoint, store_metrics
 from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
@@ -29,7 +29,7 @@ from training.data import Split, default_data_dir, load_split
 from training.evaluate import evaluate_predictor, format_table, split_majority
 from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_votes, training_targets
 from training.helpformat import DefaultsHelpFormatter
-from training.loop import train
+from training.loop import starting_weights, target_prior, train
 from training.speed import keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -162,21 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def starting_weights(config: TrainConfig, classes: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
-    """`config.init_from`'s weights, read once before training (the blend must use what training started from).
-
-    Raises:
-        CheckpointError: the file is not a readable checkpoint.
-        ValueError: it classifies other classes, or in another order.
-    """
-    if not config.init_from:
-        return None
-    start = load_checkpoint(Path(config.init_from))
-    if start.classes != classes:
-        raise ValueError(f"{config.init_from}: its classes {list(start.classes)} are not the data's {list(classes)}")
-    return {name: tensor.clone() for name, tensor in start.network.state_dict().items()}
-
-
 def interpolated(
     config: TrainConfig, trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
@@ -295,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_interrupts():
             result = train(
                 config, train_split, val_split, args.run_dir,
-                resume=args.resume, spec=spec, targets=targets, val_majority=val_majority,
+                resume=args.resume, spec=spec, targets=targets, val_majority=val_majority, initial_weights=start,
             )  # fmt: skip
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -308,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0  # rank 0 writes the checkpoint
-    prior = targets.mean(axis=0)
-    served_prior = np.clip(prior, 1e-6, None) ** (1.0 - config.logit_adjustment)  # the loss's clamp
+    prior = target_prior(targets)  # the prior the loss adjusted by
+    served_prior = prior ** (1.0 - config.logit_adjustment)
     network = build_network(config.architecture, num_classes=len(train_split.classes))
     network.load_state_dict(interpolated(config, result.state_dict, start))
     save_checkpoint(
