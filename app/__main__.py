@@ -23,9 +23,10 @@ import logging  # noqa: E402
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from app.connections import server_options  # noqa: E402
+from app.http_protocol import server_options  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.settings import Settings, settings_error_line  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from models.config import config_error_line  # noqa: E402
 from models.engine import Engine  # noqa: E402
 from models.errors import CheckpointError, DetectorError  # noqa: E402
 
@@ -35,11 +36,11 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"fer-service: {settings_error_line(exc)}", file=sys.stderr)
+        print(f"fer-service: {config_error_line(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine.load(settings.checkpoint, settings.engine_config())
+        engine = Engine.load(settings.engine.checkpoint, settings.engine)
     except (CheckpointError, DetectorError) as exc:
         print(f"fer-service: {exc}", file=sys.stderr)
         return 1

@@ -88,7 +88,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     MalformedBody: 400,
     NotMeasuredError: 404,  # /metrics?tta= for a mode the checkpoint has no figures for
     UploadStalled: 408,
-    HeadersTooSlow: 408,  # written by app/connections.py, then the connection is closed
+    HeadersTooSlow: 408,  # written by app/http_protocol.py, then the connection is closed
     ImageTooLargeError: 413,  # over max_pixels
     VideoTooLargeError: 413,  # over max_video_seconds
     UploadTooLarge: 413,  # over max_upload_bytes or max_batch_files
@@ -97,7 +97,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     NotAnImageUpload: 415,
     NoFaceError: 422,  # require_face=true and no face found
     MissingUpload: 422,
-    HeadersTooLarge: 431,  # written by app/connections.py, then the connection is closed
+    HeadersTooLarge: 431,  # written by app/http_protocol.py, then the connection is closed
     RequestValidationError: 422,  # a bad query value
     QueueFullError: 503,  # over capacity: retry after a moment
     NotReady: 503,

@@ -31,13 +31,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engine or Engine.load(settings.checkpoint, settings.engine_config())
+        loaded = engine or Engine.load(settings.engine.checkpoint, settings.engine)
         app.state.engine = loaded
         served = loaded.metrics()
         logger.info(
             "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, detector %s, with %d threads",
-            loaded.checkpoint_path, FORMAT_VERSION, loaded.model.version, served.get("accuracy", "not measured"),
-            loaded.precision, loaded.served_tta, loaded.detector_name, settings.threads,
+            loaded.model.checkpoint, FORMAT_VERSION, loaded.model.version, served.get("accuracy", "not measured"),
+            loaded.model.precision, loaded.model.tta, loaded.model.detector, settings.engine.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
         threading.Thread(target=loaded.warm_up, name="fer-warmup", daemon=True).start()
@@ -61,11 +61,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
-    video_jobs = app.state.video_jobs = InFlight()  # videos uploaded or analysed now (FER_MAX_VIDEO_JOBS)
     app.state.telemetry = make_telemetry(
         lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,
         lambda: float(in_flight.count),  # the one count the request guard keeps
-        lambda: float(video_jobs.count),
+        lambda: float(app.state.engine.video_jobs) if hasattr(app.state, "engine") else 0.0,
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -17,11 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ShuttingDown, UploadStalled, UploadTooLarge, error_response
 from app.telemetry import Telemetry
-from models.memory import release_memory
+from models.heap_release import release_memory
 
 logger = logging.getLogger("app.access")
 
-# After a request body this large, freed memory is handed back to the system (models/memory.py).
+# After a request body this large, freed memory is handed back to the system (models/heap_release.py).
 LARGE_BODY_BYTES = 1024 * 1024
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

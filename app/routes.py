@@ -17,8 +17,8 @@ from app.deps import EngineDep, SettingsDep, TelemetryDep
 from app.errors import UPLOAD_ERRORS, VIDEO_ERRORS, NotReady, error_response, openapi_responses, status_for
 from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut, VideoOut
 from app.uploads import read_files, read_image, read_video
-from models.engine import ImageAnswer
-from models.errors import NotMeasuredError, QueueFullError
+from models.answers import ImageAnswer
+from models.errors import NotMeasuredError
 from models.tta import TtaMode
 
 router = APIRouter()
@@ -137,40 +137,42 @@ async def predict_video(
     tta: TtaMode | None = TtaQuery,
 ) -> VideoOut:
     """Upload a video (multipart field `file`, or the raw body as video/*): MP4, MOV, WebM, MKV or AVI."""
-    if fps is not None and fps > settings.video_fps:
+    if fps is not None and fps > settings.engine.video_fps:
         raise RequestValidationError(
-            [{"loc": ("query", "fps"), "msg": f"fps may be at most {settings.video_fps:g} here", "type": "value_error"}]
+            [
+                {
+                    "loc": ("query", "fps"),
+                    "msg": f"fps may be at most {settings.engine.video_fps:g} here",
+                    "type": "value_error",
+                }
+            ]
         )
-    jobs = request.app.state.video_jobs
-    if jobs.count >= settings.max_video_jobs:
-        raise QueueFullError(f"the service is already analysing {jobs.count} videos: retry in a moment")
-    jobs.count += 1
-    path: Path | None = None
-    try:
-        handle, name = tempfile.mkstemp(prefix="fer-video-")
-        os.close(handle)
-        path = Path(name)
-        await read_video(request, path)
-        smoothing = settings.video_smooth_s if smooth_s is None else smooth_s
-        analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
-        # The client's going away cancels the analysis: its reading stops and its queued faces leave.
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
+    async with engine.video_job():  # a slot for the upload and the analysis: 503 when none is free
+        path: Path | None = None
         try:
-            await asyncio.wait({analysis, gone}, return_when=asyncio.FIRST_COMPLETED)
+            handle, name = tempfile.mkstemp(prefix="fer-video-")
+            os.close(handle)
+            path = Path(name)
+            await read_video(request, path)
+            smoothing = settings.engine.video_smooth_s if smooth_s is None else smooth_s
+            analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
+            # The client's going away cancels the analysis: its reading stops and its queued faces leave.
+            gone = asyncio.ensure_future(wait_for_disconnect(request))
+            try:
+                await asyncio.wait({analysis, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not analysis.done():
+                    analysis.cancel()
+                    # Waited for, not awaited: a cancellation of this request itself (at shutdown)
+                    # must still reach it, and the analysis's own end is not this request's error.
+                    await asyncio.wait({analysis})
+                gone.cancel()
+            if not analysis.done() or analysis.cancelled():
+                raise ClientDisconnect()
+            timeline = analysis.result()
         finally:
-            if not analysis.done():
-                analysis.cancel()
-                # Waited for, not awaited: a cancellation of this request itself (at shutdown)
-                # must still reach it, and the analysis's own end is not this request's error.
-                await asyncio.wait({analysis})
-            gone.cancel()
-        if not analysis.done() or analysis.cancelled():
-            raise ClientDisconnect()
-        timeline = analysis.result()
-    finally:
-        if path is not None:
-            path.unlink(missing_ok=True)
-        jobs.count -= 1
+            if path is not None:
+                path.unlink(missing_ok=True)
     request.state.tta = timeline.tta
     return VideoOut.from_timeline(timeline, engine.model, smoothing)
 

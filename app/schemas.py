@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from models.engine import Engine, FaceAnswer, ImageAnswer, ModelInfo
+from models.answers import FaceAnswer, ImageAnswer, ModelInfo
+from models.engine import Engine
 from models.tracking import Track, TrackSummary
 from models.video import Timeline
 
@@ -243,14 +244,14 @@ class MetricsOut(BaseModel):
             **{key: value for key, value in figures.items() if key in known},
             extra={key: value for key, value in figures.items() if key not in known},
             model=ModelOut.from_info(engine.model),
-            classes=list(engine.classes),
-            served_precision=engine.precision,
-            served_tta=engine.served_tta,
-            measured_tta=list(engine.measured_tta_modes()),
-            measured_precisions=list(engine.measured_precisions),
+            classes=list(engine.model.classes),
+            served_precision=engine.model.precision,
+            served_tta=engine.model.tta,
+            measured_tta=list(engine.model.measured_tta),
+            measured_precisions=list(engine.model.measured_precisions),
             precision_speeds={
                 name: {str(batch): round(rate, 1) for batch, rate in rates.items()}
-                for name, rates in engine.precision_speeds.items()
+                for name, rates in engine.model.precision_speeds.items()
             },
         )
 

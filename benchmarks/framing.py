@@ -24,10 +24,11 @@ from PIL import Image
 
 from benchmarks.machine import machine_line
 from models.checkpoint import SHIPPED_CHECKPOINT
-from models.engine import ENGINE_DEFAULTS
+from models.config import ENGINE_DEFAULTS
+from models.decoding import decode_image
 from models.faces import DEFAULT_FRAMING, DetectedFace, Framing, detect_faces, frame_face
 from models.predictor import Predictor
-from models.preprocessing import decode_image, preprocess, to_grayscale, to_rgb
+from models.preprocessing import preprocess, to_grayscale, to_rgb
 from models.yunet import YuNetDetector
 from training.data import list_split
 

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.machine import machine_line, write_results
 from models.checkpoint import load_checkpoint
 from models.network import fuse_for_inference
-from models.runtime import cpu_supports_bf16
+from models.precision import cpu_supports_bf16
 
 BATCH_SIZES = (1, 8, 32, 128)
 MODES = ("fp32", "fp32_channels_last", "bf16_channels_last", "bf16_channels_last_fused")

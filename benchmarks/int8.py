@@ -17,9 +17,9 @@ import torch
 
 from benchmarks.machine import cpu_flags, machine_line, write_results
 from models.checkpoint import load_checkpoint
+from models.precision import cpu_supports_bf16
 from models.predictor import Predictor
 from models.preprocessing import to_model_input
-from models.runtime import cpu_supports_bf16
 from training.data import default_data_dir, load_split
 
 BATCHES = (1, 2, 4, 8, 16, 32)

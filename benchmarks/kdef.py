@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.machine import machine_line
 from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
-from models.engine import Engine, EngineConfig
+from models.config import EngineConfig
+from models.engine import Engine
 from models.predictor import Predictor
 
 HALF_PROFILE = ("HL", "HR")
@@ -50,7 +51,7 @@ def detected_faces(kdef_dir: Path, cache: Path = CACHE) -> tuple[torch.Tensor, l
                 )
     engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig())
     try:
-        prepared = [engine._prepare_faces(path.read_bytes(), all_faces=True, require_face=False) for path, _ in photos]
+        prepared = [engine.prepare(path.read_bytes(), all_faces=True, require_face=False) for path, _ in photos]
     finally:
         engine.close()
     inputs = torch.cat([image.faces[0].inputs[None] for image in prepared])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models.runtime import cpu_supports_bf16
+from models.precision import cpu_supports_bf16
 
 
 def cpu_model() -> str:

@@ -29,8 +29,9 @@ from benchmarks.http import BOUNDARY, free_port, measure, multipart, start_serve
 from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import ASTRONAUT, face_jpeg_48
 from models.checkpoint import SHIPPED_CHECKPOINT
+from models.config import EngineConfig
 from models.detectors import DetectorName
-from models.engine import Engine, EngineConfig
+from models.engine import Engine
 
 ANGLES = ("S", "HL", "HR")
 

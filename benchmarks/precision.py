@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_line
+from models.precision import cpu_supports_bf16
 from models.predictor import Predictor
 from models.preprocessing import to_model_input
-from models.runtime import cpu_supports_bf16
 from training.data import default_data_dir, load_split
 
 

@@ -13,13 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
-from models.engine import ENGINE_DEFAULTS
-from models.faces import FacePolicy, find_faces, is_face_crop
-from models.preprocessing import PreprocessingSpec, decode_image, decode_photo, preprocess, to_grayscale, to_rgb
+from models.config import ENGINE_DEFAULTS
+from models.decoding import decode_image, decode_photo, is_face_crop_size
+from models.face_pipeline import FacePolicy, search_faces
+from models.faces import detect_faces, frame_face
+from models.preprocessing import PreprocessingSpec, preprocess, to_grayscale, to_rgb
 from models.yunet import YuNetDetector
 
 
@@ -37,33 +40,37 @@ def stages(data: bytes, repeats: int) -> dict[str, float]:
     spec = PreprocessingSpec()
     detector = YuNetDetector()
     defaults = ENGINE_DEFAULTS
-    policy = FacePolicy(False, defaults.max_faces, defaults.min_face_px, defaults.detect_max_side)
+    policy = FacePolicy.of(defaults, all_faces=False)
     image = decode_image(data)
-    gray = np.asarray(to_grayscale(image))
     rgb = np.asarray(to_rgb(image))
 
     def decode_only() -> None:
         raw = Image.open(io.BytesIO(data))
         raw.load()
 
-    def search(decoded: Image.Image) -> list[Image.Image]:
-        if is_face_crop(decoded):
-            return [decoded]
-        found = find_faces(np.asarray(to_rgb(decoded)), np.asarray(to_grayscale(decoded)), detector, policy)
-        return [face.image for face in found.faces] or [decoded]
+    def search(decoded: Image.Image, scale: float = 1.0) -> list[torch.Tensor]:
+        if is_face_crop_size(*decoded.size):
+            return [preprocess(decoded, spec)]
+        size = (round(decoded.width * scale), round(decoded.height * scale))
+        faces, _, gray = search_faces(decoded, scale, size, detector, policy, spec)
+        return [face.inputs for face in faces] or [preprocess(gray, spec)]
 
-    crop = search(image)[0]
+    found = detect_faces(detector, rgb, policy.detect_max_side)
+    crop = frame_face(np.asarray(to_grayscale(image)), found[0], detector.framing) if found else image
     result = {
         "decode": microseconds(decode_only, repeats),
         "orientation": microseconds(lambda: ImageOps.exif_transpose(image), repeats),
         "grayscale": microseconds(lambda: to_grayscale(image), repeats),
-        "face search (YuNet)": microseconds(lambda: find_faces(rgb, gray, detector, policy), repeats),
+        "face search (YuNet)": microseconds(lambda: detect_faces(detector, rgb, policy.detect_max_side), repeats),
         "resize + normalise": microseconds(lambda: preprocess(crop, spec), repeats),
     }
     max_side = ENGINE_DEFAULTS.decode_max_side
-    result["total (decode → tensor)"] = microseconds(
-        lambda: [preprocess(face, spec) for face in search(decode_photo(data, max_side=max_side).image)], repeats
-    )
+
+    def total() -> list[torch.Tensor]:
+        photo = decode_photo(data, max_side=max_side)
+        return search(photo.image, photo.scale)
+
+    result["total (decode → tensor)"] = microseconds(total, repeats)
     return result
 
 

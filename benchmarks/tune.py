@@ -28,15 +28,15 @@ def sweep_points() -> list[dict[str, str]]:
     """The defaults, then each knob varied alone."""
     defaults = Settings()
     base = {
-        "max_wait_ms": f"{defaults.max_wait_ms:g}",
-        "threads": str(defaults.threads),
-        "max_batch": str(defaults.max_batch),
+        "max_wait_ms": f"{defaults.engine.max_wait_ms:g}",
+        "threads": str(defaults.engine.threads),
+        "max_batch": str(defaults.engine.max_batch),
     }
     variants = [
         {"max_wait_ms": "1"},
         {"max_wait_ms": "2"},
         {"max_wait_ms": "5"},
-        {"threads": "1" if defaults.threads != 1 else "2"},
+        {"threads": "1" if defaults.engine.threads != 1 else "2"},
         {"max_batch": "8"},
         {"max_batch": "64"},
     ]

@@ -37,7 +37,8 @@ import numpy as np
 from benchmarks.http import free_port, start_server
 from benchmarks.machine import machine_line, write_results
 from models.checkpoint import SHIPPED_CHECKPOINT
-from models.engine import Engine, EngineConfig
+from models.config import EngineConfig
+from models.engine import Engine
 from models.video import Timeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fer-video-bench-"))
     engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(max_video_seconds=600))
     try:
-        print(f"engine precision {engine.precision}")
+        print(f"engine precision {engine.model.precision}")
         for count in (1, 3):
             clip = faces_clip(work / f"faces{count}.mp4", count)
             run(engine, clip)  # warm

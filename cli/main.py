@@ -23,15 +23,15 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from app.settings import Settings, settings_error_line
+from cli.engine_options import add_engine_flags, cli_engine_config
 from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
 from cli.video import add_video_parser, video_command
 from models.checkpoint import load_checkpoint
-from models.engine import Engine, EngineConfig
+from models.config import config_error_line, engine_config
+from models.engine import Engine
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
-from models.runtime import PRECISIONS
-from models.tta import TTA_MODES, TtaMode
+from models.tta import TtaMode
 from training.helpformat import DefaultsHelpFormatter
 
 PASS_THROUGH = ("train", "evaluate", "plots")
@@ -59,9 +59,14 @@ def progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr)
 
 
+# `fer predict`'s own batch size where neither --batch-size nor FER_MAX_BATCH says: larger than
+# the service's, since a folder of files is throughput work, not a lone request's latency.
+PREDICT_BATCH = 64
+
+
 def predict_command(args: argparse.Namespace) -> int:
     """`fer predict`: every file through the engine, written as it comes; 1 when every file failed."""
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         print(f"fer: --batch-size {args.batch_size}: give a whole number of at least 1", file=sys.stderr)
         return 2
     if args.engine == "ray":
@@ -71,10 +76,8 @@ def predict_command(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"fer: {flag} is for --engine ray", file=sys.stderr)
             return 2
-    config = EngineConfig(
-        precision=args.precision, tta=args.tta, max_batch=args.batch_size, queue_size=max(256, 2 * args.batch_size)
-    )
-    engine = Engine.load(args.checkpoint or Settings().checkpoint, config)  # FER_CHECKPOINT, as the service
+    config = cli_engine_config(args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size)
+    engine = Engine.load(config.checkpoint, config)
     files = list(iter_images(args.paths))
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     out = args.output.open("w", newline="") if args.output else sys.stdout
@@ -83,11 +86,11 @@ def predict_command(args: argparse.Namespace) -> int:
         with progress_bar(len(files), progress) as bar:
 
             async def rows() -> AsyncIterator[dict[str, Any]]:
-                async for row in classify_files(engine, files, 2 * args.batch_size, None):
+                async for row in classify_files(engine, files, 2 * config.max_batch, None):
                     bar.update(1)
                     yield row
 
-            return await write_results(rows(), args.format or "jsonl", engine.classes, out)
+            return await write_results(rows(), args.format or "jsonl", engine.model.classes, out)
 
     try:
         failures = asyncio.run(run())
@@ -117,10 +120,7 @@ def ray_predict(args: argparse.Namespace) -> int:
     job = RayJob(
         inputs=tuple(args.paths),
         output=args.output,
-        checkpoint=args.checkpoint or Settings().checkpoint,
-        precision=args.precision,
-        tta=args.tta,
-        batch_size=args.batch_size,
+        config=cli_engine_config(args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size),
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker or 1,
         address=args.address,
@@ -176,21 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
     predict.add_argument(
-        "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
-    )
-    predict.add_argument(
         "--format", choices=("jsonl", "table", "csv"), default=None, help="output format (default: jsonl)"
     )
     predict.add_argument("--output", type=Path, default=None, help="write here instead of standard output")
-    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    predict.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision")
     predict.add_argument(
-        "--tta",
-        choices=("checkpoint", *TTA_MODES),
-        default="checkpoint",
-        help="test-time augmentation: tencrop averages ten views of each face, more accurate and about ten "
-        "times the model time (docs/tta.md); checkpoint: the mode its stored metrics were measured with",
-    )
+        "--batch-size", type=int, default=None,
+        help=f"images per forward pass (default: $FER_MAX_BATCH or {PREDICT_BATCH})",
+    )  # fmt: skip
+    add_engine_flags(predict)
     predict.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -256,10 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             return predict_command(args)
         if args.command == "video":
-            return video_command(args, args.checkpoint or Settings().checkpoint)
+            return video_command(args)
         if args.command == "export":
             output = args.output or Path("model.onnx" if args.format == "onnx" else "model.pt")
-            export_network(load_checkpoint(args.checkpoint or Settings().checkpoint), output, args.format)
+            checkpoint = args.checkpoint or engine_config(os.environ).checkpoint  # FER_CHECKPOINT, as the service
+            export_network(load_checkpoint(checkpoint), output, args.format)
             print(f"wrote {output}")
             return 0
         if args.command == "serve":
@@ -271,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FerError as exc:
         print(f"fer: {exc}", file=sys.stderr)
         return 2
-    except ValidationError as exc:  # an invalid FER_* variable, read to find the checkpoint
-        print(f"fer: {settings_error_line(exc)}", file=sys.stderr)
+    except ValidationError as exc:  # an invalid FER_* variable or flag value
+        print(f"fer: {config_error_line(exc)}", file=sys.stderr)
         return 2
     return 2
 

@@ -11,8 +11,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.engine import ENGINE_DEFAULTS, ImageAnswer
-from models.preprocessing import IMAGE_SUFFIXES
+from models.answers import ImageAnswer
+from models.config import ENGINE_DEFAULTS
+from models.decoding import IMAGE_SUFFIXES
 
 # A file larger than the largest image the engine decodes would be even uncompressed (8 bytes a
 # pixel: 16-bit RGBA) cannot be one it accepts: it is a row with an error, never read into memory.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import logging
 import os
 import sys
@@ -24,11 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
 from models.checkpoint import load_checkpoint
-from models.engine import Engine, EngineConfig
+from models.config import EngineConfig
+from models.engine import Engine
 from models.errors import FerError
-from models.predictor import Predictor
-from models.runtime import Precision
-from models.tta import ServedTta
+from models.precision import resolve_precision
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -59,10 +59,7 @@ class RayJob:
 
     inputs: tuple[Path, ...]  # folders, image files, or CSV/Parquet manifests with a `path` column
     output: Path  # a folder of part files, named like a file: results.parquet or results.csv
-    checkpoint: Path
-    precision: Precision = "auto"
-    tta: ServedTta = "checkpoint"
-    batch_size: int = 64
+    config: EngineConfig  # the engine each worker runs: checkpoint, precision, TTA, detector, limits, batch size
     workers: int | None = None  # None: as many as the cluster's CPUs allow at cpus_per_worker each
     cpus_per_worker: int = 1
     address: str | None = None  # an existing cluster; None starts a local one for this run
@@ -118,18 +115,11 @@ def result_table(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> pa.T
 class Classifier:
     """A Ray actor's work: the engine loaded once, then a batch of paths in, an Arrow table out."""
 
-    def __init__(self, checkpoint: str, precision: str, tta: str, threads: int, batch_size: int) -> None:
-        # One event loop for the actor's life: the engine keeps its admission queue per loop.
+    def __init__(self, config: EngineConfig) -> None:
+        """`config`: the driver's, as the driver's environment and flags made it, with the precision resolved."""
+        # One event loop for the actor's life: the engine keeps its turns for the queue per loop.
         self._loop = asyncio.new_event_loop()
-        config = EngineConfig(
-            precision=precision,  # type: ignore[arg-type]
-            tta=tta,  # type: ignore[arg-type]
-            threads=threads,
-            prepare_workers=threads,
-            max_batch=batch_size,
-            queue_size=max(256, 2 * batch_size),
-        )
-        self._engine = Engine.load(Path(checkpoint), config)
+        self._engine = Engine.load(config.checkpoint, config)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         blobs = [read_image_file(Path(str(source))) for source in batch["source"]]
@@ -143,7 +133,7 @@ class Classifier:
             result_row(str(path), blob if isinstance(blob, OSError) else next(answers))
             for path, blob in zip(batch["path"], blobs, strict=True)
         ]
-        return result_table(rows, self._engine.classes)
+        return result_table(rows, self._engine.model.classes)
 
 
 def list_work(inputs: Sequence[Path]) -> list[tuple[str, str]]:
@@ -256,15 +246,15 @@ def written_rows(output: Path, classes: Sequence[str]) -> dict[str, str]:
     }
 
 
-def resolve_model(checkpoint: Path, precision: Precision) -> tuple[str, tuple[str, ...]]:
+def resolve_model(config: EngineConfig) -> tuple[str, tuple[str, ...]]:
     """The precision every worker runs in and the checkpoint's classes, decided once, here.
 
-    `auto` is timed on this machine, so that every worker answers in the same precision, as one
-    `fer predict` does. The checkpoint is loaded either way: a bad one is refused here in one
-    line, not in every actor.
+    `auto` is timed on this machine (`resolve_precision`, as the predictor does), so that every
+    worker answers in the same precision, as one `fer predict` does. The checkpoint is loaded
+    either way: a bad one is refused here in one line, not in every actor.
     """
-    loaded = load_checkpoint(checkpoint)
-    return Predictor(loaded, precision=precision).precision, loaded.classes
+    loaded = load_checkpoint(config.checkpoint)
+    return resolve_precision(loaded, config.precision, config.threads).precision, loaded.classes
 
 
 def connect(address: str | None) -> None:
@@ -353,7 +343,8 @@ def run_on_ray(job: RayJob) -> RayRun:
             )
     if not work:
         raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
-    precision, classes = resolve_model(job.checkpoint, job.precision)
+    precision, classes = resolve_model(job.config)
+    batch_size = job.config.max_batch
     done = written_rows(job.output, classes) if job.resume else {}
     pending = [(path, source) for path, source in work.items() if path not in done]
     if not pending:
@@ -375,7 +366,7 @@ def run_on_ray(job: RayJob) -> RayRun:
         workers = plan_workers(job)
         # A few blocks a worker, so that the last ones are shared out. No more workers than blocks:
         # each one loads the model, which a worker with nothing to do would load for nothing.
-        blocks = min(len(pending), max(workers, min(-(-len(pending) // job.batch_size), 4 * workers)))
+        blocks = min(len(pending), max(workers, min(-(-len(pending) // batch_size), 4 * workers)))
         workers = min(workers, blocks)
         dataset = ray.data.from_items(
             [{"path": path, "source": source} for path, source in pending], override_num_blocks=blocks
@@ -383,13 +374,15 @@ def run_on_ray(job: RayJob) -> RayRun:
         results = dataset.map_batches(
             Classifier,
             fn_constructor_kwargs={
-                "checkpoint": str(job.checkpoint.resolve()),
-                "precision": precision,
-                "tta": job.tta,
-                "threads": job.cpus_per_worker,
-                "batch_size": job.batch_size,
+                "config": dataclasses.replace(
+                    job.config,
+                    checkpoint=job.config.checkpoint.resolve(),
+                    precision=precision,  # type: ignore[arg-type]  # one of PRECISIONS, resolved
+                    threads=job.cpus_per_worker,
+                    prepare_workers=job.cpus_per_worker,
+                )
             },
-            batch_size=job.batch_size,
+            batch_size=batch_size,
             batch_format="numpy",
             concurrency=(1, workers, workers),  # starts with `workers`; may shrink to one as the work runs out
             num_cpus=job.cpus_per_worker,

@@ -16,13 +16,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from models.engine import Engine, EngineConfig
-from models.runtime import PRECISIONS
+from cli.engine_options import add_engine_flags, cli_engine_config
+from models.engine import Engine
 from models.tracking import Track
-from models.tta import TTA_MODES
 from models.video import DEFAULT_FPS, DEFAULT_SMOOTH_S, Timeline
 
 OUTPUT_FORMATS = ("csv", "jsonl")
+# A local file may be longer than what the service takes in one upload (FER_MAX_VIDEO_SECONDS).
+VIDEO_MAX_SECONDS = 3600.0
 
 
 def add_video_parser(commands: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -34,34 +35,36 @@ def add_video_parser(commands: Any, formatter: type[argparse.HelpFormatter]) -> 
     video.add_argument(
         "--output", type=Path, required=True, help="timeline file: .csv or .jsonl (one row per face per frame)"
     )
-    video.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames analysed per second of video")
     video.add_argument(
-        "--smooth", type=float, default=DEFAULT_SMOOTH_S,
-        help="seconds the smoothed probabilities remember (exponential average; 0: none)",
+        "--fps",
+        type=float,
+        default=None,
+        help=f"frames analysed per second of video (default: $FER_VIDEO_FPS or {DEFAULT_FPS:g})",
+    )
+    video.add_argument(
+        "--smooth", type=float, default=None,
+        help=f"seconds the smoothed probabilities remember (exponential average; 0: none; default: $FER_VIDEO_SMOOTH_S or {DEFAULT_SMOOTH_S:g})",
     )  # fmt: skip
     video.add_argument("--plot", type=Path, default=None, help="draw each track's smoothed probabilities here (.png)")
-    video.add_argument("--max-seconds", type=float, default=3600.0, help="refuse videos longer than this")
     video.add_argument(
-        "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
-    )
-    video.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision")
-    video.add_argument(
-        "--tta", choices=("checkpoint", *TTA_MODES), default="checkpoint",
-        help="test-time augmentation (tencrop: ten views of each face, about ten times the model time)",
+        "--max-seconds", type=float, default=None,
+        help=f"refuse videos longer than this (default: $FER_MAX_VIDEO_SECONDS or {VIDEO_MAX_SECONDS:g})",
     )  # fmt: skip
+    add_engine_flags(video)
     video.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None,
         help="progress bar with frames/s on stderr (default: when it is a terminal)",
     )  # fmt: skip
 
 
-def video_command(args: argparse.Namespace, checkpoint: Path) -> int:
+def video_command(args: argparse.Namespace) -> int:
     """Run `fer video`; returns the exit status. Raises `FerError` for a bad video."""
     suffix = args.output.suffix.lower().lstrip(".")
     if suffix not in OUTPUT_FORMATS:
         print(f"fer: --output must end in .csv or .jsonl, not {args.output.name!r}", file=sys.stderr)
         return 2
-    if args.fps < 0.1 or args.smooth < 0 or args.max_seconds <= 0:
+    given = (args.fps, args.smooth, args.max_seconds)
+    if any(value is not None and value < low for value, low in zip(given, (0.1, 0.0, 1e-9), strict=True)):
         print("fer: --fps must be at least 0.1, --smooth 0 or more and --max-seconds above 0", file=sys.stderr)
         return 2
     if not args.path.is_file():
@@ -76,11 +79,11 @@ def video_command(args: argparse.Namespace, checkpoint: Path) -> int:
         except ImportError:
             print("fer: --plot needs matplotlib (pip install 'fer-service[train]')", file=sys.stderr)
             return 2
-    config = EngineConfig(
-        precision=args.precision, tta=args.tta, video_fps=args.fps, max_video_seconds=args.max_seconds,
-        video_smooth_s=args.smooth,
+    config = cli_engine_config(
+        args, {"max_video_seconds": VIDEO_MAX_SECONDS},
+        video_fps=args.fps, max_video_seconds=args.max_seconds, video_smooth_s=args.smooth,
     )  # fmt: skip
-    engine = Engine.load(checkpoint, config)
+    engine = Engine.load(config.checkpoint, config)
     try:
         timeline = asyncio.run(
             analyse(engine, args.path, progress=sys.stderr.isatty() if args.progress is None else args.progress)

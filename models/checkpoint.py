@@ -18,6 +18,7 @@ Keys (format_version 1):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -31,9 +32,10 @@ import torch
 from torch import nn
 
 from models.errors import CheckpointError
+from models.figures import StoredFigures
 from models.network import ARCHITECTURES, build_network
 from models.preprocessing import PreprocessingSpec
-from models.tta import TTA_MODES, TtaMode, check_tta
+from models.tta import check_tta
 
 FORMAT_VERSION = 1
 # The model the project ships, beside this module; the service and `fer` default to it.
@@ -61,48 +63,10 @@ class Checkpoint:
         """A short, stable model version: the architecture and the first 12 hex digits of the file hash."""
         return f"{self.architecture}-{self.sha256[:12]}"
 
-    @property
-    def measured_tta(self) -> TtaMode:
-        """The TTA mode the main stored metrics were measured with: the one to serve by default."""
-        return check_tta(str(self.metrics.get("tta", "none")))
-
-    def measured_precisions(self) -> tuple[str, ...]:
-        """The precisions whose figures the checkpoint stores, the main one first; () before evaluation."""
-        if "accuracy" not in self.metrics:
-            return ()
-        main = str(self.metrics.get("precision", "fp32"))
-        return (main, *(p for p in self.metrics.get("precision_alternatives", {}) if p != main))
-
-    def _block(self, precision: str | None) -> dict[str, Any] | None:
-        """The stored figures of one precision (None: the main one), with its TTA alternatives."""
-        measured = self.measured_precisions()
-        if not measured:
-            return None
-        if precision is None or precision == measured[0]:
-            return self.metrics
-        block: dict[str, Any] | None = self.metrics.get("precision_alternatives", {}).get(precision)
-        return block
-
-    def measured_tta_modes(self, precision: str | None = None) -> tuple[TtaMode, ...]:
-        """The TTA modes whose figures the checkpoint stores for `precision` (None: the main one), main mode first."""
-        block = self._block(precision)
-        if block is None:
-            return ()
-        main = check_tta(str(block.get("tta", "none")))
-        others = [mode for mode in TTA_MODES if mode != main and mode in block.get("tta_alternatives", {})]
-        return (main, *others)
-
-    def metrics_for(self, tta: TtaMode, precision: str | None = None) -> dict[str, Any] | None:
-        """The stored figures that describe serving with `tta` in `precision` (None: the main one); None if never measured."""
-        block = self._block(precision)
-        if block is None or tta not in self.measured_tta_modes(precision):
-            return None
-        figures = {
-            key: value for key, value in block.items() if key not in ("tta_alternatives", "precision_alternatives")
-        }
-        if tta != block.get("tta", "none"):
-            figures.update(block["tta_alternatives"][tta])
-        return figures
+    @functools.cached_property
+    def figures(self) -> StoredFigures:
+        """The stored evaluation figures, by precision and TTA mode (`models/figures.py`)."""
+        return StoredFigures(self.metrics)
 
 
 def save_checkpoint(

@@ -2,12 +2,9 @@
 
 A detector is anything with `detect(bgr) -> list[DetectedFace]` (a box, a score and, where the
 detector gives them, five landmarks); `models/yunet.py` is the default and `models/haar.py` the
-2001-era cascade kept for comparison. `find_faces` runs one on a copy downscaled to
-`detect_max_side`, maps the boxes back to the image's pixels, drops faces under the minimum size,
-keeps at most `max_faces` (largest first) and cuts each one with `frame_face`.
-
-An image whose shorter side is at most `FACE_CROP_MAX_SIDE` pixels is taken as a face crop
-already (FER2013 faces are 48×48) and is not searched.
+2001-era cascade kept for comparison. `detect_faces` runs one on a copy downscaled to
+`detect_max_side` and maps the boxes back to the image's pixels; `frame_face` cuts a face the
+way the detector's boxes ask. `models/face_pipeline.py` puts them together.
 
 Framing (docs/framing.md has the measurements): on FER2013 val faces pasted into larger scenes,
 the true FER crop is best predicted by YuNet's box (side 0.97× the box, centred on it; the
@@ -27,7 +24,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-FACE_CROP_MAX_SIDE = 64
 Point = tuple[float, float]
 
 
@@ -149,56 +145,6 @@ def frame_face(gray: np.ndarray, face: DetectedFace, framing: Framing = DEFAULT_
     return Image.fromarray(crop, mode="L")
 
 
-@dataclass(frozen=True)
-class Face:
-    """A face to classify: its grayscale pixels and what the detector said (None: the whole image)."""
-
-    image: Image.Image
-    detected: DetectedFace | None
-
-
-@dataclass(frozen=True)
-class FacePolicy:
-    """Which detected faces are classified (the engine fills it from `EngineConfig`)."""
-
-    all_faces: bool  # every face up to max_faces, or the largest only
-    max_faces: int
-    min_face_px: float  # in the searched image's pixels
-    detect_max_side: int
-
-
-@dataclass(frozen=True)
-class FaceSearch:
-    """The faces to classify, how many the detector found, and how many were left out and why."""
-
-    faces: tuple[Face, ...]
-    found: int
-    too_small: int
-    dropped: int  # usable faces beyond max_faces
-
-    @property
-    def no_face_reason(self) -> str | None:
-        """Why no face was classified: "none_found" or "too_small"; None when faces were."""
-        if self.faces:
-            return None
-        return "too_small" if self.too_small else "none_found"
-
-    def scaled(self, factor: float, image_width: int, image_height: int) -> FaceSearch:
-        """The same search with the detections in an image `factor` times larger (the crops stay)."""
-        if factor == 1.0:
-            return self
-        faces = tuple(
-            Face(face.image, face.detected.scaled(factor, image_width, image_height) if face.detected else None)
-            for face in self.faces
-        )
-        return FaceSearch(faces, self.found, self.too_small, self.dropped)
-
-
-def is_face_crop(image: Image.Image) -> bool:
-    """True when the image is small enough to be a face crop rather than a photo."""
-    return min(image.size) <= FACE_CROP_MAX_SIDE
-
-
 def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_max_side: int) -> list[DetectedFace]:
     """Faces in an (H, W, 3) RGB image, found on a copy no larger than `detect_max_side`, largest first."""
     height, width = rgb.shape[:2]
@@ -211,16 +157,3 @@ def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_max_side: int) 
     found = detector.detect(np.ascontiguousarray(small[..., ::-1]))  # RGB → BGR, as OpenCV's models expect
     faces = [face.scaled(1 / scale, width, height) for face in found] if scale < 1.0 else found
     return sorted(faces, key=lambda face: face.box.area, reverse=True)
-
-
-def find_faces(rgb: np.ndarray, gray: np.ndarray, detector: FaceDetector, policy: FacePolicy) -> FaceSearch:
-    """The faces to classify in a photo: detected, filtered by size, capped and framed as the detector's boxes ask."""
-    detected = detect_faces(detector, rgb, policy.detect_max_side)
-    usable = [face for face in detected if face.box.side >= policy.min_face_px]
-    kept = usable[: policy.max_faces if policy.all_faces else 1]
-    return FaceSearch(
-        faces=tuple(Face(frame_face(gray, face, detector.framing), face) for face in kept),
-        found=len(detected),
-        too_small=len(detected) - len(usable),
-        dropped=max(0, len(usable) - policy.max_faces),
-    )

@@ -59,7 +59,7 @@ def photo(fmt: str, **params: object) -> bytes:
     return encode(Image.effect_noise((320, 240), 60).convert("RGB"), fmt, **params)
 
 
-# (case, body bytes, expected status, fragment of the detail or "" for a 200)
+# (case, body bytes, expected status, fragment of the detail; "" for a 200)
 IMAGE_CASES: list[tuple[str, bytes, int, str]] = [
     ("zero bytes", b"", 400, "empty"),
     ("plain text", b"this is not an image\n" * 20, 400, "not a recognisable image"),
@@ -68,13 +68,13 @@ IMAGE_CASES: list[tuple[str, bytes, int, str]] = [
     ("pdf", b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", 415, "PDF document"),
     ("random bytes", junk(4096, 1), 400, "not a recognisable image"),
     ("png magic then junk", b"\x89PNG\r\n\x1a\n" + junk(500, 2), 400, "not a recognisable image"),
-    ("jpeg magic then junk", b"\xff\xd8\xff\xe0" + junk(500, 3), 400, ""),
-    ("gif magic then junk", b"GIF89a\x30\x00\x30\x00" + junk(500, 4), 400, ""),
+    ("jpeg magic then junk", b"\xff\xd8\xff\xe0" + junk(500, 3), 400, "JPEG data is truncated"),
+    ("gif magic then junk", b"GIF89a\x30\x00\x30\x00" + junk(500, 4), 400, "not a recognisable image"),
     ("truncated jpeg", truncated(photo("JPEG")), 400, "truncated"),
     ("truncated png", truncated(photo("PNG")), 400, "truncated or corrupt"),
-    ("truncated gif", truncated(photo("GIF")), 400, ""),
-    ("truncated webp", truncated(photo("WEBP")), 400, ""),
-    ("header claims 0x0", png_with_header(0, 0), 400, ""),
+    ("truncated gif", truncated(photo("GIF")), 400, "truncated or corrupt"),
+    ("truncated webp", truncated(photo("WEBP")), 400, "the file is damaged"),
+    ("header claims 0x0", png_with_header(0, 0), 400, "not a recognisable image"),
     ("header claims 60000x60000", png_with_header(60000, 60000), 413, "over the limit of"),
     ("1-bit png 12000x12000", encode(Image.new("1", (12000, 12000))), 413, "144,000,000 pixels"),
     ("ico", encode(Image.new("RGB", (32, 32)), "ICO"), 415, "ICO images are not accepted"),

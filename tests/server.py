@@ -10,6 +10,7 @@ and warms up for real, and the server's log records are captured in memory. `Ser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ import httpx
 import torch
 import uvicorn
 
-from app.connections import server_options
+from app.http_protocol import server_options
 from app.main import create_app
 from app.settings import Settings
+from models.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_DEADLINE_S = 60.0  # a generous bound on loading and warming up, not a measurement
@@ -100,14 +102,15 @@ class _Capture(logging.Handler):
 class AppServer:
     """`create_app(Settings(**overrides))` served by uvicorn in a daemon thread; `url`, `port`, `log()`, `stop()`."""
 
-    def __init__(self, **overrides: Any) -> None:
+    def __init__(self, engine: Engine | None = None, **overrides: Any) -> None:
+        """`engine`: one already loaded, to serve instead of loading the settings' checkpoint."""
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = Settings(**{"host": "127.0.0.1", "port": self.port, **overrides})
         config = uvicorn.Config(
-            create_app(self.settings),
+            create_app(self.settings, engine),
             log_config=None,  # uvicorn's dictConfig would replace the handlers this capture relies on
             **server_options(self.settings),  # the same protocol, limits and timeouts as `python -m app`
         )
@@ -175,9 +178,9 @@ class AppServer:
 
 
 @contextlib.contextmanager
-def app_serving(**overrides: Any) -> Iterator[AppServer]:
+def app_serving(engine: Engine | None = None, **overrides: Any) -> Iterator[AppServer]:
     """A started, ready in-process server for the duration of a `with` block (or a yield fixture)."""
-    running = AppServer(**overrides).start()
+    running = AppServer(engine, **overrides).start()
     try:
         yield running
     finally:
@@ -217,3 +220,43 @@ class Server:
             self.process.wait()
         self._log.close()
         return int(self.process.returncode)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardGate:
+    """`entered` is set when a forward pass starts waiting; passes go on once `release` is set."""
+
+    entered: threading.Event
+    release: threading.Event
+
+
+@contextlib.contextmanager
+def forward_passes_held(engine: Engine) -> Iterator[ForwardGate]:
+    """Every forward pass of `engine` waits for the gate's release (set on leaving): the queue fills, deterministically.
+
+    A test that needs faces to pile up in the queue (to fill it, or to see them batched together)
+    gates on this instead of hoping the batcher's thread is slower than the requests.
+    """
+    gate = ForwardGate(threading.Event(), threading.Event())
+    predict = engine.predictor.predict_tensors
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        gate.entered.set()
+        gate.release.wait(READY_DEADLINE_S)
+        return predict(*args, **kwargs)
+
+    engine.predictor.predict_tensors = held  # type: ignore[method-assign]
+    try:
+        yield gate
+    finally:
+        gate.release.set()
+        engine.predictor.predict_tensors = predict  # type: ignore[method-assign]
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = READY_DEADLINE_S) -> None:
+    """Return once `condition()` holds (checked every 10 ms); fail naming `what` after `deadline_s`."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} did not happen within {deadline_s:g} s")
+        time.sleep(0.01)

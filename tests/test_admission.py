@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.admission import QueueRoom
 from models.batching import BatchResult, MicroBatcher
 from models.errors import QueueFullError
 from models.predictor import Predictor
+from models.scheduling import QueueTurns
 from tests.conftest import SHIPPED_CHECKPOINT
 
 
@@ -34,7 +34,7 @@ def faces(count: int) -> list[torch.Tensor]:
     return [torch.zeros(1, 48, 48) for _ in range(count)]
 
 
-async def upload(room: QueueRoom, batcher: MicroBatcher, name: str, count: int, answered: list[str]) -> None:
+async def upload(room: QueueTurns, batcher: MicroBatcher, name: str, count: int, answered: list[str]) -> None:
     """One upload of `count` faces through the room; each answer appends `name` to `answered` as it comes."""
     deadline = asyncio.get_running_loop().time() + 120  # generous: only a hang would reach it
     futures = await room.submit_all(lambda face: batcher.submit(face, "none"), faces(count), deadline)
@@ -49,7 +49,7 @@ def test_uploads_larger_than_the_queue_are_served_whole_and_in_arrival_order() -
     answered: list[str] = []
 
     async def three_uploads() -> None:
-        room = QueueRoom(asyncio.get_running_loop())
+        room = QueueTurns(asyncio.get_running_loop())
         batcher.add_room_listener(room.notify_threadsafe)
         uploads = []
         for name in ("first", "second", "third"):  # 3 × 40 faces through a queue of 4
@@ -79,7 +79,7 @@ def test_an_upload_that_finds_no_room_by_its_deadline_gets_queue_full_and_its_qu
             return future
 
         async def upload_with_a_short_deadline() -> None:
-            room = QueueRoom(asyncio.get_running_loop())
+            room = QueueTurns(asyncio.get_running_loop())
             batcher.add_room_listener(room.notify_threadsafe)
             try:
                 # No room can come while the gate is shut, so this deadline, however short, is what ends the wait.
@@ -102,7 +102,7 @@ def test_an_upload_that_finds_no_room_by_its_deadline_gets_queue_full_and_its_qu
 def test_a_room_listener_that_fails_does_not_stop_the_batcher() -> None:
     batcher = MicroBatcher(Predictor.from_checkpoint(SHIPPED_CHECKPOINT), max_batch=2, max_wait_ms=0, queue_size=4)
     loop = asyncio.new_event_loop()
-    room = QueueRoom(loop)
+    room = QueueTurns(loop)
     loop.close()  # a room whose event loop is gone, as after a server shut down
 
     calls = []

@@ -28,9 +28,11 @@ from PIL import Image
 
 from app.__main__ import main as serve_main
 from models.checkpoint import CLASSES, load_checkpoint
+from models.config import EngineConfig
+from models.engine import Engine
 from tests.conftest import SHIPPED_CHECKPOINT, make_face, reference_probabilities
 from tests.images import crowd_jpeg, encode, face_jpeg, face_png, scene_with_face
-from tests.server import ROOT, AppServer, Server, app_serving, get, post
+from tests.server import ROOT, AppServer, Server, app_serving, forward_passes_held, get, post, wait_for
 
 TEN_MIB = 10 * 1024 * 1024
 
@@ -166,9 +168,9 @@ def test_metrics_describe_the_served_model(server: AppServer) -> None:
     assert body["model"] == answer["model"]
     assert body["served_precision"] == body["precision"] == answer["model"]["precision"]
     shipped = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert body["measured_precisions"] == list(shipped.measured_precisions())
+    assert body["measured_precisions"] == list(shipped.figures.measured_precisions())
     # The figures measured in the precision this server runs in.
-    stored = shipped.metrics_for(shipped.measured_tta, body["served_precision"])
+    stored = shipped.figures.metrics_for(shipped.figures.measured_tta, body["served_precision"])
     assert stored is not None
     for key in [
         "accuracy",
@@ -209,9 +211,9 @@ def test_metrics_give_the_figures_of_the_tta_asked_for(server: AppServer) -> Non
     default = get(f"{server.url}/metrics").json()
     shipped = load_checkpoint(SHIPPED_CHECKPOINT)
     precision = default["served_precision"]
-    assert default["measured_tta"] == list(shipped.measured_tta_modes(precision))
+    assert default["measured_tta"] == list(shipped.figures.measured_tta_modes(precision))
     for mode in default["measured_tta"][1:]:
-        figures = shipped.metrics_for(mode, precision)
+        figures = shipped.figures.metrics_for(mode, precision)
         assert figures is not None
         body = get(f"{server.url}/metrics", params={"tta": mode}).json()
         assert (body["tta"], body["served_tta"], body["precision"]) == (mode, default["served_tta"], precision)
@@ -348,6 +350,7 @@ def test_chunked_body_over_the_limit_is_cut_off(server: AppServer) -> None:
 
     response = post(f"{server.url}/predict", content=chunks(), headers={"content-type": "image/png"}, timeout=30)
     assert response.status_code == 413
+    assert "the upload is larger than" in response.json()["detail"]
     assert get(f"{server.url}/health").status_code == 200
 
 
@@ -362,12 +365,22 @@ def test_concurrent_requests_match_sequential_ones(server: AppServer) -> None:
 
 
 def test_faces_queued_together_share_one_forward_pass_and_answer_as_alone() -> None:
-    # A batch upload queues its faces back to back, and with max_wait_ms the batcher waits (up to a
-    # generous second) for max_batch of them after the first: the eight faces always make one pass.
-    with app_serving(checkpoint=SHIPPED_CHECKPOINT, max_batch=8, max_wait_ms=1000, precision="fp32") as server:
+    # A lone face holds the batcher's forward pass while a batch upload queues its eight faces;
+    # once the pass is released they are all there to make the next one.
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(max_batch=8, precision="fp32"))
+    with (
+        app_serving(engine, max_batch=8) as server,
+        forward_passes_held(engine) as gate,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        lone = pool.submit(post_file, server, face_png(99))
+        assert gate.entered.wait(60), "the lone face's forward pass never started"
         files = [("files", (f"{seed}.png", face_png(seed))) for seed in range(8)]
-        response = post(f"{server.url}/predict/batch", files=files, timeout=60)
-    assert response.status_code == 200
+        batch = pool.submit(post, f"{server.url}/predict/batch", files=files, timeout=60)
+        wait_for(lambda: engine.queue_depth == 8, "the batch's eight faces queueing")
+        gate.release.set()
+        response, alone_response = batch.result(), lone.result()
+    assert response.status_code == 200 and alone_response.status_code == 200
     assert re.search(r"POST /predict/batch 200 \S+ batch=8 tta=none ", server.log()), server.log()
     for seed, result in enumerate(response.json()["results"]):
         alone = reference_probabilities(make_face(seed), precision="fp32", tta="none")
@@ -379,22 +392,21 @@ def crowd_of_six() -> bytes:
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers() -> None:
-    with app_serving(
-        checkpoint=SHIPPED_CHECKPOINT, queue_size=1, max_batch=1, threads=1, batch_patience_s=0.001
-    ) as tiny:
-        # Six faces go into a queue of one in a row, with no await between them: the fifth cannot
-        # find the batcher's thread done with the first four, so the request meets a full queue.
-        crowd = post_file(tiny, crowd_of_six(), "crowd.jpg", params={"faces": "all"})
-        # A batch upload waits for room only until its patience (here a millisecond) runs out, while
-        # sixteen ten-crop faces through a queue of one take many forward passes.
-        files = [("files", (f"{seed}.png", face_png(seed))) for seed in range(16)]
-        batch = post(f"{tiny.url}/predict/batch", files=files, params={"tta": "tencrop"}, timeout=60)
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(queue_size=1, max_batch=1, threads=1, batch_patience_s=0.2))
+    with app_serving(engine, queue_size=1, max_batch=1) as tiny:
+        with forward_passes_held(engine):
+            # With the forward pass held, one face is in the pass and one fills the queue: six
+            # faces in one photo meet a full queue whatever the threads' timing.
+            crowd = post_file(tiny, crowd_of_six(), "crowd.jpg", params={"faces": "all"})
+            # A batch upload waits for room only until its patience (0.2 s) runs out.
+            files = [("files", (f"{seed}.png", face_png(seed))) for seed in range(16)]
+            batch = post(f"{tiny.url}/predict/batch", files=files, timeout=60)
         after = post_file(tiny, face_png())
     for refused in (crowd, batch):
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
         assert "at capacity" in refused.json()["detail"]
-    assert after.status_code == 200  # recovers at once
+    assert after.status_code == 200  # recovers once the passes run again
 
 
 def test_a_batch_larger_than_the_queue_waits_for_room_instead_of_failing() -> None:

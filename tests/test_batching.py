@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.batching import MicroBatcher
-from models.engine import ENGINE_DEFAULTS
+from models.config import ENGINE_DEFAULTS
 from models.errors import QueueFullError
 from models.predictor import Predictor
 from models.tta import TtaMode

@@ -138,33 +138,33 @@ def test_a_checkpoint_written_before_the_ten_crop_geometry_was_stored_gets_the_d
 
 
 def test_stored_metrics_say_which_tta_modes_were_measured_and_give_each_its_figures(checkpoint_path: Path) -> None:
-    assert load_checkpoint(checkpoint_path).measured_tta_modes() == ("none",)  # "tta" absent: measured without
+    assert load_checkpoint(checkpoint_path).figures.measured_tta_modes() == ("none",)  # "tta" absent: measured without
     main = {"accuracy": 0.6, "macro_f1": 0.5, "tta": "flip", "num_images": 10}
     store_metrics(checkpoint_path, main, {"tencrop": {"accuracy": 0.7, "tta": "tencrop"}, "flip": {"accuracy": 0.1}})
     loaded = load_checkpoint(checkpoint_path)
-    assert loaded.measured_tta == "flip"
+    assert loaded.figures.measured_tta == "flip"
     # The main mode is never an alternative; "none", stored before (same weights), stays.
-    assert loaded.measured_tta_modes() == ("flip", "none", "tencrop")
+    assert loaded.figures.measured_tta_modes() == ("flip", "none", "tencrop")
     labelled = {**main, "precision": "fp32"}  # figures stored without a precision were measured in fp32
-    assert loaded.metrics_for("flip") == labelled
-    assert loaded.metrics_for("tencrop") == {**labelled, "accuracy": 0.7, "tta": "tencrop"}
-    assert loaded.metrics_for("none") == {**labelled, "accuracy": 0.5, "tta": "none"}
-    assert loaded.metrics_for("none", "bf16") is None
+    assert loaded.figures.metrics_for("flip") == labelled
+    assert loaded.figures.metrics_for("tencrop") == {**labelled, "accuracy": 0.7, "tta": "tencrop"}
+    assert loaded.figures.metrics_for("none") == {**labelled, "accuracy": 0.5, "tta": "none"}
+    assert loaded.figures.metrics_for("none", "bf16") is None
     # Figures measured another way (another split) replace what was stored instead of sitting beside it.
     store_metrics(checkpoint_path, {**main, "split": "test", "num_images": 20})
-    assert load_checkpoint(checkpoint_path).measured_tta_modes() == ("flip",)
+    assert load_checkpoint(checkpoint_path).figures.measured_tta_modes() == ("flip",)
     assert loaded.training == {"recipe": "test"}  # everything else is left as it was
 
 
 def test_dropping_a_precisions_figures_keeps_the_others(checkpoint_path: Path) -> None:
     fp32 = {"accuracy": 0.6, "precision": "fp32", "tta": "none"}
     store_metrics(checkpoint_path, fp32, precisions={"int8": ({**fp32, "precision": "int8", "accuracy": 0.61}, {})})
-    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32", "int8")
+    assert load_checkpoint(checkpoint_path).figures.measured_precisions() == ("fp32", "int8")
     assert drop_figures(checkpoint_path, "int8") and not drop_figures(checkpoint_path, "int8")
-    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32",)
+    assert load_checkpoint(checkpoint_path).figures.measured_precisions() == ("fp32",)
     store_metrics(checkpoint_path, {**fp32, "precision": "int8"}, precisions={"fp32": (fp32, {})})
     assert drop_figures(checkpoint_path, "int8")  # the main one: fp32's become the main figures
-    assert load_checkpoint(checkpoint_path).measured_precisions() == ("fp32",)
+    assert load_checkpoint(checkpoint_path).figures.measured_precisions() == ("fp32",)
     assert load_checkpoint(checkpoint_path).training == {"recipe": "test"}  # everything else is left as it was
 
 

@@ -48,6 +48,42 @@ def test_predict_writes_json_lines_for_a_folder(image_dir: Path, capsys: pytest.
         assert sum(row["probabilities"].values()) == pytest.approx(1.0)
 
 
+def test_predict_reads_the_services_engine_settings_and_its_flags_win(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scene = str(image_dir / "nested" / "scene.jpg")
+    assert main(["predict", scene]) == 0
+    found = json.loads(capsys.readouterr().out)["face"]
+    assert found is not None
+    # FER_MIN_FACE_PX as the service reads it: the face is now too small to classify.
+    monkeypatch.setenv("FER_MIN_FACE_PX", "5000")
+    assert main(["predict", scene]) == 0
+    assert json.loads(capsys.readouterr().out)["face"] is None
+    monkeypatch.delenv("FER_MIN_FACE_PX")
+    # FER_PRECISION: int8 for a checkpoint without its int8 file stops with the service's one line;
+    # --precision on the command line wins over the variable.
+    bare = tmp_path / "bare.pth"
+    bare.write_bytes(SHIPPED_CHECKPOINT.read_bytes())
+    monkeypatch.setenv("FER_PRECISION", "int8")
+    assert main(["predict", scene, "--checkpoint", str(bare)]) == 2
+    assert "int8 model" in capsys.readouterr().err
+    assert main(["predict", scene, "--checkpoint", str(bare), "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["face"] == found
+    monkeypatch.delenv("FER_PRECISION")
+    # FER_DETECTOR: Haar searches instead of YuNet (or, on an OpenCV without Haar, says so).
+    monkeypatch.setenv("FER_DETECTOR", "haar")
+    status = main(["predict", scene])
+    out, err = capsys.readouterr()
+    if status == 0:
+        assert json.loads(out)["face"] != found, "the same box as YuNet's: the detector setting was ignored"
+    else:
+        assert status == 2 and "Haar detector" in err
+    # A bad value is refused in one line naming the variable.
+    monkeypatch.setenv("FER_MAX_FACES", "0")
+    assert main(["predict", scene]) == 2
+    assert "FER_MAX_FACES='0'" in capsys.readouterr().err
+
+
 def test_predict_table_names_missing_and_oversized_files_and_answers_the_rest(
     image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

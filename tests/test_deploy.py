@@ -20,7 +20,7 @@ import yaml
 
 from app.main import SHUTDOWN_REPLY_S
 from app.routes import router
-from app.settings import Settings
+from app.settings import Settings, setting_fields
 from tests.server import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -41,7 +41,7 @@ def env_file(path: Path) -> dict[str, str]:
 def settings_of(env: dict[str, str]) -> Settings:
     """What the app makes of FER_* variables: raises, as start-up would, on a name or value it refuses."""
     fields = {name.removeprefix("FER_").lower(): value for name, value in env.items()}
-    assert all(name.startswith("FER_") for name in env) and set(fields) <= set(Settings.model_fields), env
+    assert all(name.startswith("FER_") for name in env) and set(fields) <= set(setting_fields()), env
     return Settings(**fields)
 
 
@@ -94,7 +94,7 @@ def test_every_rendered_object_is_valid_and_the_settings_are_accepted(layout: st
     if layout == "base":
         assert metrics == ["Resource"]
     else:  # the overlay's merges and bounds took; only the queue-depth overlay adds the Pods metric
-        assert (settings.precision, settings.queue_size) == ("int8", 512)
+        assert (settings.engine.precision, settings.engine.queue_size) == ("int8", 512)
         assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 20)
         assert metrics == (["Resource", "Pods"] if layout.endswith("queue-depth") else ["Resource"])
     deployment = of_kind(objects, "Deployment")

@@ -3,11 +3,14 @@ settings table is `app.settings.Settings`. A change to either without the other 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import pytest
+
 from app.errors import STATUS_BY_ERROR
-from app.settings import Settings
-from models.engine import ENGINE_DEFAULTS, EngineConfig
+from app.settings import Settings, setting_fields, setting_value
+from models.config import ENGINE_DEFAULTS, engine_config, engine_fields
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -34,15 +37,15 @@ def test_the_readme_error_table_lists_every_status_the_service_answers_with() ->
 
 def test_the_readme_settings_table_names_every_setting_with_its_default() -> None:
     rows = {row[0].strip("`"): row[1] for row in table_rows("### Settings")}
-    fields = Settings.model_fields
+    fields = setting_fields()
     assert set(rows) == {f"FER_{name.upper()}" for name in fields}
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     for name, field in fields.items():
         documented = rows[f"FER_{name.upper()}"]
-        if field.default_factory is not None:
+        if field.default_factory not in (None, dataclasses.MISSING):
             assert documented == "CPU count", name
             continue
-        value = getattr(settings, name)
+        value = setting_value(settings, name)
         if value is None:
             assert documented.startswith("("), name  # a shipped default, described in words
             continue
@@ -53,12 +56,10 @@ def test_the_readme_settings_table_names_every_setting_with_its_default() -> Non
         assert documented == f"`{shown}`", name
 
 
-def test_the_engine_defaults_have_one_home_and_every_engine_knob_is_a_setting() -> None:
-    assert set(EngineConfig.__dataclass_fields__) <= set(Settings.model_fields)
-    from_settings = Settings(_env_file=None).engine_config()  # type: ignore[call-arg]
-    for name in EngineConfig.__dataclass_fields__:
-        if name not in ("threads", "prepare_workers"):  # CPU count, the same factory in both
-            assert getattr(from_settings, name) == getattr(ENGINE_DEFAULTS, name), name
+def test_the_engine_configuration_is_contained_in_the_settings_and_read_by_its_flat_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings(_env_file=None).engine == ENGINE_DEFAULTS  # type: ignore[call-arg]
     changed = {
         "max_batch": 7,
         "queue_size": 9,
@@ -67,8 +68,27 @@ def test_the_engine_defaults_have_one_home_and_every_engine_knob_is_a_setting() 
         "detect_max_side": 500,
         "tta": "flip",
     }
-    config = Settings(_env_file=None, **changed).engine_config()  # type: ignore[call-arg]
+    config = Settings(_env_file=None, **changed).engine  # type: ignore[call-arg]
     assert {name: getattr(config, name) for name in changed} == changed
+    monkeypatch.setenv("FER_MAX_FACES", "4")
+    monkeypatch.setenv("FER_DETECTOR", "haar")
+    monkeypatch.setenv("FER_PORT", "9001")
+    from_env = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (from_env.engine.max_faces, from_env.engine.detector, from_env.port) == (4, "haar", 9001)
+    assert Settings(_env_file=None, max_faces=6).engine.max_faces == 6  # type: ignore[call-arg]  # given beats the environment
+    assert engine_config({"FER_MAX_FACES": "4", "FER_DETECTOR": "haar"}) == dataclasses.replace(
+        ENGINE_DEFAULTS, max_faces=4, detector="haar"
+    )
+
+
+def test_no_engine_knob_is_declared_twice() -> None:
+    """One home for each knob: the service's settings and the Ray job contain the engine's configuration."""
+    from cli.scale import RayJob
+
+    assert not set(engine_fields()) & set(Settings.model_fields)
+    assert not set(engine_fields()) & {item.name for item in dataclasses.fields(RayJob)}
+    for path in [ROOT / "app" / "settings.py", *(ROOT / "cli").glob("*.py")]:
+        assert "EngineConfig(" not in path.read_text(), f"{path} builds the configuration field by field"
 
 
 def test_every_readme_status_row_says_when() -> None:

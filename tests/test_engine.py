@@ -12,33 +12,41 @@ import torch
 from PIL import Image
 
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
+from models.answers import ImageAnswer
 from models.checkpoint import read_checkpoint_dict
-from models.engine import QUICK_MAX_BYTES, Engine, EngineConfig, ImageAnswer, is_quick
+from models.config import EngineConfig
+from models.decoding import read_header
+from models.engine import Engine
 from models.errors import InvalidImageError, NoFaceError, NotMeasuredError
+from models.scheduling import INLINE_MAX_BYTES, runs_inline
 from tests.conftest import SHIPPED_CHECKPOINT, make_face
 from tests.images import encode, face_png, scene_with_face
 
 
+def inline(data: bytes) -> bool:
+    return runs_inline(data, read_header(data))
+
+
 def test_small_face_crops_are_prepared_inline() -> None:
-    assert is_quick(face_jpeg_48())
-    assert is_quick(encode(make_face(3, size=64)))
+    assert inline(face_jpeg_48())
+    assert inline(encode(make_face(3, size=64)))
 
 
 def test_photos_go_to_a_worker_thread() -> None:
-    assert not is_quick(photo_jpeg_640())  # face detection: tens of ms
-    assert not is_quick(encode(make_face(3, size=100)))  # shorter side over 64: detection runs
+    assert not inline(photo_jpeg_640())  # face detection: tens of ms
+    assert not inline(encode(make_face(3, size=100)))  # shorter side over 64: detection runs
 
 
 def test_a_small_file_claiming_many_pixels_goes_to_a_worker_thread() -> None:
     data = encode(Image.new("1", (3000, 3000)))  # a few KB that decode to 9 megapixels
-    assert len(data) < QUICK_MAX_BYTES
-    assert not is_quick(data)
+    assert len(data) < INLINE_MAX_BYTES
+    assert not inline(data)
 
 
-def test_undecodable_and_oversized_bytes_are_not_quick() -> None:
-    assert not is_quick(b"not an image at all")
-    assert not is_quick(b"")
-    assert not is_quick(face_jpeg_48() + b"\0" * QUICK_MAX_BYTES)
+def test_undecodable_and_oversized_bytes_are_not_prepared_inline() -> None:
+    assert not inline(b"not an image at all")
+    assert not inline(b"")
+    assert not inline(face_jpeg_48() + b"\0" * INLINE_MAX_BYTES)
 
 
 # The façade: what one call returns for the kinds of uploads the service sees.
@@ -53,10 +61,10 @@ def engine() -> Iterator[Engine]:
 
 def test_a_face_crop_is_classified_whole_with_the_served_mode(engine: Engine) -> None:
     answer = asyncio.run(engine.classify(face_png(1)))
-    assert answer.tta == engine.served_tta == "none"
+    assert answer.tta == engine.model.tta == "none"
     (face,) = answer.faces
     assert face.box is None and face.batch_size == 1
-    assert list(face.prediction.probabilities) == list(engine.classes)
+    assert list(face.prediction.probabilities) == list(engine.model.classes)
     assert sum(face.prediction.probabilities.values()) == pytest.approx(1.0)
 
 
@@ -105,7 +113,7 @@ def test_stored_figures_are_served_per_mode_and_unmeasured_modes_are_refused(eng
     torch.save(payload, tmp_path / "plain.pth")
     plain = Engine.load(tmp_path / "plain.pth", EngineConfig(threads=1, prepare_workers=1))
     try:
-        assert plain.measured_tta_modes() == ("none",)
+        assert plain.model.measured_tta == ("none",)
         with pytest.raises(NotMeasuredError, match="--also-tta tencrop"):
             plain.metrics("tencrop")
     finally:

@@ -16,10 +16,12 @@ import pytest
 from PIL import Image
 
 from models.checkpoint import SHIPPED_CHECKPOINT
-from models.engine import ENGINE_DEFAULTS, Engine, EngineConfig
+from models.config import ENGINE_DEFAULTS, EngineConfig
+from models.decoding import decode_image, decode_photo
+from models.engine import Engine
 from models.errors import DetectorError, ImageTooLargeError, NoFaceError
 from models.faces import DetectedFace, FaceBox, Framing, crop_geometry, detect_faces, frame_face
-from models.preprocessing import decode_image, decode_photo, to_rgb
+from models.preprocessing import to_rgb
 from models.yunet import MODEL_FILE, YuNetDetector
 from tests.conftest import ROOT
 from tests.images import astronaut_head, encode

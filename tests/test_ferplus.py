@@ -230,11 +230,13 @@ def test_figures_without_the_votes_keep_the_other_modes_but_not_their_ferplus_bl
     same_way = {"split": "val", "num_images": 28, "precision": "fp32"}
     with_votes = {"accuracy": 0.5, "tta": "none", "ferplus": {"accuracy": 0.6}, **same_way}
     store_metrics(path, with_votes, {"flip": {"accuracy": 0.55, "tta": "flip", "ferplus": {"accuracy": 0.65}}})
-    assert load_checkpoint(path).metrics_for("flip")["ferplus"] == {"accuracy": 0.65}
+    assert load_checkpoint(path).figures.metrics_for("flip")["ferplus"] == {"accuracy": 0.65}
     store_metrics(path, {"accuracy": 0.5, "tta": "none", **same_way})  # measured again without ferplus.csv
     checkpoint = load_checkpoint(path)
-    assert checkpoint.measured_tta_modes() == ("none", "flip")
-    assert "ferplus" not in checkpoint.metrics_for("flip") and "ferplus" not in checkpoint.metrics_for("none")
+    assert checkpoint.figures.measured_tta_modes() == ("none", "flip")
+    assert "ferplus" not in checkpoint.figures.metrics_for("flip") and "ferplus" not in checkpoint.figures.metrics_for(
+        "none"
+    )
     # and the other way: a FER+ main drops a mode that has no FER+ figures of its own
     store_metrics(path, with_votes)
-    assert load_checkpoint(path).measured_tta_modes() == ("none",)
+    assert load_checkpoint(path).figures.measured_tta_modes() == ("none",)

@@ -41,7 +41,7 @@ def test_the_shipped_int8_file_belongs_to_the_shipped_weights() -> None:
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
     assert Predictor(checkpoint, precision="int8").precision == "int8"
     # Its figures were measured and are within auto's tolerance of fp32's.
-    int8, fp32 = checkpoint.metrics_for("none", "int8"), checkpoint.metrics_for("none", "fp32")
+    int8, fp32 = checkpoint.figures.metrics_for("none", "int8"), checkpoint.figures.metrics_for("none", "fp32")
     assert int8 is not None and fp32 is not None
     assert int8["accuracy"] >= fp32["accuracy"] - 0.003
 
@@ -103,7 +103,7 @@ def test_auto_serves_torch_when_onnx_runtime_is_missing(monkeypatch: pytest.Monk
 def test_auto_never_serves_int8_without_figures_that_put_it_near_fp32(tmp_path: Path) -> None:
     checkpoint = copy_with_int8(tmp_path)
     loaded = load_checkpoint(checkpoint)
-    fp32, bf16 = loaded.metrics_for("none", "fp32"), loaded.metrics_for("none", "bf16")
+    fp32, bf16 = loaded.figures.metrics_for("none", "fp32"), loaded.figures.metrics_for("none", "bf16")
     assert fp32 is not None and bf16 is not None
     # int8 measured 0.4 points below fp32: more than auto's 0.3.
     lower = {**fp32, "precision": "int8", "accuracy": fp32["accuracy"] - 0.004}
@@ -119,11 +119,11 @@ def test_auto_never_serves_int8_without_figures_that_put_it_near_fp32(tmp_path: 
 
 
 def test_a_checkpoint_evaluated_in_one_precision_keeps_bf16_and_never_gets_int8(tmp_path: Path) -> None:
-    from models.runtime import cpu_supports_bf16
+    from models.precision import cpu_supports_bf16
 
     checkpoint = copy_with_int8(tmp_path)
     payload = read_checkpoint_dict(checkpoint)
-    payload["metrics"] = load_checkpoint(SHIPPED_CHECKPOINT).metrics_for("none", "fp32")
+    payload["metrics"] = load_checkpoint(SHIPPED_CHECKPOINT).figures.metrics_for("none", "fp32")
     torch.save(payload, checkpoint)
     auto = Predictor(load_checkpoint(checkpoint), precision="auto")
     assert "int8" not in auto.speeds and auto.precision != "int8"
@@ -145,7 +145,7 @@ def test_an_int8_server_says_so_in_answers_and_metrics() -> None:
         answer = post(f"{server.url}/predict", files={"file": ("f.png", face_png(3))}).json()
         metrics = get(f"{server.url}/metrics").json()
     assert answer["model"]["precision"] == metrics["served_precision"] == metrics["precision"] == "int8"
-    stored = load_checkpoint(SHIPPED_CHECKPOINT).metrics_for("none", "int8")
+    stored = load_checkpoint(SHIPPED_CHECKPOINT).figures.metrics_for("none", "int8")
     assert stored is not None and metrics["accuracy"] == stored["accuracy"]
 
 

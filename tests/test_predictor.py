@@ -59,4 +59,4 @@ def test_unknown_tta_mode_is_refused() -> None:
 
 def test_checkpoint_means_the_mode_the_stored_metrics_were_measured_with() -> None:
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert Predictor(checkpoint).tta == checkpoint.measured_tta == checkpoint.metrics.get("tta", "none")
+    assert Predictor(checkpoint).tta == checkpoint.figures.measured_tta == checkpoint.metrics.get("tta", "none")

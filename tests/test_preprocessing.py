@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from models.decoding import decode_image
 from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
-from models.preprocessing import PreprocessingSpec, decode_image, preprocess, preprocess_bytes
+from models.preprocessing import PreprocessingSpec, preprocess, preprocess_bytes
 from tests.conftest import make_face
 
 SPEC = PreprocessingSpec()

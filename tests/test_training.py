@@ -198,17 +198,19 @@ def test_shipped_checkpoint_reproduces_its_stored_val_accuracy(fer2013_dir: Path
     # Ten-crop's stored figure is re-measured end to end through the API (tests/test_api.py, all of
     # val with ?tta=tencrop), which costs ten forward passes a face; measuring it here too doubled that.
     # In the precision auto serves on this machine: the figures /metrics reports here.
-    cheap = [mode for mode in shipped.measured_tta_modes() if mode not in ("tencrop", shipped.measured_tta)]
+    cheap = [
+        mode for mode in shipped.figures.measured_tta_modes() if mode not in ("tencrop", shipped.figures.measured_tta)
+    ]
     also = [flag for mode in cheap for flag in ("--also-tta", mode)]
     argv = ["--checkpoint", str(SHIPPED_CHECKPOINT), "--data-dir", str(fer2013_dir), "--json", str(out), *also]
     assert evaluate.main(argv) == 0
     measured = json.loads(out.read_text())
-    stored = shipped.metrics_for(shipped.measured_tta, measured["precision"])
+    stored = shipped.figures.metrics_for(shipped.figures.measured_tta, measured["precision"])
     assert stored is not None, f"the checkpoint stores no figures for {measured['precision']}, which auto served"
     assert measured["num_images"] == stored["num_images"] == 3589
     assert abs(measured["accuracy"] - stored["accuracy"]) <= 0.001
     for mode in cheap:  # what FER_TTA or ?tta= would serve
-        figures = shipped.metrics_for(mode, measured["precision"])
+        figures = shipped.figures.metrics_for(mode, measured["precision"])
         assert (
             figures is not None and abs(measured["tta_alternatives"][mode]["accuracy"] - figures["accuracy"]) <= 0.001
         )
@@ -266,21 +268,21 @@ def test_evaluate_stores_other_tta_modes_and_the_predictor_serves_their_figures(
     assert stored == json.loads(out.read_text())
     assert stored["tta"] == "none" and set(stored["tta_alternatives"]) == {"tencrop", "flip"}
     loaded = load_checkpoint(checkpoint)
-    assert loaded.measured_tta_modes() == ("none", "flip", "tencrop")
+    assert loaded.figures.measured_tta_modes() == ("none", "flip", "tencrop")
     split = load_split(tiny_dataset / "val", loaded.preprocessing)
     for mode in ("none", "flip", "tencrop"):
         predictor = Predictor.from_checkpoint(checkpoint, precision="fp32", tta=mode)
-        served = loaded.metrics_for(mode)
+        served = loaded.figures.metrics_for(mode)
         assert served is not None and served["tta"] == mode
         assert served["accuracy"] == evaluate.evaluate_predictor(predictor, split)["accuracy"]
     # Measuring one mode again replaces its figures and keeps the others' (the same weights):
     # adding a precision, or a mode, never drops what auto and ?tta= rely on.
     assert evaluate.main([*argv, "--also-precision", "bf16", "--write-metrics"]) == 0
     again = load_checkpoint(checkpoint)
-    assert again.measured_tta_modes() == ("none", "flip", "tencrop")
-    assert again.measured_precisions() == ("fp32", "bf16")
-    assert again.metrics_for("tencrop", "fp32") == loaded.metrics_for("tencrop", "fp32")
-    assert again.measured_tta_modes("bf16") == ("none",)
+    assert again.figures.measured_tta_modes() == ("none", "flip", "tencrop")
+    assert again.figures.measured_precisions() == ("fp32", "bf16")
+    assert again.figures.metrics_for("tencrop", "fp32") == loaded.figures.metrics_for("tencrop", "fp32")
+    assert again.figures.measured_tta_modes("bf16") == ("none",)
 
 
 def test_fine_tuning_starts_from_a_checkpoint_and_interpolates_back_to_it(tiny_dataset: Path, tmp_path: Path) -> None:

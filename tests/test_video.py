@@ -16,7 +16,8 @@ import pytest
 from cli.main import main as fer
 from cli.video import csv_header
 from models.checkpoint import CLASSES, SHIPPED_CHECKPOINT
-from models.engine import Engine, EngineConfig
+from models.config import EngineConfig
+from models.engine import Engine
 from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLargeError
 from models.faces import FaceBox
 from models.tracking import Tracker
@@ -277,7 +278,7 @@ def test_a_client_that_leaves_a_video_request_is_logged_as_499_and_the_next_is_s
         ).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as client:
             client.sendall(head + long_walk)
-            time.sleep(0.05)  # gone during the upload or the analysis: 499 either way
+            wait_for_gauge(server, "fer_video_jobs 1.0")  # it holds a job: gone during the upload or the analysis
         server.wait_for_log(r"POST /predict/video 499")
         status, body = upload(server, clips["two"].read_bytes())  # and it serves the next one
         assert status == 200 and len(body["tracks"]) == 2  # type: ignore[arg-type]

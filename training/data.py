@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocessing import IMAGE_SUFFIXES, PreprocessingSpec, decode_image, face_pixels
+from models.decoding import IMAGE_SUFFIXES, decode_image
+from models.preprocessing import PreprocessingSpec, face_pixels
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 
 from models.checkpoint import store_metrics
 from models.errors import FerError
+from models.precision import PRECISIONS
 from models.predictor import Predictor
-from models.runtime import PRECISIONS
 from models.tta import TTA_MODES
 from training.data import Split, default_data_dir, load_split
 from training.ferplus import VOTES_FILE, ferplus_majority, read_votes

@@ -1,0 +1,48 @@
+"""The engine's configuration for `fer`: the service's `FER_*` environment first, then the command's flags.
+
+`FER_DETECTOR=haar fer predict …` searches with Haar as the service would; a flag given on the
+command line wins over the variable. `fer predict` and `fer video` share the flags below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from models.config import EngineConfig, engine_config
+from models.precision import PRECISIONS
+from models.tta import TTA_MODES
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --precision and --tta; unset, each is its `FER_*` variable's or the engine's default."""
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="forward-pass precision (default: $FER_PRECISION or auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tta", choices=("checkpoint", *TTA_MODES), default=None,
+        help="test-time augmentation: tencrop averages ten views of each face, more accurate and about ten "
+        "times the model time (docs/tta.md); checkpoint: the mode its stored metrics were measured with "
+        "(default: $FER_TTA or checkpoint)",
+    )  # fmt: skip
+
+
+def cli_engine_config(
+    args: argparse.Namespace, defaults: Mapping[str, Any] | None = None, **flags: Any
+) -> EngineConfig:
+    """`FER_*` from the environment, then `defaults` where it says nothing, with the flags (None: not given) on top.
+
+    The queue holds at least two batches, so a chunk of files never finds it full. Raises
+    `pydantic.ValidationError` for a bad variable or flag value.
+    """
+    given = {"checkpoint": args.checkpoint, "precision": args.precision, "tta": args.tta, **flags}
+    config = engine_config(os.environ, defaults, **given)
+    return dataclasses.replace(config, queue_size=max(config.queue_size, 2 * config.max_batch))

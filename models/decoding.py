@@ -1,0 +1,280 @@
+"""Decoding uploads, and the defences against hostile files: bytes → an upright PIL image, within limits.
+
+Every image the service, `fer predict` or training reads is decoded here. The header is read
+once, on the event loop, for what admission needs (`read_header`: format, size, the pixels the
+decode will produce); the pixels are decoded on a prepare thread (`decode_photo`): the pixel
+limit checked from the header before any pixel is read, a JPEG's markers walked first (scan
+bombs, junk between segments, truncation), a large JPEG decoded at 1/2-1/8 scale, the decode
+stopped at a deadline, EXIF orientation applied.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from time import monotonic
+
+import pillow_heif
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
+
+# Formats a camera, a phone, a browser or an image library writes for a photo; anything else is
+# refused before its pixels are read (Pillow would also open EPS, PSD, ICO and others we never
+# test). MPO: the JPEGs many phones and cameras write with a multi-picture index (the first
+# picture is the photo). HEIF: iPhones' default (HEIC), read by pillow-heif. AVIF: read by Pillow.
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "HEIF", "AVIF"})
+FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"
+# What a folder walk (`fer predict DIR`, a dataset folder) takes for an image file.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost (Pillow's draft mode).
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+# A camera's or an encoder's progressive JPEG has about ten scans (libjpeg's default script has
+# ten); a crafted one repeats a small scan thousands of times, and each scan is a pass over the
+# whole image: 10,000 scans of a 6000×6000 image decoded for 28 s. Refused from the markers.
+MAX_JPEG_SCANS = 64
+# Segments before the image data: a photo has a dozen or so (APP, tables, frame, scans).
+MAX_JPEG_SEGMENTS = 1000
+# The end of entropy-coded data: an FF followed by anything but a stuffed 00 or a restart marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# Pillow feeds the decoder this many bytes at a time; the decode deadline is checked between
+# them, so a small block bounds how far past its deadline a slow decode can run.
+DECODE_BLOCK_BYTES = 16 * 1024
+
+pillow_heif.register_heif_opener()
+
+
+def _document_kind(data: bytes) -> str | None:
+    """Name well-known non-image documents, so that they get 415 rather than 'undecodable'."""
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"%pdf"):
+        return "a PDF document"
+    if b"<svg" in head:
+        return "an SVG drawing (vector images are not accepted)"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    return None
+
+
+def draft_scale(image_format: str | None, width: int, height: int, max_side: int | None) -> int:
+    """The factor (1, 2, 4 or 8) by which `decode_photo` shrinks this image while decoding it."""
+    if max_side is None or image_format not in DRAFT_FORMATS or max(width, height) < 2 * max_side:
+        return 1
+    scale = 1
+    # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that keeps the longer side ≥ max_side.
+    while scale < 8 and max(width, height) / (scale * 2) >= max_side:
+        scale *= 2
+    return scale
+
+
+# The header `read_header` reads: enough for a JPEG's frame after its EXIF and XMP segments, and
+# for any other format's; a crafted file cannot make the event loop parse more.
+COST_HEADER_BYTES = 256 * 1024
+# The face-crop rule: an image whose shorter side is at most this many pixels is taken as a face
+# already cut (FER2013's faces are 48×48) and is not searched for faces.
+FACE_CROP_MAX_SIDE = 64
+
+
+def is_face_crop_size(width: int, height: int) -> bool:
+    """True when an image of this size is a face crop rather than a photo to search."""
+    return min(width, height) <= FACE_CROP_MAX_SIDE
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload's header says, read before any pixel is: its format, size and decode cost."""
+
+    format: str | None
+    width: int
+    height: int
+    draft: int  # the factor `decode_photo` shrinks it by while decoding (1, 2, 4 or 8)
+
+    @property
+    def cost(self) -> int:
+        """The pixels `decode_photo` will decode (a 12-megapixel JPEG at a quarter: 0.76 M)."""
+        return self.width * self.height // (self.draft * self.draft)
+
+
+def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
+    """The upload's header, as `decode_photo(data, max_side=…)` will see it; None when it cannot be read.
+
+    Reads at most `COST_HEADER_BYTES`: it runs on the event loop, before admission.
+    """
+    try:
+        with Image.open(io.BytesIO(data[:COST_HEADER_BYTES])) as image:
+            width, height = image.size
+            return ImageHeader(
+                image.format, int(width), int(height), draft_scale(image.format, width, height, max_side)
+            )
+    except Exception:  # any damage: the full decode refuses it at once
+        return None
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes into a loaded, upright PIL image at full resolution; see `decode_photo`."""
+    return decode_photo(data, max_pixels).image
+
+
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A decoded, upright image, and how many of the upload's pixels each of its pixels spans."""
+
+    image: Image.Image
+    scale: float  # 1.0 at full resolution, 4.0 for a JPEG decoded at a quarter of its size
+
+    @property
+    def full_size(self) -> tuple[int, int]:
+        """The upload's (width, height) after EXIF orientation."""
+        return round(self.image.width * self.scale), round(self.image.height * self.scale)
+
+
+class DecodeDeadlineError(Exception):
+    """Raised inside Pillow's read loop when a decode has run past its deadline."""
+
+
+class _DeadlineBytes(io.BytesIO):
+    """The upload's bytes, which refuse to be read any further once the deadline has passed."""
+
+    def __init__(self, data: bytes, deadline: float) -> None:
+        super().__init__(data)
+        self.deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        if monotonic() > self.deadline:
+            raise DecodeDeadlineError
+        return super().read(size)
+
+
+def check_jpeg_structure(data: bytes) -> None:
+    """Walk a JPEG's segments up to its end-of-image marker: refuse a decode-time bomb or a cut-off file.
+
+    Every scan starts with an SOS marker (FF DA); inside entropy-coded data an FF is always
+    followed by 00 or a restart marker, so the next marker is found with one C-level search.
+    Segments are skipped by their lengths, so an EXIF thumbnail inside APP1 is not counted, and
+    whatever follows the first image's end-of-image marker (the other pictures of an MPO, the
+    video of a "motion photo") is not looked at. A file with junk between its segments, or far
+    too many of them, is refused before Pillow's own marker loop walks it byte by byte.
+
+    Raises:
+        ImageTooLargeError: more than `MAX_JPEG_SCANS` scans.
+        InvalidImageError: the data ends before the end-of-image marker, or the structure is broken.
+    """
+    position, scans, segments, size = 2, 0, 0, len(data)
+    while True:
+        if position + 2 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends before its end marker; send the whole file")
+        if data[position] != 0xFF:
+            raise InvalidImageError(f"the JPEG is damaged: no marker at byte {position:,}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image: the first picture is complete
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InvalidImageError(f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} segments: it is not a photo")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        if position + 4 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends inside a segment header")
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageTooLargeError(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans (a photo has about ten; each scan is a pass "
+                    "over the whole image): re-save it as a baseline JPEG"
+                )
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                raise InvalidImageError("the JPEG data is truncated: it ends inside its last scan; send the whole file")
+            position = found.start()
+
+
+def decode_photo(
+    data: bytes, max_pixels: int | None = None, max_side: int | None = None, timeout_s: float | None = None
+) -> DecodedPhoto:
+    """Decode image bytes into a loaded, upright PIL image, a JPEG at reduced scale when it is large.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a tiny file
+    that claims 60000×60000 costs nothing. Animated images give their first frame. With
+    `max_side`, a JPEG whose longer side is more than twice that is decoded at the smallest of
+    1/2, 1/4 or 1/8 scale that keeps its longer side at least `max_side` (libjpeg's DCT scaling:
+    a 12-megapixel photo decodes in about a tenth of the time); other formats decode whole.
+    With `timeout_s`, a decode that is still reading the data after that long is stopped
+    (checked between blocks of `DECODE_BLOCK_BYTES`; formats decoded in one call, HEIF and
+    AVIF, are not interrupted).
+
+    Raises:
+        InvalidImageError: empty, truncated or not an image at all.
+        UnsupportedImageError: an image format we do not accept.
+        ImageTooLargeError: more than `max_pixels` pixels.
+    """
+    if not data:
+        raise InvalidImageError(f"the upload is empty: send a {FORMAT_NAMES} image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if data.startswith(b"\xff\xd8"):  # a JPEG (or MPO): its structure before Pillow walks it
+                check_jpeg_structure(data)
+            deadline = math.inf if timeout_s is None else monotonic() + timeout_s
+            stream = _DeadlineBytes(data, deadline)
+            image: Image.Image = Image.open(stream)
+    except (ImageTooLargeError, InvalidImageError):
+        raise
+    except DecodeDeadlineError:
+        raise ImageTooLargeError(f"the image header took more than {timeout_s:g} s to read and was stopped") from None
+    except UnidentifiedImageError:
+        kind = _document_kind(data)
+        if kind:
+            raise UnsupportedImageError(f"this is {kind}, not a photo: send a {FORMAT_NAMES} image") from None
+        raise InvalidImageError(f"the data is not a recognisable image: send a {FORMAT_NAMES} file") from None
+    except Image.DecompressionBombError:
+        # Pillow's own guard, far above ours: name our limit, which is the one to go by.
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "what can be decoded safely"
+        raise ImageTooLargeError(f"the image is over {limit}: downscale it before sending") from None
+    except Exception as exc:  # Pillow's plugins raise many types for malformed headers
+        raise InvalidImageError(f"the image header could not be read ({exc}): the file is damaged") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise UnsupportedImageError(f"{image.format} images are not accepted: send a {FORMAT_NAMES} image")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"the image claims a size of {width}×{height} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}: downscale it before sending"
+        )
+    scale = 1.0
+    if timeout_s is not None and isinstance(image, ImageFile.ImageFile):
+        image.decodermaxblock = DECODE_BLOCK_BYTES
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(0)
+            # The scale read_header predicted, so admission counts what is decoded.
+            shrink = draft_scale(image.format, width, height, max_side)
+            if shrink > 1:
+                # Pillow takes the largest scale that divides both sides' requests: floor, not ceil.
+                image.draft(image.mode, (max(1, width // shrink), max(1, height // shrink)))
+                scale = width / image.size[0]
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "what can be decoded safely"
+        raise ImageTooLargeError(f"the image is over {limit}: downscale it before sending") from None
+    except DecodeDeadlineError:
+        raise ImageTooLargeError(
+            f"the image took more than {timeout_s:g} s to decode and was stopped: send a smaller or simpler image"
+        ) from None
+    except Exception as exc:  # truncated data surfaces as OSError, SyntaxError, ValueError …
+        raise InvalidImageError(f"the image data is truncated or corrupt ({exc})") from None
+    return DecodedPhoto(image, scale)
