@@ -11,7 +11,7 @@ from pathlib import Path
 
 from models.face_pipeline import FaceSearch
 from models.faces import DetectedFace, FaceBox
-from models.predictor import Prediction
+from models.predictor import Prediction, Predictor
 from models.tta import TtaMode
 
 
@@ -57,3 +57,20 @@ class ModelInfo:
     precision_speeds: dict[str, dict[int, float]] = field(default_factory=dict)  # what "auto" timed
     checkpoint: Path | None = None
     detector: str = ""
+
+    @classmethod
+    def of(cls, predictor: Predictor, detector: str) -> ModelInfo:
+        """What `predictor` serves, and with which stored figures; faces found by `detector`."""
+        checkpoint, figures = predictor.checkpoint, predictor.checkpoint.figures
+        return cls(
+            version=checkpoint.version,
+            sha256=checkpoint.sha256,
+            precision=predictor.precision,
+            classes=predictor.classes,
+            tta=predictor.tta,
+            measured_tta=figures.measured_tta_modes(figures.reported_precision(predictor.precision)),
+            measured_precisions=figures.measured_precisions(),
+            precision_speeds=predictor.speeds,
+            checkpoint=checkpoint.path,
+            detector=detector,
+        )

@@ -14,11 +14,10 @@ Ray's actors go through it; nothing here knows HTTP or reads the environment.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,12 @@ import torch
 from models.answers import FaceAnswer, ImageAnswer, ModelInfo
 from models.batching import BatchResult, MicroBatcher
 from models.config import EngineConfig
-from models.decoding import decode_photo, read_header
+from models.decoding import decode_photo
 from models.detectors import build_detector
-from models.errors import FerError, ImageTooLargeError, QueueFullError
+from models.errors import FerError
 from models.face_pipeline import Face, FacePolicy, PreparedImage, prepare_frame, prepare_photo
 from models.predictor import Predictor
-from models.scheduling import Scheduler, gather_or_cancel
+from models.scheduling import Scheduler
 from models.tta import TtaMode
 from models.video import SampledFrame, Timeline
 from models.video_analysis import FrameListener, VideoRequest, analyse_video
@@ -56,30 +55,14 @@ class Engine:
         config = config or EngineConfig()
         torch.set_num_threads(config.threads)
         cv2.setNumThreads(config.opencv_threads)  # process-wide, like torch's
-        predictor = Predictor.from_checkpoint(
-            checkpoint, precision=config.precision, tta=config.tta, threads=config.threads
-        )
-        return cls(predictor, config)
+        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
 
     # What is served.
 
     @functools.cached_property
     def model(self) -> ModelInfo:
         """The served checkpoint, its precision, classes and TTA, and which stored figures describe it."""
-        predictor, checkpoint = self.predictor, self.predictor.checkpoint
-        figures = checkpoint.figures
-        return ModelInfo(
-            version=checkpoint.version,
-            sha256=checkpoint.sha256,
-            precision=predictor.precision,
-            classes=predictor.classes,
-            tta=predictor.tta,
-            measured_tta=figures.measured_tta_modes(figures.reported_precision(predictor.precision)),
-            measured_precisions=figures.measured_precisions(),
-            precision_speeds=predictor.speeds,
-            checkpoint=checkpoint.path,
-            detector=self.detector.name,
-        )
+        return ModelInfo.of(self.predictor, self.detector.name)
 
     def resolve_tta(self, tta: TtaMode | None) -> TtaMode:
         """The mode a request asking for `tta` (None: the served one) is answered with."""
@@ -134,31 +117,11 @@ class Engine:
 
         The faces wait for room in the queue (taking turns with other batch uploads) up to
         `batch_patience_s`; past it the whole call raises `QueueFullError`, since capacity is not
-        any one image's fault.
+        any one image's fault. Over `max_batch_pixels` it raises `ImageTooLargeError`.
         """
         mode = self.resolve_tta(tta)
-        headers = [read_header(data, self.config.decode_max_side) for data in uploads]
-        total = sum(header.cost for header in headers if header is not None)
-        if total > self.config.max_batch_pixels:
-            raise ImageTooLargeError(
-                f"the batch's images add up to {total:,} pixels to decode, over the limit of "
-                f"{self.config.max_batch_pixels:,}: send fewer or smaller images per request"
-            )
-        # A batch's images go to the prepare threads a few at a time (as many as there are
-        # threads), so a batch alone never fills the admission bound with its own images; one
-        # refused image fails the batch, and its siblings are cancelled.
-        owner, turns = object(), asyncio.Semaphore(self.config.prepare_workers)
-
-        async def prepare_one(data: bytes) -> PreparedImage | FerError:
-            try:
-                async with turns:
-                    return await self._prepare(data, all_faces=False, require_face=require_face, owner=owner)
-            except QueueFullError:
-                raise  # capacity is not this image's fault: the whole upload gets 503
-            except FerError as exc:
-                return exc
-
-        prepared = await gather_or_cancel([asyncio.ensure_future(prepare_one(data)) for data in uploads])
+        work = [self._work(data, False, require_face) for data in uploads]
+        prepared = await self.scheduler.prepare_each(uploads, work)
         images = [item for item in prepared if isinstance(item, PreparedImage)]
         answers = iter(await self._infer([image.faces[0] for image in images], mode, wait_for_room=True))
         return [
@@ -198,11 +161,9 @@ class Engine:
             path, request, config, self.scheduler, classify_frame, self.predictor.classes, on_frame
         )
 
-    @contextlib.asynccontextmanager
-    async def video_job(self) -> AsyncIterator[None]:
+    def video_job(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One of the `max_video_jobs` slots, held for a video's upload and analysis; raises `QueueFullError`."""
-        async with self.scheduler.video_job():
-            yield
+        return self.scheduler.video_job()
 
     def close(self) -> None:
         """Stop the prepare and batching threads; photos not yet started are dropped, not decoded."""
@@ -220,13 +181,12 @@ class Engine:
             photo, self.detector, policy, self.predictor.checkpoint.preprocessing, require_face=require_face
         )
 
-    async def _prepare(
-        self, data: bytes, *, all_faces: bool, require_face: bool, owner: object | None = None
-    ) -> PreparedImage:
+    async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
         """`prepare`, inline for a small face crop, else on a prepare thread once its pixels are admitted."""
-        header = read_header(data, self.config.decode_max_side)  # the one header read before decoding
-        work = functools.partial(self.prepare, data, all_faces=all_faces, require_face=require_face)
-        return await self.scheduler.prepare(data, header, work, owner)
+        return await self.scheduler.prepare(data, self._work(data, all_faces, require_face))
+
+    def _work(self, data: bytes, all_faces: bool, require_face: bool) -> Callable[[], PreparedImage]:
+        return functools.partial(self.prepare, data, all_faces=all_faces, require_face=require_face)
 
     async def _infer(self, faces: Sequence[Face], mode: TtaMode, *, wait_for_room: bool) -> tuple[FaceAnswer, ...]:
         """The faces' forward passes, then their answers."""

@@ -34,8 +34,8 @@ import torch
 
 from models.batching import BatchResult, MicroBatcher
 from models.config import EngineConfig
-from models.decoding import ImageHeader, is_face_crop_size
-from models.errors import QueueFullError
+from models.decoding import ImageHeader, is_face_crop_size, read_header
+from models.errors import FerError, ImageTooLargeError, QueueFullError
 from models.heap_release import release_memory_after
 from models.tta import TtaMode
 
@@ -147,12 +147,50 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 
     async def prepare(
-        self, data: bytes, header: ImageHeader | None, work: Callable[[], Result], owner: object | None = None
+        self, data: bytes, work: Callable[[], Result], owner: object | None = None, header: ImageHeader | None = None
     ) -> Result:
-        """`work()` (decoding and the face search of `data`) inline for a small face crop, else on a prepare thread once admitted."""
+        """`work()` (decoding and the face search of `data`) inline for a small face crop, else on a prepare thread once admitted.
+
+        The header is read here, once, before any pixel is decoded (unless the caller has it).
+        """
+        header = header or read_header(data, self._config.decode_max_side)
         if runs_inline(data, header):
             return work()
         return await self.run_admitted(work, header.cost if header else 0, owner)
+
+    async def prepare_each(
+        self, uploads: Sequence[bytes], work: Sequence[Callable[[], Result]]
+    ) -> list[Result | FerError]:
+        """`prepare` for each of one request's uploads: each one's result, or the error that takes its place.
+
+        They go to the prepare threads a few at a time (as many as there are threads), so a
+        batch alone never fills the admission bound with its own images. `QueueFullError` fails
+        the whole call and cancels the rest: capacity is not any one image's fault.
+
+        Raises:
+            ImageTooLargeError: the uploads add up to more than `max_batch_pixels` to decode.
+        """
+        headers = [read_header(data, self._config.decode_max_side) for data in uploads]
+        total = sum(header.cost for header in headers if header is not None)
+        if total > self._config.max_batch_pixels:
+            raise ImageTooLargeError(
+                f"the batch's images add up to {total:,} pixels to decode, over the limit of "
+                f"{self._config.max_batch_pixels:,}: send fewer or smaller images per request"
+            )
+        owner, turns = object(), asyncio.Semaphore(self._config.prepare_workers)
+
+        async def prepare_one(data: bytes, header: ImageHeader | None, one: Callable[[], Result]) -> Result | FerError:
+            try:
+                async with turns:
+                    return await self.prepare(data, one, owner, header)
+            except QueueFullError:
+                raise
+            except FerError as exc:
+                return exc
+
+        return await gather_or_cancel(
+            [asyncio.ensure_future(prepare_one(*item)) for item in zip(uploads, headers, work, strict=True)]
+        )
 
     async def run_admitted(self, work: Callable[[], Result], pixels: int, owner: object | None = None) -> Result:
         """`work()` on a prepare thread, once its `pixels` to decode are admitted.
