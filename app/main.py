@@ -61,10 +61,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    video_uploads = app.state.video_uploads = InFlight()  # videos being uploaded now (FER_MAX_VIDEO_UPLOADS)
     app.state.telemetry = make_telemetry(
         lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,
         lambda: float(in_flight.count),  # the one count the request guard keeps
         lambda: float(app.state.engine.video_jobs) if hasattr(app.state, "engine") else 0.0,
+        lambda: float(video_uploads.count),
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +20,7 @@ from app.errors import UPLOAD_ERRORS, VIDEO_ERRORS, NotReady, error_response, op
 from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut, VideoOut
 from app.uploads import read_files, read_image, read_video
 from models.answers import ImageAnswer
-from models.errors import NotMeasuredError
+from models.errors import NotMeasuredError, QueueFullError
 from models.tta import TtaMode
 
 router = APIRouter()
@@ -147,14 +149,15 @@ async def predict_video(
                 }
             ]
         )
-    async with engine.video_job():  # a slot for the upload and the analysis: 503 when none is free
-        path: Path | None = None
-        try:
+    path: Path | None = None
+    try:
+        async with video_upload_slot(request, settings.max_video_uploads):
             handle, name = tempfile.mkstemp(prefix="fer-video-")
             os.close(handle)
             path = Path(name)
             await read_video(request, path)
-            smoothing = settings.engine.video_smooth_s if smooth_s is None else smooth_s
+        smoothing = settings.engine.video_smooth_s if smooth_s is None else smooth_s
+        async with engine.video_job():  # an analysis slot: 503 when every one is taken
             analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
             # The client's going away cancels the analysis: its reading stops and its queued faces leave.
             gone = asyncio.ensure_future(wait_for_disconnect(request))
@@ -167,14 +170,27 @@ async def predict_video(
                     # must still reach it, and the analysis's own end is not this request's error.
                     await asyncio.wait({analysis})
                 gone.cancel()
-            if not analysis.done() or analysis.cancelled():
-                raise ClientDisconnect()
-            timeline = analysis.result()
-        finally:
-            if path is not None:
-                path.unlink(missing_ok=True)
+        if not analysis.done() or analysis.cancelled():
+            raise ClientDisconnect()
+        timeline = analysis.result()
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
     request.state.tta = timeline.tta
     return VideoOut.from_timeline(timeline, engine.model, smoothing)
+
+
+@contextlib.asynccontextmanager
+async def video_upload_slot(request: Request, limit: int) -> AsyncIterator[None]:
+    """One of the `FER_MAX_VIDEO_UPLOADS` slots for the time a video's body is being received; 503 when none is free."""
+    uploads = request.app.state.video_uploads
+    if uploads.count >= limit:
+        raise QueueFullError(f"the service is already receiving {uploads.count} video uploads: retry in a moment")
+    uploads.count += 1
+    try:
+        yield
+    finally:
+        uploads.count -= 1
 
 
 async def wait_for_disconnect(request: Request) -> None:

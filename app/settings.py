@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, le=10_000)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_video_bytes: int = Field(50 * 1024 * 1024, ge=1024)  # POST /predict/video's own upload limit
+    # Videos being uploaded at once, each spooled to /tmp (up to FER_MAX_VIDEO_BYTES, then the
+    # analysis reads it): a slow upload holds one of these, not an analysis slot.
+    max_video_uploads: int = Field(4, ge=1, le=256)
     body_timeout_s: float = Field(15.0, gt=0, description="a stalled upload is cut off after this many seconds")
     body_deadline_s: float = Field(120.0, gt=0, description="a whole body must arrive within this many seconds")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)

@@ -26,9 +26,12 @@ class Telemetry:
 
 
 def make_telemetry(
-    queue_depth: Callable[[], float], requests_in_progress: Callable[[], float], video_jobs: Callable[[], float]
+    queue_depth: Callable[[], float],
+    requests_in_progress: Callable[[], float],
+    video_jobs: Callable[[], float],
+    video_uploads: Callable[[], float],
 ) -> Telemetry:
-    """A fresh registry: the request counter, latency and batch-size histograms, and three gauges read when scraped."""
+    """A fresh registry: the request counter, latency and batch-size histograms, and four gauges read when scraped."""
     registry = CollectorRegistry()
     requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram(
@@ -45,6 +48,8 @@ def make_telemetry(
     depth.set_function(queue_depth)
     in_progress = Gauge("fer_requests_in_progress", "HTTP requests being served now", registry=registry)
     in_progress.set_function(requests_in_progress)
-    videos = Gauge("fer_video_jobs", "videos being uploaded or analysed now (FER_MAX_VIDEO_JOBS)", registry=registry)
+    videos = Gauge("fer_video_jobs", "videos being analysed now (FER_MAX_VIDEO_JOBS)", registry=registry)
     videos.set_function(video_jobs)
+    uploads = Gauge("fer_video_uploads", "videos being uploaded now (FER_MAX_VIDEO_UPLOADS)", registry=registry)
+    uploads.set_function(video_uploads)
     return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)

@@ -98,8 +98,11 @@ class EngineConfig:
     # decoded, sampled or not): 120 s of 1080p at 30 frames/s is 7.5 G, about 40 s of decoding
     # on two cores; a 4K clip at 60 frames/s reaches it in 20 s.
     max_video_pixels: Annotated[int, Field(ge=1)] = 10_000_000_000
-    # Videos uploaded or analysed at once: each holds up to twice FER_MAX_VIDEO_BYTES in /tmp
-    # (the spooled upload and the file OpenCV reads) and a prepare thread; more get 503.
+    # Wall time one video may take to decode, whatever it declares: 120 s of 1080p at 30
+    # frames/s decodes in about 40 s on two cores. `fer video` allows an hour of local video.
+    video_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    # Videos analysed at once, each on a video thread of its own (never on the prepare threads,
+    # so photos keep their latency); more get 503. Uploads have their own cap (FER_MAX_VIDEO_UPLOADS).
     max_video_jobs: Annotated[int, Field(ge=1, le=64)] = 2
 
 

@@ -152,7 +152,7 @@ class Engine:
         spec = self.predictor.checkpoint.preprocessing
 
         async def classify_frame(frame: SampledFrame) -> tuple[FaceAnswer, ...]:
-            faces = await self.scheduler.run(
+            faces = await self.scheduler.run_video(
                 prepare_frame, frame.rgb, frame.scale, frame.size, self.detector, policy, spec
             )
             return await self._infer(faces, mode, wait_for_room=True)

@@ -2,6 +2,7 @@
 
 - The prepare pool: a few threads (one per core) decode photos and search them for faces, so
   the event loop never does; a small face crop is cheap enough to prepare inline (`runs_inline`).
+  Videos have threads of their own (one per video analysed, at a lower priority).
 - Pixel admission: the pixels of the photos on or waiting for the prepare threads are counted
   per request; a request whose photo would take them past `max_pending_pixels` (with other
   requests' photos waiting) gets `QueueFullError` at once instead of queueing unbounded work.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +48,17 @@ Result = TypeVar("Result")
 # than handing it to a worker thread and back costs; anything larger goes to a thread.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 128 * 128
+
+
+# Video threads' niceness: above the prepare threads' 0, so under load a photo's decode gets the
+# core first; not 19, so that a video still progresses beside steady photo traffic.
+VIDEO_NICENESS = 10
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread at `VIDEO_NICENESS` (Linux: threads have their own niceness)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), VIDEO_NICENESS)
 
 
 def runs_inline(data: bytes, header: ImageHeader | None) -> bool:
@@ -140,11 +153,17 @@ class Scheduler:
         self._turns: dict[asyncio.AbstractEventLoop, QueueTurns] = {}
         self._turns_lock = threading.Lock()
         self._batcher.add_room_listener(self._announce_room)
+        # Videos decode and are searched on threads of their own, one per video being analysed,
+        # at a lower CPU priority: a video never takes a photo's prepare thread, and a photo's
+        # decode wins the core over a frame's.
+        self._video_pool = ThreadPoolExecutor(
+            config.max_video_jobs, thread_name_prefix="fer-video", initializer=lower_thread_priority
+        )
         self.video_jobs = 0
 
-    async def run(self, work: Callable[..., Result], *args: Any) -> Result:
-        """`work(*args)` on a prepare thread, without admission (video reading, a frame's search)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+    async def run_video(self, work: Callable[..., Result], *args: Any) -> Result:
+        """`work(*args)` on a video thread (reading a video, searching its frames)."""
+        return await asyncio.get_running_loop().run_in_executor(self._video_pool, work, *args)
 
     async def prepare(
         self, data: bytes, work: Callable[[], Result], owner: object | None = None, header: ImageHeader | None = None
@@ -217,13 +236,6 @@ class Scheduler:
         future.add_done_callback(lambda _: self._release(owner, pixels))
         return await asyncio.wrap_future(future)
 
-    def submit_later(self, work: Callable[[], object]) -> None:
-        """`work()` on a prepare thread after what runs there now (the pool shut down: at once, here)."""
-        try:
-            self._pool.submit(work)
-        except RuntimeError:
-            work()
-
     async def infer(self, inputs: Sequence[torch.Tensor], mode: TtaMode, *, wait_for_room: bool) -> list[BatchResult]:
         """Each face through the batcher in `mode`; the results in order.
 
@@ -275,6 +287,7 @@ class Scheduler:
         process should not wait for it (uvicorn ends the process once the lifespan is done).
         """
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._video_pool.shutdown(wait=False, cancel_futures=True)
         self._batcher.remove_room_listener(self._announce_room)
 
     def _release(self, owner: object, pixels: int) -> None:

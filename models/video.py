@@ -1,11 +1,13 @@
-"""Video files: recognise the container, read frames at a chosen rate, and shape the timeline.
+"""Video files: recognise the container, decode frames within limits, sample them, shape the timeline.
 
-OpenCV reads the frames (the opencv-python-headless wheel bundles FFmpeg: MP4, MOV, WebM, MKV,
-AVI). Every frame is decoded, in order (`grab`; a video codec cannot skip frames it has not
-decoded), but only the sampled ones are converted and kept, each scaled down to at most
-`max_side` pixels on its longer side before face detection: an 8K frame costs one full-size
-decode and no more memory than that. The pixels to decode are bounded (`max_pixels`), from the
-header and again while reading, since the work grows with frame rate × size × length.
+PyAV reads the frames (its wheel bundles FFmpeg: MP4, MOV, WebM, MKV, AVI). Every frame is
+decoded, in order (a video codec cannot skip frames it has not decoded), but only the sampled
+ones are converted, each scaled down to at most `max_side` pixels on its longer side before
+face detection. What is decoded is counted as it is, not as the header declares it
+(`VideoLimits`): the decoder itself refuses a frame larger than `max_frame_pixels` before it
+allocates it (FFmpeg's `max_pixels`), every decoded frame's real size adds to the pixel count
+(sampled or not), and the frames and the wall time of one video are bounded whatever its
+timestamps say. The reading stops between packets when `stop()` is called from another thread.
 The engine (`Engine.classify_video`) runs detection and the forward passes; `models/tracking.py`
 follows the faces.
 """
@@ -17,8 +19,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 
-import cv2
+import av
+import av.error
 import numpy as np
 
 from models.errors import InvalidVideoError, UnsupportedVideoError, VideoTooLargeError
@@ -78,42 +82,83 @@ class SampledFrame:
     size: tuple[int, int]  # the frame's own (width, height), before scaling
 
 
+@dataclass(frozen=True)
+class VideoLimits:
+    """What one video may make the decoder do."""
+
+    max_seconds: float  # of video, by its timestamps
+    max_pixels: int  # decoded, all frames together, sampled or not
+    max_frame_pixels: int  # one frame (the image limit); the decoder refuses a larger one
+    timeout_s: float  # wall time reading it
+
+    @property
+    def max_frames(self) -> int:
+        """Frames decoded at most: `max_seconds` at `MAX_SOURCE_FPS`, whatever the timestamps say."""
+        return int(self.max_seconds * MAX_SOURCE_FPS) + 1
+
+
+class VideoStopped(Exception):
+    """The reading was stopped from another thread (`VideoReader.stop`)."""
+
+
 class VideoReader:
     """An open video file; raises `UnsupportedVideoError` (not a video) or `InvalidVideoError` (undecodable)."""
 
-    def __init__(self, path: Path, *, max_side: int = DEFAULT_MAX_SIDE) -> None:
+    def __init__(self, path: Path, limits: VideoLimits, max_side: int = DEFAULT_MAX_SIDE) -> None:
         with Path(path).open("rb") as handle:
             head = handle.read(16)
         if not head:
             raise InvalidVideoError(f"the upload is empty: send a video ({CONTAINERS})")
         if sniff_container(head) is None:
             raise UnsupportedVideoError(f"this is not a video file the service reads: send {CONTAINERS}")
-        self._capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-        if not self._capture.isOpened():
+        try:
+            self._container = av.open(str(path), metadata_errors="ignore")
+            stream = self._container.streams.video[0]
+        except (av.error.FFmpegError, IndexError, ValueError):
             raise InvalidVideoError(
                 "the video could not be opened: it is truncated or damaged, or it has no video track"
-            )
-        fps = float(self._capture.get(cv2.CAP_PROP_FPS))
+            ) from None
+        self._stream = stream
+        context = stream.codec_context
+        # The decoder refuses a frame over the limit before allocating it ("Picture size … is
+        # invalid"), wherever the stream changes size; one decoding thread: the engine bounds
+        # how many videos decode at once, FFmpeg's own threads would not be.
+        context.options = {"max_pixels": str(limits.max_frame_pixels)}
+        context.thread_count = 1
+        fps = float(stream.average_rate or 0.0)
+        frames = int(stream.frames or 0)
+        if frames <= 0 and stream.duration and stream.time_base and fps > 0:
+            frames = round(float(stream.duration * stream.time_base) * fps)
         self.info = VideoInfo(
             fps=fps if math.isfinite(fps) and 0 < fps <= MAX_SOURCE_FPS else 0.0,
-            frame_count=max(0, int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))),
-            width=int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-            height=int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            frame_count=max(0, frames),
+            width=int(context.width or 0),
+            height=int(context.height or 0),
         )
         self.max_side = max_side
-        # Reads and the release take turns: a capture released under a running read crashes OpenCV.
+        self.limits = limits
+        self.frames_decoded = 0
+        self.pixels_decoded = 0
+        # Reads and the release take turns: a container closed under a running read would crash.
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def next_sample(self, samples: Iterator[SampledFrame]) -> SampledFrame | None:
-        """The next of `samples` (from `samples()`), or None at the end; safe beside `close` on another thread."""
+        """The next of `samples` (from `samples()`), or None at the end; safe beside `stop` and `close` on another thread."""
         with self._lock:
-            if not self._capture.isOpened():
+            if self._stop.is_set():
                 return None
             return next(samples, None)
 
+    def stop(self) -> None:
+        """Make a read running on another thread end at its next packet (it returns None)."""
+        self._stop.set()
+
     def close(self) -> None:
+        """Stop reading and release the file; waits for a read still running to see the stop."""
+        self._stop.set()
         with self._lock:
-            self._capture.release()
+            self._container.close()
 
     def __enter__(self) -> VideoReader:
         return self
@@ -121,67 +166,93 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check_size(self, max_seconds: float, max_pixels: int) -> None:
-        """Refuse a video whose header says it is longer than `max_seconds`, or has more than `max_pixels` to decode."""
-        duration = self.info.duration_s
-        if duration is not None and duration > max_seconds + 1e-6:
+    def check_size(self) -> None:
+        """Refuse, from the header, a video longer than the limit, with frames over the frame limit, or too many pixels."""
+        limits, info = self.limits, self.info
+        duration = info.duration_s
+        if duration is not None and duration > limits.max_seconds + 1e-6:
             raise VideoTooLargeError(
-                f"the video is {duration:.1f} s long, over the limit of {max_seconds:g} s: send a shorter clip"
+                f"the video is {duration:.1f} s long, over the limit of {limits.max_seconds:g} s: send a shorter clip"
             )
-        # Only with a believed frame rate: without one (WebM often), OpenCV's frame count is the
-        # duration times a made-up rate, and the count while reading decides instead.
-        pixels = self.info.width * self.info.height * self.info.frame_count
-        if self.info.fps > 0 and pixels > max_pixels:
-            raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
+        if info.width * info.height > limits.max_frame_pixels:
+            raise VideoTooLargeError(_frame_too_large(info.width, info.height, limits.max_frame_pixels))
+        # Only with a believed frame rate: without one (WebM often), the frame count is made up,
+        # and the count while reading decides instead.
+        pixels = info.width * info.height * info.frame_count
+        if info.fps > 0 and pixels > limits.max_pixels:
+            raise VideoTooLargeError(_too_many_pixels(info.width, info.height, limits.max_pixels))
 
-    def samples(self, fps: float, max_seconds: float, max_pixels: int) -> Iterator[SampledFrame]:
+    def samples(self, fps: float) -> Iterator[SampledFrame]:
         """The frames at `fps` per second of video (the first frame, then one each 1/fps s), in order.
 
-        Raises `VideoTooLargeError` on reaching a frame past `max_seconds`, or past `max_pixels`
-        decoded (for files whose header did not say, or said too little), and after more frames
-        than `max_seconds` can hold at `MAX_SOURCE_FPS`.
+        Raises `VideoTooLargeError` on reaching a frame past `max_seconds`, more than
+        `max_frames` frames, more than `max_pixels` decoded (each frame counted at its real
+        size), a frame over `max_frame_pixels`, or `timeout_s` of reading; ends at `stop()`.
         """
-        step = 1.0 / fps
-        next_t = 0.0
-        index = -1
-        decoded = 0
-        frame_pixels = self.info.width * self.info.height  # the largest frame seen, once one is retrieved
-        max_frames = int(max_seconds * MAX_SOURCE_FPS) + 1
-        while True:
-            if not self._capture.grab():
-                return
+        limits = self.limits
+        step, next_t, index = 1.0 / fps, 0.0, -1
+        deadline = monotonic() + limits.timeout_s
+        for frame in self._frames():
             index += 1
-            t = self._frame_time(index)
-            if t > max_seconds + 1e-6 or index >= max_frames:
+            if index >= limits.max_frames:
                 raise VideoTooLargeError(
-                    f"the video is longer than the limit of {max_seconds:g} s: send a shorter clip"
+                    f"the video has more than {limits.max_frames:,} frames ({limits.max_seconds:g} s at "
+                    f"{MAX_SOURCE_FPS:g} frames/s): send a shorter clip, or one of fewer frames per second"
                 )
-            decoded += frame_pixels
-            if decoded > max_pixels:
-                raise VideoTooLargeError(_too_many_pixels(self.info.width, self.info.height, max_pixels))
+            self.frames_decoded += 1
+            self.pixels_decoded += frame.width * frame.height
+            if self.pixels_decoded > limits.max_pixels:
+                raise VideoTooLargeError(_too_many_pixels(frame.width, frame.height, limits.max_pixels))
+            if monotonic() > deadline:
+                raise VideoTooLargeError(
+                    f"the video took more than {limits.timeout_s:g} s to decode and was stopped: send a shorter or "
+                    "smaller clip"
+                )
+            t = self._frame_time(frame, index)
+            if t > limits.max_seconds + 1e-6:
+                raise VideoTooLargeError(
+                    f"the video is longer than the limit of {limits.max_seconds:g} s: send a shorter clip"
+                )
             if t + 1e-6 < next_t:
                 continue
-            ok, bgr = self._capture.retrieve()
-            if not ok or bgr is None:
-                raise InvalidVideoError(f"frame {index} of the video could not be decoded: it is damaged")
-            frame_pixels = max(frame_pixels, bgr.shape[0] * bgr.shape[1])
             next_t = max(next_t + step, t + step / 2)  # a long gap in the file does not make a burst of samples
-            yield self._scaled(t, index, bgr)
+            yield self._scaled(t, index, frame)
 
-    def _frame_time(self, index: int) -> float:
-        """The grabbed frame's own timestamp (variable frame rates too), else its index over the header's fps."""
-        stamp = float(self._capture.get(cv2.CAP_PROP_POS_MSEC))
-        if math.isfinite(stamp) and stamp > 0:
-            return stamp / 1000.0
+    def _frames(self) -> Iterator[av.VideoFrame]:
+        """Every decoded frame, in order; stops between packets once `stop()` is called."""
+        decoded = 0
+        try:
+            for packet in self._container.demux(self._stream):
+                if self._stop.is_set():
+                    raise VideoStopped
+                for frame in packet.decode():
+                    decoded += 1
+                    yield frame
+        except av.error.ArgumentError:
+            # EINVAL from the decoder: av_image_check_size2 refused a frame over `max_pixels`
+            # (damaged data is AVERROR_INVALIDDATA, an InvalidDataError).
+            raise VideoTooLargeError(_frame_too_large(0, 0, self.limits.max_frame_pixels)) from None
+        except av.error.FFmpegError:
+            width, height = self.info.width, self.info.height
+            if decoded == 0:
+                raise InvalidVideoError("the video has no readable frames: it is empty, truncated or damaged") from None
+            raise InvalidVideoError(
+                f"frame {decoded} of the video ({width}x{height}) could not be decoded: it is damaged"
+            ) from None
+
+    def _frame_time(self, frame: av.VideoFrame, index: int) -> float:
+        """The frame's own timestamp (variable frame rates too), else its index over the header's fps."""
+        stamp = frame.time
+        if stamp is not None and math.isfinite(stamp) and stamp > 0:
+            return float(stamp)
         return index / self.info.fps if self.info.fps > 0 else 0.0
 
-    def _scaled(self, t: float, index: int, bgr: np.ndarray) -> SampledFrame:
-        height, width = bgr.shape[:2]
+    def _scaled(self, t: float, index: int, frame: av.VideoFrame) -> SampledFrame:
+        width, height = frame.width, frame.height
         scale = max(1.0, max(height, width) / self.max_side)
-        if scale > 1.0:
-            size = (max(1, round(width / scale)), max(1, round(height / scale)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        return SampledFrame(t, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), scale, (width, height))
+        size = (max(1, round(width / scale)), max(1, round(height / scale))) if scale > 1.0 else (width, height)
+        rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
+        return SampledFrame(t, index, np.ascontiguousarray(rgb), scale, (width, height))
 
 
 @dataclass(frozen=True)
@@ -195,6 +266,11 @@ class Timeline:
     tracks: tuple[Track, ...]
     summaries: tuple[TrackSummary, ...]
     tta: str
+
+
+def _frame_too_large(width: int, height: int, max_pixels: int) -> str:
+    size = f" ({width}x{height} = {width * height:,} pixels)" if width and height else ""
+    return f"a frame of the video is over the limit of {max_pixels:,} pixels{size}: send a smaller video"
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:

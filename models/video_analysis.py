@@ -1,9 +1,10 @@
 """A video's analysis: frames read a few ahead of the forward passes, faces tracked, the timeline shaped.
 
 The engine gives the per-frame step (its face pipeline and forward passes, the same as a
-photo's); this module reads the sampled frames on the prepare threads, keeps a window of frames
-in flight (as many as there are prepare threads), feeds each frame's answers to the tracker in
-order, and stops the reading and cancels what is queued when the caller goes away.
+photo's); this module reads the sampled frames on a video thread within the video's limits,
+keeps a window of frames in flight (as many as there are prepare threads), feeds each frame's
+answers to the tracker in order, and when the caller goes away stops the reading, cancels what
+is queued and returns only once the reader has stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from models.errors import InvalidVideoError
 from models.scheduling import Scheduler
 from models.tracking import MAX_GAP_S, Tracker, summarise
 from models.tta import TtaMode
-from models.video import SampledFrame, Timeline, VideoReader
+from models.video import SampledFrame, Timeline, VideoLimits, VideoReader
 
 FrameStep = Callable[[SampledFrame], Awaitable[tuple[FaceAnswer, ...]]]
 FrameListener = Callable[[SampledFrame, int], None]
@@ -52,7 +53,13 @@ async def analyse_video(
         UnsupportedVideoError, InvalidVideoError, VideoTooLargeError: a bad video.
         QueueFullError: over capacity.
     """
-    reader = await scheduler.run(lambda: VideoReader(path, max_side=config.video_max_side))
+    limits = VideoLimits(
+        max_seconds=config.max_video_seconds,
+        max_pixels=config.max_video_pixels,
+        max_frame_pixels=config.max_pixels,
+        timeout_s=config.video_timeout_s,
+    )
+    reader = await scheduler.run_video(VideoReader, path, limits, config.video_max_side)
     window: deque[tuple[SampledFrame, asyncio.Future[tuple[FaceAnswer, ...]]]] = deque()
     # A face unseen for 1 s ends its track, or for two and a half sampling intervals when
     # those are longer (a low rate asked for, or a source with fewer frames than that).
@@ -75,22 +82,24 @@ async def analyse_video(
             on_frame(frame, len(answers))
 
     try:
-        reader.check_size(config.max_video_seconds, config.max_video_pixels)
-        samples = reader.samples(request.rate, config.max_video_seconds, config.max_video_pixels)
-        while (frame := await scheduler.run(reader.next_sample, samples)) is not None:
+        reader.check_size()
+        samples = reader.samples(request.rate)
+        while (frame := await scheduler.run_video(reader.next_sample, samples)) is not None:
             window.append((frame, asyncio.ensure_future(classify_frame(frame))))
             while window and (len(window) > config.prepare_workers or window[0][1].done()):
                 await settle_first()
         while window:
             await settle_first()
     finally:
-        # After a read still running on a prepare thread (the reader's lock), never during it.
-        scheduler.submit_later(reader.close)
+        reader.stop()  # a read still running on its video thread ends at its next packet
         for _, pending in window:
             pending.cancel()
         # Collected, so a frame that failed beside the one that ended the call is not logged as
         # a never-retrieved exception.
         await asyncio.gather(*(pending for _, pending in window), return_exceptions=True)
+        # Closed once the running read has seen the stop (the reader's lock): the caller's job
+        # slot is held until then, so a video that was left does not decode on beside the next.
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, reader.close))
     if analysed == 0:
         raise InvalidVideoError("the video has no readable frames: it is empty, truncated or damaged")
     step = 1.0 / request.rate

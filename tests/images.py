@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,37 @@ def write_y4m(path: Path, positions: list[tuple[int, int]], *, frames: int = 20,
         for _ in range(frames):
             out.write(b"FRAME\n" + planes)
     return path
+
+
+def _riff_chunk(fourcc: bytes, data: bytes) -> bytes:
+    return fourcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+
+def mjpeg_avi(frames: list[bytes], *, declared: tuple[int, int], fps: float) -> bytes:
+    """An AVI of the given JPEG frames whose headers declare every frame `declared` (width, height).
+
+    MJPEG frames are independent JPEGs, so the frames may be any size whatever the header says:
+    how a hostile file makes a decoder do more than it declares.
+    """
+    width, height = declared
+    rate = 1000
+    avih = struct.pack("<14I", round(1e6 / fps), 0, 0, 0x10, len(frames), 0, 1, 0, width, height, 0, 0, 0, 0)
+    strh = b"vidsMJPG" + struct.pack(
+        "<IHHIIIIIIIIhhhh", 0, 0, 0, 0, rate, round(fps * rate), 0, len(frames), 0, 0xFFFFFFFF, 0, 0, 0, width, height
+    )
+    strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
+    stream = _riff_chunk(b"LIST", b"strl" + _riff_chunk(b"strh", strh) + _riff_chunk(b"strf", strf))
+    header = _riff_chunk(b"LIST", b"hdrl" + _riff_chunk(b"avih", avih) + stream)
+    movi, index, offset = b"", b"", 4
+    for data in frames:
+        chunk = _riff_chunk(b"00dc", data)
+        index += b"00dc" + struct.pack("<III", 0x10, offset, len(data))
+        movi += chunk
+        offset += len(chunk)
+    body = b"AVI " + header + _riff_chunk(b"LIST", b"movi" + movi) + _riff_chunk(b"idx1", index)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def plain_jpeg(width: int, height: int, quality: int = 30) -> bytes:
+    """A flat JPEG of this size: a few kilobytes however large."""
+    return encode(Image.new("RGB", (width, height), (120, 100, 90)), "JPEG", quality=quality)

@@ -284,20 +284,21 @@ def test_a_client_that_leaves_a_video_request_is_logged_as_499_and_the_next_is_s
         assert status == 200 and len(body["tracks"]) == 2  # type: ignore[arg-type]
 
 
-def test_videos_over_the_job_limit_get_503_and_the_slot_comes_back(clips: dict[str, Path]) -> None:
+def test_slow_uploads_hold_an_upload_slot_not_an_analysis_slot(clips: dict[str, Path]) -> None:
     import socket
 
     walk = clips["walk"].read_bytes()
-    with app_serving(max_video_jobs=1) as server:
+    with app_serving(max_video_uploads=1, max_video_jobs=1) as server:
         head = (
             f"POST /predict/video HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\nContent-Length: {len(walk)}\r\n\r\n"
         ).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as slow:
-            slow.sendall(head + walk[:1000])  # holds the one slot while its upload is unfinished
-            wait_for_gauge(server, "fer_video_jobs 1.0")
+            slow.sendall(head + walk[:1000])  # holds the one upload slot while its body is unfinished
+            wait_for_gauge(server, "fer_video_uploads 1.0")
             status, body = upload(server, walk)
-            assert status == 503 and "already analysing 1 videos" in str(body["detail"])
-        wait_for_gauge(server, "fer_video_jobs 0.0")
+            assert status == 503 and "already receiving 1 video uploads" in str(body["detail"])
+            assert "fer_video_jobs 0.0" in get(f"{server.url}/metrics/prometheus").text  # no analysis slot held
+        wait_for_gauge(server, "fer_video_uploads 0.0")
         assert upload(server, clips["two"].read_bytes(), fps=2)[0] == 200
 
 
