@@ -72,8 +72,8 @@ def draft_scale(image_format: str | None, width: int, height: int, max_side: int
     return scale
 
 
-# The header `read_header` reads: enough for a JPEG's frame after its EXIF and XMP segments, and
-# for any other format's; a crafted file cannot make the event loop parse more.
+# The header `read_header` reads first: enough for a JPEG's frame after its EXIF and XMP segments,
+# and for any other format's; only an upload whose header lies further is parsed whole.
 COST_HEADER_BYTES = 256 * 1024
 # The face-crop rule: an image whose shorter side is at most this many pixels is taken as a face
 # already cut (FER2013's faces are 48×48) and is not searched for faces.
@@ -100,19 +100,51 @@ class ImageHeader:
         return self.width * self.height // (self.draft * self.draft)
 
 
+def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
+    """The largest (width, height) a HEIC or AVIF file declares in its `ispe` boxes; None for other files.
+
+    libheif and libavif refuse an image over their own limits with a message that names no size
+    ("BMFF parsing failed"); read from the boxes, such a file is 413 like any other, and
+    admission counts it. The boxes are found wherever they are (after a large `free` box too).
+    """
+    if data[4:8] != b"ftyp":
+        return None
+    largest: tuple[int, int] | None = None
+    position = data.find(b"ispe")
+    while position >= 4 and position + 16 <= len(data):
+        # size (4) "ispe" version+flags (4) width (4) height (4)
+        width = int.from_bytes(data[position + 8 : position + 12], "big")
+        height = int.from_bytes(data[position + 12 : position + 16], "big")
+        if width and height and (largest is None or width * height > largest[0] * largest[1]):
+            largest = (width, height)
+        position = data.find(b"ispe", position + 4)
+    return largest
+
+
 def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
     """The upload's header, as `decode_photo(data, max_side=…)` will see it; None when it cannot be read.
 
-    Reads at most `COST_HEADER_BYTES`: it runs on the event loop, before admission.
+    The first `COST_HEADER_BYTES` are tried first (a JPEG's frame after its EXIF, any other
+    format's); a header that lies further in (a TIFF directory at the end, a HEIC or a JPEG
+    with large boxes or segments before it) is read from the whole upload, since an image
+    counted as free would pass admission. It runs on the event loop: Pillow parses headers
+    without decoding pixels.
     """
-    try:
-        with Image.open(io.BytesIO(data[:COST_HEADER_BYTES])) as image:
-            width, height = image.size
-            return ImageHeader(
-                image.format, int(width), int(height), draft_scale(image.format, width, height, max_side)
-            )
-    except Exception:  # any damage: the full decode refuses it at once
-        return None
+    parts = (data[:COST_HEADER_BYTES], data) if len(data) > COST_HEADER_BYTES else (data,)
+    declared = declared_bmff_size(data)
+    if declared is not None:  # HEIC, AVIF: their own boxes say it, where their decoders would refuse to open
+        return ImageHeader("AVIF" if data[8:12] in (b"avif", b"avis") else "HEIF", *declared, 1)
+    for part in parts:
+        try:
+            with Image.open(io.BytesIO(part)) as image:
+                width, height = image.size
+                if width < 1 or height < 1:
+                    return None
+                scale = draft_scale(image.format, width, height, max_side)
+                return ImageHeader(image.format, int(width), int(height), scale)
+        except Exception:  # any damage: the next part, or the full decode refuses it at once
+            continue
+    return None
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -219,6 +251,13 @@ def decode_photo(
     """
     if not data:
         raise InvalidImageError(f"the upload is empty: send a {FORMAT_NAMES} image")
+    declared = declared_bmff_size(data)
+    if declared is not None and max_pixels is not None and declared[0] * declared[1] > max_pixels:
+        width, height = declared
+        raise ImageTooLargeError(
+            f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}: downscale it before sending"
+        )
     try:
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) between its own two limits; ours is lower.

@@ -3,9 +3,9 @@
 - The prepare pool: a few threads (one per core) decode photos and search them for faces, so
   the event loop never does; a small face crop is cheap enough to prepare inline (`runs_inline`).
   Videos have threads of their own (one per video analysed, at a lower priority).
-- Pixel admission: the pixels of the photos on or waiting for the prepare threads are counted
-  per request; a request whose photo would take them past `max_pending_pixels` (with other
-  requests' photos waiting) gets `QueueFullError` at once instead of queueing unbounded work.
+- Pixel admission (`models/pixel_admission.py`): the pixels of the photos on or waiting for
+  the prepare threads are counted per request; a photo that would take them past
+  `max_pending_pixels` gets `QueueFullError` at once, a batch upload's image waits in line.
 - Waiting for room (`QueueTurns`): a batch upload's or a video frame's faces wait their turn
   for room in the batching queue up to a deadline; a single photo that finds it full is refused.
 - The video-job cap: at most `max_video_jobs` videos are uploaded or analysed at once.
@@ -39,6 +39,7 @@ from models.config import EngineConfig
 from models.decoding import ImageHeader, is_face_crop_size, read_header
 from models.errors import FerError, ImageTooLargeError, QueueFullError
 from models.heap_release import release_memory_after
+from models.pixel_admission import PixelAdmission
 from models.tta import TtaMode
 
 Item = TypeVar("Item")
@@ -145,9 +146,7 @@ class Scheduler:
         # A few threads, not one per request: decoding and detection are CPU-bound (OpenCV and
         # Pillow release the GIL), so more threads than cores only add contention and memory.
         self._pool = ThreadPoolExecutor(config.prepare_workers, thread_name_prefix="fer-prepare")
-        self._pending_lock = threading.Lock()
-        # Pixels to decode of the uploads on or waiting for the prepare threads, per request.
-        self._pending_by_owner: dict[object, int] = {}
+        self._admission = PixelAdmission(config.max_pending_pixels)
         # One set of turns per event loop (an asyncio lock belongs to one loop); the service has
         # one, and a CLI or a test may run several loops one after the other.
         self._turns: dict[asyncio.AbstractEventLoop, QueueTurns] = {}
@@ -166,16 +165,27 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self._video_pool, work, *args)
 
     async def prepare(
-        self, data: bytes, work: Callable[[], Result], owner: object | None = None, header: ImageHeader | None = None
+        self,
+        data: bytes,
+        work: Callable[[], Result],
+        owner: object | None = None,
+        header: ImageHeader | None = None,
+        *,
+        wait: bool = False,
     ) -> Result:
         """`work()` (decoding and the face search of `data`) inline for a small face crop, else on a prepare thread once admitted.
 
-        The header is read here, once, before any pixel is decoded (unless the caller has it).
+        The header is read here, once, before any pixel is decoded (unless the caller has it);
+        an upload whose size cannot be read from it counts as the largest image accepted.
         """
         header = header or read_header(data, self._config.decode_max_side)
         if runs_inline(data, header):
             return work()
-        return await self.run_admitted(work, header.cost if header else 0, owner)
+        return await self.run_admitted(work, self._cost(header), owner, wait=wait)
+
+    def _cost(self, header: ImageHeader | None) -> int:
+        """Pixels to admit an upload with: what its header says it decodes, else the pixel limit."""
+        return header.cost if header is not None else self._config.max_pixels
 
     async def prepare_each(
         self, uploads: Sequence[bytes], work: Sequence[Callable[[], Result]]
@@ -190,7 +200,7 @@ class Scheduler:
             ImageTooLargeError: the uploads add up to more than `max_batch_pixels` to decode.
         """
         headers = [read_header(data, self._config.decode_max_side) for data in uploads]
-        total = sum(header.cost for header in headers if header is not None)
+        total = sum(self._cost(header) for header in headers)
         if total > self._config.max_batch_pixels:
             raise ImageTooLargeError(
                 f"the batch's images add up to {total:,} pixels to decode, over the limit of "
@@ -201,7 +211,7 @@ class Scheduler:
         async def prepare_one(data: bytes, header: ImageHeader | None, one: Callable[[], Result]) -> Result | FerError:
             try:
                 async with turns:
-                    return await self.prepare(data, one, owner, header)
+                    return await self.prepare(data, one, owner, header, wait=True)
             except QueueFullError:
                 raise
             except FerError as exc:
@@ -211,26 +221,29 @@ class Scheduler:
             [asyncio.ensure_future(prepare_one(*item)) for item in zip(uploads, headers, work, strict=True)]
         )
 
-    async def run_admitted(self, work: Callable[[], Result], pixels: int, owner: object | None = None) -> Result:
-        """`work()` on a prepare thread, once its `pixels` to decode are admitted.
+    async def run_admitted(
+        self, work: Callable[[], Result], pixels: int, owner: object | None = None, *, wait: bool = False
+    ) -> Result:
+        """`work()` on a prepare thread, once its `pixels` to decode are admitted (`PixelAdmission`).
 
-        `owner` is the request the work belongs to (a batch upload's images share one): work is
-        always admitted when nothing of other requests waits, so a request never refuses itself,
-        and one image up to the pixel limit is always served alone.
+        `owner` is the request the work belongs to (a batch upload's images share one). With
+        `wait` (a batch upload's images) the work waits in line for room up to
+        `batch_patience_s`; without, it is refused at once when there is none.
 
         Raises:
-            QueueFullError: other requests' images already waiting to be decoded, with this one,
-                add up to more than `max_pending_pixels`; it is refused at once instead of
-                waiting behind them.
+            QueueFullError: no room to decode it (at once, or by the deadline).
         """
         owner = owner if owner is not None else object()
-        with self._pending_lock:
-            own = self._pending_by_owner.get(owner, 0)
-            others = sum(self._pending_by_owner.values()) - own  # a few requests at most: summed when asked
-            if others and others + own + pixels > self._config.max_pending_pixels:
-                raise QueueFullError(f"the service is decoding {others:,} pixels of other uploads: retry in a moment")
-            self._pending_by_owner[owner] = own + pixels
-        future = self._pool.submit(work)
+        if wait:
+            deadline = asyncio.get_running_loop().time() + self._config.batch_patience_s
+            await self._admission.admit_waiting(owner, pixels, deadline)
+        else:
+            self._admission.admit_now(owner, pixels)
+        try:
+            future = self._pool.submit(work)
+        except BaseException:
+            self._admission.release(owner, pixels)
+            raise
         # Released when the work ends (or is cancelled before it starts), not when the caller
         # stops waiting: a decode that runs on after its client left still holds the cores.
         future.add_done_callback(lambda _: self._release(owner, pixels))
@@ -291,10 +304,7 @@ class Scheduler:
         self._batcher.remove_room_listener(self._announce_room)
 
     def _release(self, owner: object, pixels: int) -> None:
-        with self._pending_lock:
-            left = self._pending_by_owner.pop(owner, 0) - pixels
-            if left > 0:
-                self._pending_by_owner[owner] = left
+        self._admission.release(owner, pixels)
         release_memory_after(pixels)  # on the prepare thread: the decoded image is gone by now
 
     def _turns_of(self, loop: asyncio.AbstractEventLoop) -> QueueTurns:

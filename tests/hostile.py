@@ -55,6 +55,17 @@ def truncated(data: bytes, keep: float = 0.5) -> bytes:
     return data[: int(len(data) * keep)]
 
 
+def bmff_claiming(fmt: str, width: int, height: int) -> bytes:
+    """A small AVIF or HEIC whose `ispe` box (the image's declared size) says `width`×`height`."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # Pillow writes HEIC through it, as the service reads it
+    data = bytearray(encode(Image.new("RGB", (64, 48), (100, 90, 80)), fmt))
+    at = data.find(b"ispe")
+    data[at + 8 : at + 16] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return bytes(data)
+
+
 def photo(fmt: str, **params: object) -> bytes:
     return encode(Image.effect_noise((320, 240), 60).convert("RGB"), fmt, **params)
 
@@ -76,6 +87,8 @@ IMAGE_CASES: list[tuple[str, bytes, int, str]] = [
     ("truncated webp", truncated(photo("WEBP")), 400, "the file is damaged"),
     ("header claims 0x0", png_with_header(0, 0), 400, "not a recognisable image"),
     ("header claims 60000x60000", png_with_header(60000, 60000), 413, "over the limit of"),
+    ("avif claims 60000x60000", bmff_claiming("AVIF", 60000, 60000), 413, "60000×60000 = 3,600,000,000 pixels"),
+    ("heic claims 60000x60000", bmff_claiming("HEIF", 60000, 60000), 413, "60000×60000 = 3,600,000,000 pixels"),
     ("1-bit png 12000x12000", encode(Image.new("1", (12000, 12000))), 413, "144,000,000 pixels"),
     ("ico", encode(Image.new("RGB", (32, 32)), "ICO"), 415, "ICO images are not accepted"),
     ("animated gif", animated_gif(), 200, ""),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,9 +14,10 @@ from PIL import Image
 
 from models.checkpoint import SHIPPED_CHECKPOINT
 from models.config import EngineConfig
-from models.decoding import MAX_JPEG_SCANS, decode_image, decode_photo
+from models.decoding import COST_HEADER_BYTES, MAX_JPEG_SCANS, decode_image, decode_photo, read_header
 from models.engine import Engine
 from models.errors import ImageTooLargeError, InvalidImageError, QueueFullError
+from models.pixel_admission import PixelAdmission
 from tests.images import encode, face_png
 
 
@@ -95,7 +97,7 @@ def test_photos_beyond_the_pending_pixels_are_refused_at_once_and_crops_still_an
     assert not isinstance(asyncio.run(engine.classify(photo)), BaseException)  # the pixels were given back
 
 
-def test_a_batch_that_finds_the_decoders_busy_with_others_is_refused_whole(engine: Engine) -> None:
+def test_a_batch_that_finds_the_decoders_busy_with_others_waits_its_turn(engine: Engine) -> None:
     photo = encode(noise(2000, 1000), "PNG")
 
     async def photo_then_batch() -> list[object]:
@@ -105,7 +107,7 @@ def test_a_batch_that_finds_the_decoders_busy_with_others_is_refused_whole(engin
 
     alone, batch = asyncio.run(photo_then_batch())
     assert not isinstance(alone, BaseException)
-    assert isinstance(batch, QueueFullError)
+    assert isinstance(batch, list) and all(not isinstance(item, BaseException) for item in batch), batch
 
 
 def test_a_batch_alone_is_never_refused_by_its_own_images(engine: Engine) -> None:
@@ -150,3 +152,68 @@ def test_a_batch_whose_images_add_up_to_too_many_pixels_is_refused_from_their_he
         assert len(asyncio.run(engine.classify_batch([header_only] * 2))) == 2
     finally:
         engine.close()
+
+
+def jpeg_with_segments_first(width: int, height: int, padding: int) -> bytes:
+    """A JPEG whose frame header comes after `padding` bytes of comment segments, past what a first look parses."""
+    plain = encode(Image.new("RGB", (width, height), (100, 90, 80)), "JPEG", quality=20)
+    segment = b"\xff\xfe" + (65002).to_bytes(2, "big") + b"x" * 65000
+    return plain[:2] + segment * (padding // len(segment) + 1) + plain[2:]
+
+
+def test_a_header_past_the_first_look_is_still_read_for_admission() -> None:
+    late = jpeg_with_segments_first(6000, 4000, 300_000)
+    assert late.find(b"\xff\xc0") > COST_HEADER_BYTES  # the frame header lies past the first look
+    header = read_header(late, 960)
+    assert header is not None and (header.width, header.height, header.cost) == (6000, 4000, 1500 * 1000)
+    assert read_header(b"not an image at all") is None
+
+
+def test_a_batch_of_images_whose_headers_lie_late_is_counted_and_refused_over_its_total() -> None:
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(threads=1, prepare_workers=1, max_batch_pixels=2_000_000))
+    late = jpeg_with_segments_first(6000, 4000, 300_000)  # 1.5 M pixels to decode at a quarter
+
+    async def run() -> object:
+        return await engine.classify_batch([late, late])
+
+    try:
+        with pytest.raises(ImageTooLargeError, match="add up to 3,000,000 pixels to decode"):
+            asyncio.run(run())
+    finally:
+        engine.close()
+
+
+def test_a_waiting_batch_image_is_not_starved_by_steady_photos() -> None:
+    """The head of the line reserves its pixels: photos arriving behind it are refused until it gets in."""
+    admission = PixelAdmission(max_pending_pixels=16_000_000)
+    photo, later_photo, batch = object(), object(), object()
+
+    async def run() -> None:
+        admission.admit_now(photo, 4_000_000)  # a photo being decoded
+        waiting = asyncio.ensure_future(admission.admit_waiting(batch, 40_000_000, deadline=math.inf))
+        await asyncio.sleep(0)  # it is in line, and at its head
+        assert not waiting.done()
+        with pytest.raises(QueueFullError, match="decoding 44,000,000 pixels of other uploads"):
+            admission.admit_now(later_photo, 1_000_000)  # the reservation counts: no jumping the line
+        admission.release(photo, 4_000_000)
+        await asyncio.wait_for(waiting, 5)  # nothing else decoding: the batch's image gets in
+        with pytest.raises(QueueFullError):
+            admission.admit_now(later_photo, 1_000_000)  # now it is being decoded
+        admission.release(batch, 40_000_000)
+        admission.admit_now(later_photo, 1_000_000)
+
+    asyncio.run(run())
+
+
+def test_a_waiting_batch_image_is_refused_in_one_line_at_its_deadline() -> None:
+    admission = PixelAdmission(max_pending_pixels=16_000_000)
+    photo, batch = object(), object()
+
+    async def run() -> None:
+        admission.admit_now(photo, 4_000_000)
+        deadline = asyncio.get_running_loop().time()  # already passed: no waiting on a clock
+        with pytest.raises(QueueFullError, match="no room to decode this image's 40,000,000 pixels"):
+            await admission.admit_waiting(batch, 40_000_000, deadline)
+        admission.admit_now(object(), 1_000_000)  # its place in line is gone with it
+
+    asyncio.run(run())
