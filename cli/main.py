@@ -24,30 +24,16 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from cli.engine_options import add_engine_flags, cli_engine_config
-from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
+from cli.results import UNBOUNDED_REQUEST_PIXELS, classify_files, csv_columns, face_text, iter_images, result_row
 from cli.video import add_video_parser, video_command
 from models.checkpoint import load_checkpoint
 from models.config import config_error_line, engine_config
 from models.engine import Engine
 from models.errors import FerError
 from models.export import EXPORT_FORMATS, export_network
-from models.tta import TtaMode
 from training.helpformat import DefaultsHelpFormatter
 
 PASS_THROUGH = ("train", "evaluate", "plots")
-
-
-async def classify_files(
-    engine: Engine, files: list[Path], chunk: int, tta: TtaMode | None
-) -> AsyncIterator[dict[str, Any]]:
-    """One result per file, in order, through the engine; unreadable files get an "error"."""
-    for start in range(0, len(files), chunk):
-        paths = files[start : start + chunk]
-        blobs = [read_image_file(path) for path in paths]
-        readable = [blob for blob in blobs if isinstance(blob, bytes)]
-        answers = iter(await engine.classify_batch(readable, tta=tta))
-        for path, blob in zip(paths, blobs, strict=True):
-            yield result_row(str(path), blob if isinstance(blob, OSError) else next(answers))
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
@@ -76,7 +62,9 @@ def predict_command(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"fer: {flag} is for --engine ray", file=sys.stderr)
             return 2
-    config = cli_engine_config(args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size)
+    config = cli_engine_config(
+        args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size, **UNBOUNDED_REQUEST_PIXELS
+    )
     engine = Engine.load(config.checkpoint, config)
     files = list(iter_images(args.paths))
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -86,9 +74,9 @@ def predict_command(args: argparse.Namespace) -> int:
         with progress_bar(len(files), progress) as bar:
 
             async def rows() -> AsyncIterator[dict[str, Any]]:
-                async for row in classify_files(engine, files, 2 * config.max_batch, None):
+                async for path, answer in classify_files(engine, files, in_flight=2 * config.max_batch):
                     bar.update(1)
-                    yield row
+                    yield result_row(str(path), answer)
 
             return await write_results(rows(), args.format or "jsonl", engine.model.classes, out)
 
@@ -120,7 +108,9 @@ def ray_predict(args: argparse.Namespace) -> int:
     job = RayJob(
         inputs=tuple(args.paths),
         output=args.output,
-        config=cli_engine_config(args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size),
+        config=cli_engine_config(
+            args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size, **UNBOUNDED_REQUEST_PIXELS
+        ),
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker or 1,
         address=args.address,

@@ -1,23 +1,35 @@
 """What `fer predict` reads and writes, whichever engine runs it: the files, the rows, the columns.
 
 Local `fer predict` (cli/main.py) and `fer predict --engine ray` (cli/scale.py) list files, read
-them and shape each one's answer here, so their outputs agree row for row.
+and classify them (`classify_files`) and shape each one's answer here, so their outputs agree
+row for row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator, Sequence
+import stat
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from models.answers import ImageAnswer
 from models.config import ENGINE_DEFAULTS
 from models.decoding import IMAGE_SUFFIXES
+from models.engine import Engine
+from models.tta import TtaMode
 
 # A file larger than the largest image the engine decodes would be even uncompressed (8 bytes a
 # pixel: 16-bit RGBA) cannot be one it accepts: it is a row with an error, never read into memory.
 MAX_FILE_BYTES = 8 * ENGINE_DEFAULTS.max_pixels
+# Bytes of files read and not yet answered (past one file, which may be up to MAX_FILE_BYTES).
+MAX_BYTES_IN_FLIGHT = 256 * 2**20
+# fer is the only client of its own engine: the service's per-request pixel budgets (admission,
+# a batch upload's total) would only refuse a folder of real photos, so they are lifted; the
+# per-image limits stay (FER_MAX_PIXELS, the decode deadline).
+UNBOUNDED_REQUEST_PIXELS = {"max_pending_pixels": 2**62, "max_batch_pixels": 2**62}
 
 
 def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
@@ -30,20 +42,80 @@ def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 def read_image_file(path: Path) -> bytes | OSError:
-    """The file's bytes, or the error that stands in its row (unreadable, missing, too large)."""
+    """The file's bytes, or the error that stands in its row (unreadable, missing, not a file, too large).
+
+    Opened without blocking and checked to be a regular file before anything is read: a FIFO
+    or a device named on the command line or in a manifest would otherwise hang the run.
+    """
     try:
-        with path.open("rb") as file:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
+            return OSError(f"{path}: not a regular file (a FIFO, a device or a socket): not read")
+        os.set_blocking(handle, True)
+        with os.fdopen(handle, "rb", closefd=False) as file:
             # The size first, so that a huge file costs nothing; the bounded read also holds for one still growing.
-            size = os.fstat(file.fileno()).st_size
+            size = status.st_size
             data = file.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
     except OSError as exc:
         return exc
+    finally:
+        os.close(handle)
     if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
         return OSError(
             f"{path}: over {MAX_FILE_BYTES // 2**20} MiB, more than any image of at most "
             f"{ENGINE_DEFAULTS.max_pixels:,} pixels needs: not read"
         )
     return data
+
+
+async def classify_files(
+    engine: Engine, paths: Sequence[Path], tta: TtaMode | None = None, *, in_flight: int = 128
+) -> AsyncIterator[tuple[Path, ImageAnswer | Exception]]:
+    """Each file's answer (or the error in its place), in order, through the engine.
+
+    Each file is read just before it is prepared and let go once answered; at most `in_flight`
+    files and `MAX_BYTES_IN_FLIGHT` bytes of them (one file, whatever its size) are held at
+    once, so memory is bounded whatever the folder holds. Files are answered one by one: the
+    per-image limits apply, no per-request total (the engine's batcher still batches the faces
+    that are ready together).
+    """
+    window: deque[tuple[Path, int, asyncio.Task[ImageAnswer | Exception]]] = deque()
+    held = 0
+
+    async def one(blob: bytes) -> ImageAnswer | Exception:
+        (answer,) = await engine.classify_batch([blob], tta=tta)
+        return answer
+
+    for path in paths:
+        blob = read_image_file(path)
+        task: asyncio.Task[ImageAnswer | Exception]
+        if isinstance(blob, OSError):
+            size, task = 0, asyncio.ensure_future(_error(blob))
+        else:
+            size = len(blob)
+            while window and (len(window) >= in_flight or held + size > MAX_BYTES_IN_FLIGHT):
+                done_path, done_size, done = window.popleft()
+                held -= done_size
+                yield done_path, await done
+            task = asyncio.ensure_future(one(blob))
+        del blob  # the task holds it until it is answered
+        held += size
+        window.append((path, size, task))
+    try:
+        while window:
+            done_path, _, done = window.popleft()
+            yield done_path, await done
+    finally:
+        for _, _, task in window:
+            task.cancel()
+
+
+async def _error(exc: Exception) -> ImageAnswer | Exception:
+    return exc
 
 
 def result_row(path: str, answer: ImageAnswer | Exception) -> dict[str, Any]:

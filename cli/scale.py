@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.results import csv_columns, face_text, iter_images, read_image_file, result_row
+from cli.results import classify_files, csv_columns, face_text, iter_images, result_row
+from models.answers import ImageAnswer
 from models.checkpoint import load_checkpoint
 from models.config import EngineConfig
 from models.engine import Engine
@@ -47,6 +48,33 @@ def first_line(exc: BaseException, *, last: bool = False) -> str:
     """An exception's first (or last) non-empty line, or its type's name: what a one-line refusal quotes."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
+
+
+# Lines Ray adds around a task's error: advice on retries and tracebacks, not the cause.
+_RAY_NOISE = ("Traceback", "File ", "To change retry attempts", "ray.", "The above exception", "During handling")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The root cause of a failed Ray job, in one line: the innermost error's own message, not Ray's advice.
+
+    A task's error reaches the driver wrapped (a RayTaskError whose `cause` is the original,
+    inside Ray Data's own exceptions), and its text ends with hints such as "To change retry
+    attempts…", which is what the last line used to quote.
+    """
+    seen: set[int] = set()
+    innermost = exc
+    while id(innermost) not in seen:
+        seen.add(id(innermost))
+        inner = getattr(innermost, "cause", None) or innermost.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        innermost = inner
+    for candidate in (innermost, exc):
+        lines = [line.strip() for line in str(candidate).splitlines() if line.strip()]
+        meaningful = [line for line in lines if not line.startswith(_RAY_NOISE)]
+        if meaningful:
+            return f"{type(candidate).__name__}: {meaningful[-1]}" if candidate is innermost else meaningful[-1]
+    return type(innermost).__name__
 
 
 class ScaleError(FerError):
@@ -122,16 +150,15 @@ class Classifier:
         self._engine = Engine.load(config.checkpoint, config)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        blobs = [read_image_file(Path(str(source))) for source in batch["source"]]
-        answers = iter(
-            self._loop.run_until_complete(
-                self._engine.classify_batch([blob for blob in blobs if isinstance(blob, bytes)])
-            )
-        )
+        sources = [Path(str(source)) for source in batch["source"]]
+
+        async def answers() -> list[ImageAnswer | Exception]:
+            return [answer async for _, answer in classify_files(self._engine, sources)]
+
         # The path exactly as listed (a manifest's own text): it is what --resume matches on.
         rows = [
-            result_row(str(path), blob if isinstance(blob, OSError) else next(answers))
-            for path, blob in zip(batch["path"], blobs, strict=True)
+            result_row(str(path), answer)
+            for path, answer in zip(batch["path"], self._loop.run_until_complete(answers()), strict=True)
         ]
         return result_table(rows, self._engine.model.classes)
 
@@ -398,7 +425,7 @@ def run_on_ray(job: RayJob) -> RayRun:
         # An actor that could not start or died, a task or a write that failed past Ray's retries: one
         # line here, the whole story in the cluster's logs. What was written stays; --resume continues it.
         # A task's error reads as a traceback whose last line is the error itself.
-        raise ScaleError(f"the Ray job failed: {first_line(exc, last=True)[:300]}") from None
+        raise ScaleError(f"the Ray job failed: {failure_reason(exc)[:300]}") from None
     finally:
         if started_here:
             ray.shutdown()

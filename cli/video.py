@@ -67,8 +67,13 @@ def video_command(args: argparse.Namespace) -> int:
     if any(value is not None and value < low for value, low in zip(given, (0.1, 0.0, 1e-9), strict=True)):
         print("fer: --fps must be at least 0.1, --smooth 0 or more and --max-seconds above 0", file=sys.stderr)
         return 2
-    if not args.path.is_file():
+    if not args.path.exists():
         print(f"fer: {args.path}: no such file", file=sys.stderr)
+        return 2
+    if not args.path.is_file():  # a folder, a FIFO or a device: opening some of them would block
+        print(
+            f"fer: {args.path}: not a regular file (a folder, a FIFO or a device): name a video file", file=sys.stderr
+        )
         return 2
     if not args.output.parent.is_dir():
         print(f"fer: {args.output.parent}: no such folder for --output", file=sys.stderr)

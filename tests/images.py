@@ -134,3 +134,16 @@ def mjpeg_avi(frames: list[bytes], *, declared: tuple[int, int], fps: float) -> 
 def plain_jpeg(width: int, height: int, quality: int = 30) -> bytes:
     """A flat JPEG of this size: a few kilobytes however large."""
     return encode(Image.new("RGB", (width, height), (120, 100, 90)), "JPEG", quality=quality)
+
+
+def jpeg_with_segments_first(width: int, height: int, padding: int) -> bytes:
+    """A JPEG whose frame header comes after `padding` bytes of comment segments, past what a first look parses."""
+    plain = encode(Image.new("RGB", (width, height), (100, 90, 80)), "JPEG", quality=20)
+    segment = b"\xff\xfe" + (65002).to_bytes(2, "big") + b"x" * 65000
+    return plain[:2] + segment * (padding // len(segment) + 1) + plain[2:]
+
+
+def tiff_directory_last(width: int, height: int) -> bytes:
+    """A deflated grey TIFF whose directory (its size) is written after the pixel data, as libtiff does."""
+    pixels = np.random.default_rng(0).integers(0, 2, (height, width), dtype=np.uint8) * 90
+    return encode(Image.fromarray(pixels), "TIFF", compression="tiff_deflate")

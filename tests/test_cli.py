@@ -17,12 +17,13 @@ import torch
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from PIL import Image
 
 from cli.main import main
 from models.checkpoint import CLASSES, load_checkpoint
 from models.preprocessing import preprocess_bytes
 from tests.conftest import ROOT, SHIPPED_CHECKPOINT, make_face, reference_probabilities
-from tests.images import face_png, scene_with_face
+from tests.images import ASTRONAUT, face_png, scene_with_face
 
 
 @pytest.fixture()
@@ -251,3 +252,85 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, faces: torch.Tensor) -> Non
     exported = session.run(["logits"], {"faces": faces.numpy()})[0]
     assert exported.shape == (len(faces), 7)
     assert np.abs(exported - reference_logits(faces)).max() < 1e-4
+
+
+def test_predict_gives_a_fifo_an_error_row_instead_of_waiting_for_a_writer(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert main(["predict", str(image_dir / "a.png"), str(fifo)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["label"] and "not a regular file" in rows[1]["error"]
+
+
+def test_predict_classifies_a_folder_whose_total_is_over_the_services_batch_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir()
+    portrait = Image.open(ASTRONAUT).convert("RGB").resize((1600, 1600))  # 2.56 megapixels each
+    for index in range(6):
+        portrait.save(folder / f"{index}.jpg", quality=90)
+    # The service's per-request budgets, set as low as one photo: fer applies per-image limits only.
+    monkeypatch.setenv("FER_MAX_BATCH_PIXELS", "1000000")
+    monkeypatch.setenv("FER_MAX_PENDING_PIXELS", "1000000")
+    assert main(["predict", str(folder), "--batch-size", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 6 and all("error" not in row and row["face"] for row in rows)
+
+
+def test_classify_files_holds_a_bounded_number_of_bytes_whatever_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from cli import results
+    from models.config import EngineConfig
+    from models.engine import Engine
+
+    files = []
+    for index in range(12):  # 300 KB files that are not images: each is read, refused and let go
+        path = tmp_path / f"{index}.png"
+        path.write_bytes(os.urandom(300_000))
+        files.append(path)
+    monkeypatch.setattr(results, "MAX_BYTES_IN_FLIGHT", 1_000_000)
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(threads=1, prepare_workers=1))
+    held, most = [0], [0]
+    classify_batch = engine.classify_batch
+
+    async def counting(uploads: list[bytes], **kwargs: object) -> object:
+        held[0] += sum(map(len, uploads))
+        most[0] = max(most[0], held[0])
+        try:
+            await asyncio.sleep(0)  # let the reader try to take more while this one is held
+            return await classify_batch(uploads, **kwargs)  # type: ignore[arg-type]
+        finally:
+            held[0] -= sum(map(len, uploads))
+
+    monkeypatch.setattr(engine, "classify_batch", counting)
+
+    async def run() -> list[object]:
+        return [answer async for _, answer in results.classify_files(engine, files)]
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        engine.close()
+    assert len(answers) == 12 and all("not a recognisable image" in str(answer) for answer in answers)
+    assert 0 < most[0] <= 1_000_000
+
+
+def test_a_ray_failure_names_its_cause_not_rays_advice() -> None:
+    from cli.scale import failure_reason
+
+    class TaskError(Exception):  # how Ray wraps a task's error: the original as `cause`
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__(
+                f"Traceback (most recent call last):\n  File x\n{cause!r}\nTo change retry attempts, set …"
+            )
+            self.cause = cause
+
+    wrapped = RuntimeError("To change retry attempts, set DataContext.actor_task_retry_on_errors")
+    wrapped.__cause__ = TaskError(MemoryError("the actor ran out of memory decoding /data/x.heic"))
+    assert failure_reason(wrapped) == "MemoryError: the actor ran out of memory decoding /data/x.heic"

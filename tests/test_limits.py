@@ -18,7 +18,7 @@ from models.decoding import COST_HEADER_BYTES, MAX_JPEG_SCANS, decode_image, dec
 from models.engine import Engine
 from models.errors import ImageTooLargeError, InvalidImageError, QueueFullError
 from models.pixel_admission import PixelAdmission
-from tests.images import encode, face_png
+from tests.images import encode, face_png, jpeg_with_segments_first, tiff_directory_last
 
 
 def noise(width: int, height: int) -> Image.Image:
@@ -154,19 +154,16 @@ def test_a_batch_whose_images_add_up_to_too_many_pixels_is_refused_from_their_he
         engine.close()
 
 
-def jpeg_with_segments_first(width: int, height: int, padding: int) -> bytes:
-    """A JPEG whose frame header comes after `padding` bytes of comment segments, past what a first look parses."""
-    plain = encode(Image.new("RGB", (width, height), (100, 90, 80)), "JPEG", quality=20)
-    segment = b"\xff\xfe" + (65002).to_bytes(2, "big") + b"x" * 65000
-    return plain[:2] + segment * (padding // len(segment) + 1) + plain[2:]
-
-
 def test_a_header_past_the_first_look_is_still_read_for_admission() -> None:
     late = jpeg_with_segments_first(6000, 4000, 300_000)
     assert late.find(b"\xff\xc0") > COST_HEADER_BYTES  # the frame header lies past the first look
     header = read_header(late, 960)
     assert header is not None and (header.width, header.height, header.cost) == (6000, 4000, 1500 * 1000)
     assert read_header(b"not an image at all") is None
+    tiff = tiff_directory_last(2000, 1500)
+    assert int.from_bytes(tiff[4:8], "little") > COST_HEADER_BYTES  # its directory comes after the pixels
+    header = read_header(tiff)
+    assert header is not None and (header.width, header.height) == (2000, 1500)
 
 
 def test_a_batch_of_images_whose_headers_lie_late_is_counted_and_refused_over_its_total() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +177,11 @@ def test_fer_video_refuses_a_bad_file_with_one_line(tmp_path: Path, capsys: pyte
     not_video.write_bytes(b"hello, not a video at all")
     assert fer(["video", str(not_video), "--output", str(tmp_path / "t.csv")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    for not_a_file in (tmp_path, fifo):  # refused, not opened: reading a FIFO would wait for a writer forever
+        assert fer(["video", str(not_a_file), "--output", str(tmp_path / "t.csv")]) == 2
+        assert "not a regular file" in capsys.readouterr().err
 
 
 # POST /predict/video.
