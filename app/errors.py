@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from app.schemas import ErrorOut
 from models.errors import (
+    DecodeCancelledError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidVideoError,
@@ -105,6 +106,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     # Never sent (nobody is there to read it): the access log and the metrics count the request
     # as 499, nginx's "client closed request", instead of a 500 with a traceback.
     ClientDisconnect: 499,
+    DecodeCancelledError: 499,  # its request was already gone: the same client closed request
 }
 RETRY_AFTER_S = "1"
 

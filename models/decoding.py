@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from time import monotonic
@@ -20,7 +21,7 @@ from time import monotonic
 import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from models.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
+from models.errors import DecodeCancelledError, FerError, ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
 # Formats a camera, a phone, a browser or an image library writes for a photo; anything else is
 # refused before its pixels are read (Pillow would also open EPS, PSD, ICO and others we never
@@ -171,14 +172,15 @@ class DecodeDeadlineError(Exception):
 
 
 class _DeadlineBytes(io.BytesIO):
-    """The upload's bytes, which refuse to be read any further once the deadline has passed."""
+    """The upload's bytes, which refuse to be read any further once the deadline has passed or `stop` is set."""
 
-    def __init__(self, data: bytes, deadline: float) -> None:
+    def __init__(self, data: bytes, deadline: float, stop: threading.Event | None = None) -> None:
         super().__init__(data)
         self.deadline = deadline
+        self.stop = stop
 
     def read(self, size: int | None = -1) -> bytes:
-        if monotonic() > self.deadline:
+        if monotonic() > self.deadline or (self.stop is not None and self.stop.is_set()):
             raise DecodeDeadlineError
         return super().read(size)
 
@@ -232,7 +234,11 @@ def check_jpeg_structure(data: bytes) -> None:
 
 
 def decode_photo(
-    data: bytes, max_pixels: int | None = None, max_side: int | None = None, timeout_s: float | None = None
+    data: bytes,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+    timeout_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> DecodedPhoto:
     """Decode image bytes into a loaded, upright PIL image, a JPEG at reduced scale when it is large.
 
@@ -243,7 +249,7 @@ def decode_photo(
     a 12-megapixel photo decodes in about a tenth of the time); other formats decode whole.
     With `timeout_s`, a decode that is still reading the data after that long is stopped
     (checked between blocks of `DECODE_BLOCK_BYTES`; formats decoded in one call, HEIF and
-    AVIF, are not interrupted).
+    AVIF, are not interrupted); the same when `stop` is set (its request went away).
 
     Raises:
         InvalidImageError: empty, truncated or not an image at all.
@@ -266,12 +272,12 @@ def decode_photo(
             if data.startswith(b"\xff\xd8"):  # a JPEG (or MPO): its structure before Pillow walks it
                 check_jpeg_structure(data)
             deadline = math.inf if timeout_s is None else monotonic() + timeout_s
-            stream = _DeadlineBytes(data, deadline)
+            stream = _DeadlineBytes(data, deadline, stop)
             image: Image.Image = Image.open(stream)
     except (ImageTooLargeError, InvalidImageError):
         raise
     except DecodeDeadlineError:
-        raise ImageTooLargeError(f"the image header took more than {timeout_s:g} s to read and was stopped") from None
+        raise _stopped(stop, f"the image header took more than {timeout_s} s to read and was stopped") from None
     except UnidentifiedImageError:
         kind = _document_kind(data)
         if kind:
@@ -294,7 +300,7 @@ def decode_photo(
             f"{max_pixels:,}: downscale it before sending"
         )
     scale = 1.0
-    if timeout_s is not None and isinstance(image, ImageFile.ImageFile):
+    if (timeout_s is not None or stop is not None) and isinstance(image, ImageFile.ImageFile):
         image.decodermaxblock = DECODE_BLOCK_BYTES
     try:
         with warnings.catch_warnings():
@@ -312,9 +318,16 @@ def decode_photo(
         limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "what can be decoded safely"
         raise ImageTooLargeError(f"the image is over {limit}: downscale it before sending") from None
     except DecodeDeadlineError:
-        raise ImageTooLargeError(
-            f"the image took more than {timeout_s:g} s to decode and was stopped: send a smaller or simpler image"
+        raise _stopped(
+            stop, f"the image took more than {timeout_s} s to decode and was stopped: send a smaller or simpler image"
         ) from None
     except Exception as exc:  # truncated data surfaces as OSError, SyntaxError, ValueError …
         raise InvalidImageError(f"the image data is truncated or corrupt ({exc})") from None
     return DecodedPhoto(image, scale)
+
+
+def _stopped(stop: threading.Event | None, past_deadline: str) -> FerError:
+    """The error of a decode that was stopped: its caller went away, or it ran past its deadline."""
+    if stop is not None and stop.is_set():
+        return DecodeCancelledError("the decode was stopped: its request went away")
+    return ImageTooLargeError(past_deadline)

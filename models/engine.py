@@ -157,9 +157,8 @@ class Engine:
             )
             return await self._infer(faces, mode, wait_for_room=True)
 
-        return await analyse_video(
-            path, request, config, self.scheduler, classify_frame, self.predictor.classes, on_frame
-        )
+        classes = self.predictor.classes
+        return await analyse_video(path, request, config, self.scheduler, classify_frame, classes, on_frame)
 
     def video_job(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One of the `max_video_jobs` slots, held for a video's upload and analysis; raises `QueueFullError`."""
@@ -172,21 +171,22 @@ class Engine:
 
     # The steps.
 
-    def prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
-        """Decode within the limits and find the face(s): one input per face, the whole image when none is usable."""
-        config = self.config
-        photo = decode_photo(data, config.max_pixels, config.decode_max_side, config.decode_timeout_s)
-        policy = FacePolicy.of(config, all_faces=all_faces)
+    def prepare(
+        self, data: bytes, *, all_faces: bool, require_face: bool, stop: threading.Event | None = None
+    ) -> PreparedImage:
+        """Decode within the limits (`stop`: its request left) and find the face(s), or the whole image when none is usable."""
+        config, spec = self.config, self.predictor.checkpoint.preprocessing
+        photo = decode_photo(data, config.max_pixels, config.decode_max_side, config.decode_timeout_s, stop)
         return prepare_photo(
-            photo, self.detector, policy, self.predictor.checkpoint.preprocessing, require_face=require_face
+            photo, self.detector, FacePolicy.of(config, all_faces=all_faces), spec, require_face=require_face
         )
 
     async def _prepare(self, data: bytes, *, all_faces: bool, require_face: bool) -> PreparedImage:
         """`prepare`, inline for a small face crop, else on a prepare thread once its pixels are admitted."""
         return await self.scheduler.prepare(data, self._work(data, all_faces, require_face))
 
-    def _work(self, data: bytes, all_faces: bool, require_face: bool) -> Callable[[], PreparedImage]:
-        return functools.partial(self.prepare, data, all_faces=all_faces, require_face=require_face)
+    def _work(self, data: bytes, all_faces: bool, require_face: bool) -> Callable[[threading.Event], PreparedImage]:
+        return lambda stop: self.prepare(data, all_faces=all_faces, require_face=require_face, stop=stop)
 
     async def _infer(self, faces: Sequence[Face], mode: TtaMode, *, wait_for_room: bool) -> tuple[FaceAnswer, ...]:
         """The faces' forward passes, then their answers."""

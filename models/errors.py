@@ -57,6 +57,10 @@ class NotMeasuredError(FerError):
     """The checkpoint stores no evaluation figures for what was asked."""
 
 
+class DecodeCancelledError(FerError):
+    """A decode was stopped because the request it was for went away (nobody reads this answer)."""
+
+
 class QueueFullError(FerError):
     """The batching queue is full: the service is over capacity for now."""
 

@@ -167,7 +167,7 @@ class Scheduler:
     async def prepare(
         self,
         data: bytes,
-        work: Callable[[], Result],
+        work: Callable[[threading.Event], Result],
         owner: object | None = None,
         header: ImageHeader | None = None,
         *,
@@ -180,7 +180,7 @@ class Scheduler:
         """
         header = header or read_header(data, self._config.decode_max_side)
         if runs_inline(data, header):
-            return work()
+            return work(threading.Event())
         return await self.run_admitted(work, self._cost(header), owner, wait=wait)
 
     def _cost(self, header: ImageHeader | None) -> int:
@@ -188,7 +188,7 @@ class Scheduler:
         return header.cost if header is not None else self._config.max_pixels
 
     async def prepare_each(
-        self, uploads: Sequence[bytes], work: Sequence[Callable[[], Result]]
+        self, uploads: Sequence[bytes], work: Sequence[Callable[[threading.Event], Result]]
     ) -> list[Result | FerError]:
         """`prepare` for each of one request's uploads: each one's result, or the error that takes its place.
 
@@ -208,7 +208,9 @@ class Scheduler:
             )
         owner, turns = object(), asyncio.Semaphore(self._config.prepare_workers)
 
-        async def prepare_one(data: bytes, header: ImageHeader | None, one: Callable[[], Result]) -> Result | FerError:
+        async def prepare_one(
+            data: bytes, header: ImageHeader | None, one: Callable[[threading.Event], Result]
+        ) -> Result | FerError:
             try:
                 async with turns:
                     return await self.prepare(data, one, owner, header, wait=True)
@@ -222,9 +224,12 @@ class Scheduler:
         )
 
     async def run_admitted(
-        self, work: Callable[[], Result], pixels: int, owner: object | None = None, *, wait: bool = False
+        self, work: Callable[[threading.Event], Result], pixels: int, owner: object | None = None, *, wait: bool = False
     ) -> Result:
-        """`work()` on a prepare thread, once its `pixels` to decode are admitted (`PixelAdmission`).
+        """`work(stop)` on a prepare thread, once its `pixels` to decode are admitted (`PixelAdmission`).
+
+        `stop` is set when the caller goes away while the work runs: a decode ends at its next
+        block rather than running on for nobody (work not yet started is simply dropped).
 
         `owner` is the request the work belongs to (a batch upload's images share one). With
         `wait` (a batch upload's images) the work waits in line for room up to
@@ -239,15 +244,20 @@ class Scheduler:
             await self._admission.admit_waiting(owner, pixels, deadline)
         else:
             self._admission.admit_now(owner, pixels)
+        stop = threading.Event()
         try:
-            future = self._pool.submit(work)
+            future = self._pool.submit(work, stop)
         except BaseException:
             self._admission.release(owner, pixels)
             raise
         # Released when the work ends (or is cancelled before it starts), not when the caller
-        # stops waiting: a decode that runs on after its client left still holds the cores.
+        # stops waiting: a decode still stopping holds the cores until it has.
         future.add_done_callback(lambda _: self._release(owner, pixels))
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     async def infer(self, inputs: Sequence[torch.Tensor], mode: TtaMode, *, wait_for_room: bool) -> list[BatchResult]:
         """Each face through the batcher in `mode`; the results in order.

@@ -401,6 +401,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers() -> None:
             # A batch upload waits for room only until its patience (0.2 s) runs out.
             files = [("files", (f"{seed}.png", face_png(seed))) for seed in range(16)]
             batch = post(f"{tiny.url}/predict/batch", files=files, timeout=60)
+        # Released: the faces of the refused requests that did fit leave the queue as it reaches them.
+        wait_for(lambda: engine.queue_depth == 0, "the queue emptying")
         after = post_file(tiny, face_png())
     for refused in (crowd, batch):
         assert refused.status_code == 503, refused.text

@@ -155,7 +155,7 @@ def test_the_queue_metric_is_the_one_the_app_exports_and_the_adapter_serves() ->
     name = patch["value"]["pods"]["metric"]["name"]
     from app.telemetry import make_telemetry
 
-    exported = {metric.name for metric in make_telemetry(lambda: 0, lambda: 0, lambda: 0).registry.collect()}
+    exported = {metric.name for metric in make_telemetry(lambda: 0, lambda: 0, lambda: 0, lambda: 0).registry.collect()}
     assert name in exported
     values = yaml.safe_load((component / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]

@@ -214,3 +214,16 @@ def test_a_waiting_batch_image_is_refused_in_one_line_at_its_deadline() -> None:
         admission.admit_now(object(), 1_000_000)  # its place in line is gone with it
 
     asyncio.run(run())
+
+
+def test_a_decode_whose_request_went_away_stops() -> None:
+    import threading
+
+    from models.errors import DecodeCancelledError
+
+    data = encode(noise(3000, 3000), "PNG")
+    gone = threading.Event()
+    gone.set()  # its request left before the pixels were read
+    with pytest.raises(DecodeCancelledError, match="its request went away"):
+        decode_photo(data, stop=gone)
+    assert decode_photo(data, stop=threading.Event()).image.size == (3000, 3000)
