@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:  # an invalid FER_* variable or flag value
         print(f"fer: {config_error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (the Ray engine's --resume continues it)
+        print("fer: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

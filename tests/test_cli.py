@@ -334,3 +334,25 @@ def test_a_ray_failure_names_its_cause_not_rays_advice() -> None:
     wrapped = RuntimeError("To change retry attempts, set DataContext.actor_task_retry_on_errors")
     wrapped.__cause__ = TaskError(MemoryError("the actor ran out of memory decoding /data/x.heic"))
     assert failure_reason(wrapped) == "MemoryError: the actor ran out of memory decoding /data/x.heic"
+
+
+def test_ctrl_c_stops_predict_in_one_line_with_the_rows_so_far_written(tmp_path: Path) -> None:
+    import signal
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    faces = [face_png(seed) for seed in range(7)]
+    for index in range(1500):  # seconds of work on any machine: the interrupt comes long before the end
+        (folder / f"{index:04d}.png").write_bytes(faces[index % 7])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "predict", str(folder), "--batch-size", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    first = process.stdout.readline()  # gate on the first row: the run is under way
+    assert json.loads(first)["label"] in CLASSES
+    process.send_signal(signal.SIGINT)
+    rest, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert errors.strip().splitlines()[-1] == "fer: interrupted"
+    assert len(rest.splitlines()) < 1499  # stopped before the end
