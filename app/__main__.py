@@ -44,7 +44,13 @@ def main() -> int:
     except (CheckpointError, DetectorError) as exc:
         print(f"fer-service: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, **server_options(settings))
+    try:
+        app = create_app(settings, engine)
+    except (OSError, ValueError) as exc:  # the keys file: missing, unreadable or malformed
+        engine.close()
+        print(f"fer-service: FER_API_KEYS_FILE: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, **server_options(settings))
     return 0
 
 

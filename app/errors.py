@@ -54,6 +54,14 @@ class UploadTooLarge(RequestProblem):
     """More bytes or more files than the limits allow."""
 
 
+class Unauthorized(RequestProblem):
+    """No API key, or not one the keys file lists (FER_API_KEYS_FILE)."""
+
+
+class RateLimited(RequestProblem):
+    """The client is over its rate limit (FER_RATE_LIMIT)."""
+
+
 class NotAnImageUpload(RequestProblem):
     """A body that is neither multipart nor of the media type the route takes (image/*, or video/* for video)."""
 
@@ -87,6 +95,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidImageError: 400,  # empty, undecodable, truncated
     InvalidVideoError: 400,  # a video container that is truncated, damaged or has no readable frame
     MalformedBody: 400,
+    Unauthorized: 401,  # FER_API_KEYS_FILE is set and the request has no key, or a wrong one
     NotMeasuredError: 404,  # /metrics?tta= for a mode the checkpoint has no figures for
     UploadStalled: 408,
     HeadersTooSlow: 408,  # written by app/http_protocol.py, then the connection is closed
@@ -98,6 +107,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     NotAnImageUpload: 415,
     NoFaceError: 422,  # require_face=true and no face found
     MissingUpload: 422,
+    RateLimited: 429,  # over FER_RATE_LIMIT for this client; Retry-After says when
     HeadersTooLarge: 431,  # written by app/http_protocol.py, then the connection is closed
     RequestValidationError: 422,  # a bad query value
     QueueFullError: 503,  # over capacity: retry after a moment

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from app.clients import ApiKeys, ClientGate, RateLimiter
 from app.errors import install_error_handlers
 from app.middleware import InFlight, RequestGuard
 from app.routes import router
@@ -71,6 +74,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     app.include_router(router)
     known_paths = {route.path for route in router.routes if hasattr(route, "path")}
+    # Innermost first: the gate names the client (or refuses it), the guard logs and counts it,
+    # CORS answers preflights and adds its headers to everything, refusals included.
+    keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
+    limiter = app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+    )
+    app.add_middleware(ClientGate, keys=keys, limiter=limiter)
     app.add_middleware(
         RequestGuard,
         in_flight=in_flight,
@@ -81,4 +91,27 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         telemetry=app.state.telemetry,
         route_of=lambda path: path if path in known_paths else "other",
     )
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,  # exact origins; never "*" (Settings refuses it)
+            allow_credentials=False,  # the key travels in Authorization, not in cookies
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
+    if keys is None and not is_loopback(settings.host):
+        logger.warning(
+            "open: no FER_API_KEYS_FILE, so anyone who can reach %s:%d may call every route (README: Security)",
+            settings.host, settings.port,
+        )  # fmt: skip
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -120,13 +120,16 @@ class RequestGuard:
             elapsed_s = time.perf_counter() - started
             route = self.route_of(scope.get("path", ""))
             self.telemetry.requests.labels(route, str(status)).inc()
+            client = state.get("client")
+            if client is not None:  # the probes and the page are not a client's
+                self.telemetry.client_requests.labels(client, str(status)).inc()
             self.telemetry.latency.labels(route).observe(elapsed_s)
             if isinstance(state.get("batch_size"), int) and state["batch_size"] > 0:
                 self.telemetry.batch_size.observe(state["batch_size"])
             logger.info(
-                "%s %s %d %.1fms batch=%s tta=%s id=%s",
+                "%s %s %d %.1fms batch=%s tta=%s client=%s id=%s",
                 scope.get("method"), printable(scope.get("path", "")), status, elapsed_s * 1000, state.get("batch_size", "-"),
-                state.get("tta", "-"), request_id,
+                state.get("tta", "-"), state.get("client", "-"), request_id,
             )  # fmt: skip
 
     def _trim_soon(self) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
+from app.clients import VIDEO_TOKENS, charge_extra
 from app.deps import EngineDep, SettingsDep, TelemetryDep
 from app.errors import UPLOAD_ERRORS, VIDEO_ERRORS, NotReady, error_response, openapi_responses, status_for
 from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut, VideoOut
@@ -107,6 +111,7 @@ async def predict_batch(
 ) -> BatchOut:
     """Upload images in the repeated multipart field `files`; results come back in upload order."""
     uploads = await read_files(request, max_files=settings.max_batch_files)
+    charge_extra(request, len(uploads) - 1)  # a token a file (README: Security)
     answers = await engine.classify_batch([data for _, data in uploads], require_face=require_face, tta=tta)
     request.state.batch_size = max((a.batch_size for a in answers if isinstance(a, ImageAnswer)), default=0)
     request.state.tta = engine.resolve_tta(tta)
@@ -149,6 +154,7 @@ async def predict_video(
                 }
             ]
         )
+    charge_extra(request, VIDEO_TOKENS - 1)  # a video costs about as much as this many photos
     path: Path | None = None
     try:
         async with video_upload_slot(request, settings.max_video_uploads):
@@ -227,10 +233,27 @@ async def prometheus(telemetry: TelemetryDep) -> PlainTextResponse:
 INDEX_HTML = (Path(__file__).resolve().parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
+def inline_hashes(html: str, tag: str) -> str:
+    """CSP source expressions for the page's inline <script> or <style> blocks: 'sha256-…' each."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" for block in blocks
+    )
+
+
+# The page may run only its own script and style, and talk only to this origin: an injected
+# script or a request to elsewhere is refused by the browser.
+INDEX_CSP = (
+    f"default-src 'none'; script-src {inline_hashes(INDEX_HTML, 'script')}; "
+    f"style-src {inline_hashes(INDEX_HTML, 'style')}; img-src 'self' blob: data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
 @router.get("/", response_class=HTMLResponse, summary="The web page: drop a photo, see the faces and the bars")
 async def index() -> HTMLResponse:
     """A self-contained page (no CDN, no external font) that calls /predict and /metrics."""
-    return HTMLResponse(INDEX_HTML)
+    return HTMLResponse(INDEX_HTML, headers={"Content-Security-Policy": INDEX_CSP})
 
 
 @router.get("/health", response_model=StatusOut, summary="Liveness: answers while the process lives")

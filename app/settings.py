@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -44,6 +46,13 @@ class Settings(BaseSettings):
     max_pipelined: int = Field(32, ge=1, le=10_000)
     max_connections: int = Field(512, ge=1, le=100_000)
     keep_alive_s: float = Field(5.0, gt=0, le=600)
+    # Who may call (app/clients.py): a file of `name:sha256-of-key` lines (None: open to anyone
+    # who can reach the port); requests/s per client (0: no limit) and the burst it may save up;
+    # browser origins allowed to call cross-origin, comma-separated and exact (none by default).
+    api_keys_file: Path | None = None
+    rate_limit: float = Field(0.0, ge=0, le=100_000)
+    rate_burst: int = Field(20, ge=1, le=100_000)
+    cors_origins: str = ""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(20.0, ge=0)
 
@@ -58,6 +67,19 @@ class Settings(BaseSettings):
             nested = values.get("engine") or {}
             values["engine"] = {**(dataclasses.asdict(nested) if isinstance(nested, EngineConfig) else nested), **flat}
         return values
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: str) -> str:
+        for origin in (part.strip() for part in value.split(",") if part.strip()):
+            if origin == "*" or not re.fullmatch(r"https?://[^/\s*]+", origin):
+                raise ValueError(f"{origin!r}: give exact origins like https://app.example.com, never '*'")
+        return value
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        """FER_CORS_ORIGINS as a list."""
+        return [part.strip() for part in self.cors_origins.split(",") if part.strip()]
 
     @classmethod
     def settings_customise_sources(

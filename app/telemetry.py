@@ -19,6 +19,7 @@ class Telemetry:
     requests: Counter
     latency: Histogram
     batch_size: Histogram
+    client_requests: Counter
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -34,6 +35,11 @@ def make_telemetry(
     """A fresh registry: the request counter, latency and batch-size histograms, and four gauges read when scraped."""
     registry = CollectorRegistry()
     requests = Counter("fer_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
+    # By the client's name from the keys file ("anonymous" without one; "-" for a refused key):
+    # bounded by the file, never a key and never an address.
+    client_requests = Counter(
+        "fer_client_requests", "HTTP requests by client and status", ["client", "status"], registry=registry
+    )
     latency = Histogram(
         "fer_request_duration_seconds",
         "request latency by route",
@@ -52,4 +58,6 @@ def make_telemetry(
     videos.set_function(video_jobs)
     uploads = Gauge("fer_video_uploads", "videos being uploaded now (FER_MAX_VIDEO_UPLOADS)", registry=registry)
     uploads.set_function(video_uploads)
-    return Telemetry(registry=registry, requests=requests, latency=latency, batch_size=batch_size)
+    return Telemetry(
+        registry=registry, requests=requests, latency=latency, batch_size=batch_size, client_requests=client_requests
+    )

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -222,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (sets FER_PORT)")
     for name in PASS_THROUGH:
         commands.add_parser(name, help=f"python -m training.{name} (see fer {name} --help)", add_help=False)
+    commands.add_parser("keys", help="API keys: fer keys add NAME, fer keys list (python -m app.keys)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `fer`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "keys":  # the service's own tool, run as the service would run it
+        return subprocess.call([sys.executable, "-m", "app.keys", *argv[1:]])
     if argv and argv[0] in PASS_THROUGH:
         import importlib
 

@@ -66,7 +66,9 @@ def test_upload_shows_label_bars_and_accuracy(server: AppServer, browser, tmp_pa
     with page.expect_request(lambda request: "/predict" in request.url) as sent:
         page.set_input_files("#file", str(fer_image(tmp_path)))
     assert "tta=tencrop" in sent.value.url
-    page.wait_for_function("document.querySelectorAll('[data-testid=bar]').length === 7", timeout=30_000)
+    # Waited on with a locator, not a JavaScript expression: the page's CSP refuses eval, and should.
+    page.locator("[data-testid=bar]").nth(6).wait_for(timeout=30_000)
+    assert page.locator("[data-testid=bar]").count() == 7
     label = page.text_content("#label") or ""
     assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \(\d+%\)$", label), label
     assert not page.is_visible("#error")
@@ -112,7 +114,7 @@ def test_live_mode_draws_a_box_with_a_label_over_the_fake_camera(server: AppServ
         page = browser.new_page()
         page.goto(f"{server.url}/")
         page.click("#live")
-        page.wait_for_function("document.querySelector('#overlay').dataset.faces === '1'", timeout=30_000)
+        page.locator("#overlay[data-faces='1']").wait_for(state="attached", timeout=30_000)
         label = page.get_attribute("#overlay", "data-labels") or ""
         assert re.match(r"^(angry|disgust|fear|happy|neutral|sad|surprise) \d+%$", label), label
         assert not page.is_visible("#error")
