@@ -319,6 +319,10 @@ def test_classify_files_holds_a_bounded_number_of_bytes_whatever_the_files(
         engine.close()
     assert len(answers) == 12 and all("not a recognisable image" in str(answer) for answer in answers)
     assert 0 < most[0] <= 1_000_000
+    # An error kept as an answer holds no traceback or chained error: their frames would keep each
+    # file's bytes alive until the garbage collector ran (10 files of 300 MB: 3.7 GB before).
+    assert all(isinstance(answer, Exception) and answer.__traceback__ is None for answer in answers)
+    assert all(isinstance(answer, Exception) and answer.__context__ is None for answer in answers)
 
 
 def test_a_ray_failure_names_its_cause_not_rays_advice() -> None:
