@@ -27,6 +27,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,8 @@ ANONYMOUS = "anonymous"  # the client's name in logs and metrics when no keys fi
 _LINE = re.compile(r"^(?P<name>[A-Za-z0-9_.@-]{1,64}):(?P<digest>[0-9a-f]{64})$")
 # How often the keys file is looked at for a change: a stat a second, not one a request.
 RELOAD_CHECK_S = 1.0
+# Buckets kept at most (without keys, one per address): the least recently seen goes first.
+MAX_BUCKETS = 100_000
 
 
 def key_digest(key: str) -> str:
@@ -157,7 +160,7 @@ class RateLimiter:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
         self.clock = time.monotonic  # a test may turn it by hand
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     def take(self, client: str, tokens: float = 1.0) -> float:
@@ -178,9 +181,11 @@ class RateLimiter:
         now = self.clock()
         bucket = self._buckets.get(client)
         if bucket is None:
-            if len(self._buckets) > 100_000:  # without keys, clients are addresses: forget the idle ones
-                self._buckets = {name: b for name, b in self._buckets.items() if now - b.updated < 60}
+            if len(self._buckets) >= MAX_BUCKETS:  # without keys, clients are addresses: forget the stalest
+                self._buckets.popitem(last=False)
             bucket = self._buckets[client] = _Bucket(float(self.burst), now)
+        else:
+            self._buckets.move_to_end(client)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         return bucket

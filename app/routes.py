@@ -9,9 +9,9 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,7 @@ from models.errors import NotMeasuredError, QueueFullError
 from models.tta import TtaMode
 
 router = APIRouter()
+Answer = TypeVar("Answer")
 
 
 def upload_body(raw_media_type: str) -> dict[str, object]:
@@ -89,7 +90,9 @@ async def predict(
 ) -> PredictionOut:
     """Upload one image (multipart field `file`, or the raw body as image/*); photos go through face detection."""
     data = await read_image(request)
-    answer = await engine.classify(data, all_faces=faces == "all", require_face=require_face, tta=tta)
+    answer = await unless_client_leaves(
+        request, engine.classify(data, all_faces=faces == "all", require_face=require_face, tta=tta)
+    )
     request.state.batch_size, request.state.tta = answer.batch_size, answer.tta
     return PredictionOut.from_answer(answer, engine.model, every_face=faces == "all")
 
@@ -112,7 +115,9 @@ async def predict_batch(
     """Upload images in the repeated multipart field `files`; results come back in upload order."""
     uploads = await read_files(request, max_files=settings.max_batch_files)
     charge_extra(request, len(uploads) - 1)  # a token a file (README: Security)
-    answers = await engine.classify_batch([data for _, data in uploads], require_face=require_face, tta=tta)
+    answers = await unless_client_leaves(
+        request, engine.classify_batch([data for _, data in uploads], require_face=require_face, tta=tta)
+    )
     request.state.batch_size = max((a.batch_size for a in answers if isinstance(a, ImageAnswer)), default=0)
     request.state.tta = engine.resolve_tta(tta)
     items = [
@@ -154,7 +159,8 @@ async def predict_video(
                 }
             ]
         )
-    charge_extra(request, VIDEO_TOKENS - 1)  # a video costs about as much as this many photos
+    if engine.video_jobs >= settings.engine.max_video_jobs:  # refused before its upload, not after
+        raise QueueFullError.videos_busy(engine.video_jobs)
     path: Path | None = None
     try:
         async with video_upload_slot(request, settings.max_video_uploads):
@@ -164,21 +170,10 @@ async def predict_video(
             await read_video(request, path)
         smoothing = settings.engine.video_smooth_s if smooth_s is None else smooth_s
         async with engine.video_job():  # an analysis slot: 503 when every one is taken
-            analysis = asyncio.ensure_future(engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing))
-            # The client's going away cancels the analysis: its reading stops and its queued faces leave.
-            gone = asyncio.ensure_future(wait_for_disconnect(request))
-            try:
-                await asyncio.wait({analysis, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not analysis.done():
-                    analysis.cancel()
-                    # Waited for, not awaited: a cancellation of this request itself (at shutdown)
-                    # must still reach it, and the analysis's own end is not this request's error.
-                    await asyncio.wait({analysis})
-                gone.cancel()
-        if not analysis.done() or analysis.cancelled():
-            raise ClientDisconnect()
-        timeline = analysis.result()
+            charge_extra(request, VIDEO_TOKENS - 1)  # a video costs about as much as this many photos
+            timeline = await unless_client_leaves(
+                request, engine.classify_video(path, fps=fps, tta=tta, smooth_s=smoothing)
+            )
     finally:
         if path is not None:
             path.unlink(missing_ok=True)
@@ -197,6 +192,25 @@ async def video_upload_slot(request: Request, limit: int) -> AsyncIterator[None]
         yield
     finally:
         uploads.count -= 1
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[Answer]) -> Answer:
+    """`work`'s result, unless the client goes away first: then it is cancelled (a decode stops, queued
+    faces leave, a video's reading stops) and the request ends as 499. The body must be read already."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            # Waited for, not awaited: a cancellation of this request itself (at shutdown) must
+            # still reach it, and the work's own end is not this request's error.
+            await asyncio.wait({task})
+        gone.cancel()
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
 
 
 async def wait_for_disconnect(request: Request) -> None:

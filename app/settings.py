@@ -91,7 +91,27 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """The usual sources, with the engine's knobs read from the environment by their flat names."""
-        return init_settings, env_settings, EngineEnvironment(settings_cls), dotenv_settings, file_secret_settings
+        return (
+            init_settings,
+            FlatOnly(env_settings),
+            EngineEnvironment(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+
+class FlatOnly(PydanticBaseSettingsSource):
+    """The usual environment source without a nested `FER_ENGINE` (JSON) that would beat the flat names."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.source().items() if name != "engine"}
 
 
 class EngineEnvironment(PydanticBaseSettingsSource):

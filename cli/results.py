@@ -90,26 +90,26 @@ async def classify_files(
         (answer,) = await engine.classify_batch([blob], tta=tta)
         return answer
 
-    for path in paths:
-        blob = read_image_file(path)
-        task: asyncio.Task[ImageAnswer | Exception]
-        if isinstance(blob, OSError):
-            size, task = 0, asyncio.ensure_future(_error(blob))
-        else:
-            size = len(blob)
-            while window and (len(window) >= in_flight or held + size > MAX_BYTES_IN_FLIGHT):
-                done_path, done_size, done = window.popleft()
-                held -= done_size
-                yield done_path, await done
-            task = asyncio.ensure_future(one(blob))
-        del blob  # the task holds it until it is answered
-        held += size
-        window.append((path, size, task))
     try:
+        for path in paths:
+            blob = read_image_file(path)
+            task: asyncio.Task[ImageAnswer | Exception]
+            if isinstance(blob, OSError):
+                size, task = 0, asyncio.ensure_future(_error(blob))
+            else:
+                size = len(blob)
+                while window and (len(window) >= in_flight or held + size > MAX_BYTES_IN_FLIGHT):
+                    done_path, done_size, done = window.popleft()
+                    held -= done_size
+                    yield done_path, await done
+                task = asyncio.ensure_future(one(blob))
+            del blob  # the task holds it until it is answered
+            held += size
+            window.append((path, size, task))
         while window:
             done_path, _, done = window.popleft()
             yield done_path, await done
-    finally:
+    finally:  # a caller that stops early (an error, Ctrl-C) leaves nothing running
         for _, _, task in window:
             task.cancel()
 

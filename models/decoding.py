@@ -17,6 +17,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from time import monotonic
+from typing import Literal
 
 import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -101,18 +102,28 @@ class ImageHeader:
         return self.width * self.height // (self.draft * self.draft)
 
 
+# `ispe` boxes looked at, at most: a real HEIC has a few (the image, its tiles, a thumbnail).
+MAX_ISPE_BOXES = 64
+# Magic numbers of the formats accepted: an upload that starts with one of these but whose size
+# cannot be found counts as the largest image (it may be one); anything else is no image at all.
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
     """The largest (width, height) a HEIC or AVIF file declares in its `ispe` boxes; None for other files.
 
     libheif and libavif refuse an image over their own limits with a message that names no size
     ("BMFF parsing failed"); read from the boxes, such a file is 413 like any other, and
-    admission counts it. The boxes are found wherever they are (after a large `free` box too).
+    admission counts it. The boxes are found wherever they are (after a large `free` box too),
+    the first `MAX_ISPE_BOXES` of them: each search is one C-level scan.
     """
     if data[4:8] != b"ftyp":
         return None
     largest: tuple[int, int] | None = None
     position = data.find(b"ispe")
-    while position >= 4 and position + 16 <= len(data):
+    for _ in range(MAX_ISPE_BOXES):
+        if position < 4 or position + 16 > len(data):
+            break
         # size (4) "ispe" version+flags (4) width (4) height (4)
         width = int.from_bytes(data[position + 8 : position + 12], "big")
         height = int.from_bytes(data[position + 12 : position + 16], "big")
@@ -122,31 +133,79 @@ def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
     return largest
 
 
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """A JPEG's (width, height) from its frame header, its segments skipped by their lengths (bounded)."""
+    position = 2
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if position + 9 > len(data) or data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill bytes before a marker: skipped in one C-level step, whatever their number
+            position = len(data) - len(data[position:].lstrip(b"\xff")) - 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return (width, height) if width and height else None
+        if marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
+            return None
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """A TIFF's (width, height) from its first directory, wherever the header's offset puts it."""
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
+    offset = int.from_bytes(data[4:8], order)
+    if offset + 2 > len(data):
+        return None
+    count = int.from_bytes(data[offset : offset + 2], order)
+    size: dict[int, int] = {}
+    for index in range(min(count, 512)):
+        entry = data[offset + 2 + 12 * index : offset + 14 + 12 * index]
+        if len(entry) < 12:
+            return None
+        tag, kind = int.from_bytes(entry[:2], order), int.from_bytes(entry[2:4], order)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            size[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+    return (size[256], size[257]) if size.get(256) and size.get(257) else None
+
+
 def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
     """The upload's header, as `decode_photo(data, max_side=…)` will see it; None when it cannot be read.
 
-    The first `COST_HEADER_BYTES` are tried first (a JPEG's frame after its EXIF, any other
-    format's); a header that lies further in (a TIFF directory at the end, a HEIC or a JPEG
-    with large boxes or segments before it) is read from the whole upload, since an image
-    counted as free would pass admission. It runs on the event loop: Pillow parses headers
-    without decoding pixels.
+    It runs on the event loop, before admission, so it parses at most `COST_HEADER_BYTES` with
+    Pillow. A header that lies further in is found by bounded, C-level walks instead: a JPEG's
+    segments by their lengths up to its frame header, a TIFF's directory at the offset its
+    header gives, a HEIC's or AVIF's `ispe` boxes (where their decoders would refuse to open
+    an image over their own limits). An image counted as free would pass admission.
     """
-    parts = (data[:COST_HEADER_BYTES], data) if len(data) > COST_HEADER_BYTES else (data,)
     declared = declared_bmff_size(data)
-    if declared is not None:  # HEIC, AVIF: their own boxes say it, where their decoders would refuse to open
+    if declared is not None:
         return ImageHeader("AVIF" if data[8:12] in (b"avif", b"avis") else "HEIF", *declared, 1)
-    for part in parts:
-        try:
-            with warnings.catch_warnings(), Image.open(io.BytesIO(part)) as image:
-                warnings.simplefilter("ignore")  # a cut-off header warns before it fails
-                width, height = image.size
-                if width < 1 or height < 1:
-                    return None
-                scale = draft_scale(image.format, width, height, max_side)
-                return ImageHeader(image.format, int(width), int(height), scale)
-        except Exception:  # any damage: the next part, or the full decode refuses it at once
-            continue
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut-off header warns before it fails
+            image = Image.open(io.BytesIO(data[:COST_HEADER_BYTES]))
+        with image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                return None
+            return ImageHeader(
+                image.format, int(width), int(height), draft_scale(image.format, width, height, max_side)
+            )
+    except Exception:  # any damage, or a header past the first look: the walks below
+        pass
+    if data.startswith(b"\xff\xd8") and (size := _jpeg_frame_size(data)) is not None:
+        return ImageHeader("JPEG", *size, draft_scale("JPEG", *size, max_side))
+    if data[:4] in (b"II*\x00", b"MM\x00*") and (size := _tiff_size(data)) is not None:
+        return ImageHeader("TIFF", *size, 1)
     return None
+
+
+def looks_like_image(data: bytes) -> bool:
+    """True when the upload starts as an accepted image format does (its size may still be unreadable)."""
+    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or data[4:8] == b"ftyp"
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:

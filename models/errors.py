@@ -64,6 +64,11 @@ class DecodeCancelledError(FerError):
 class QueueFullError(FerError):
     """The batching queue is full: the service is over capacity for now."""
 
+    @classmethod
+    def videos_busy(cls, analysing: int) -> QueueFullError:
+        """Every analysis slot is taken (`max_video_jobs`)."""
+        return cls(f"the service is already analysing {analysing} videos: retry in a moment")
+
 
 class CheckpointError(FerError):
     """A checkpoint file is missing, unreadable or does not match the code."""

@@ -87,7 +87,9 @@ class PixelAdmission:
             left = self._pending.pop(owner, 0) - pixels
             if left > 0:
                 self._pending[owner] = left
-        self._wake_all()
+            waiting = bool(self._line)
+        if waiting:  # no trip through the event loop when nobody waits (photo traffic alone)
+            self._wake_all()
 
     def _others(self, owner: object, *, include_reservation: bool = False) -> int:
         """Pixels of other requests being decoded, and the head waiter's reservation if asked (lock held)."""
@@ -104,7 +106,7 @@ class PixelAdmission:
 
     def _wake_all(self) -> None:
         for loop, wakeup in list(self._wakeups.items()):
-            if loop.is_closed():
-                self._wakeups.pop(loop, None)
-            else:
+            try:
                 loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the loop is closed (a CLI or a test ran it before): forget it
+                self._wakeups.pop(loop, None)

@@ -36,7 +36,7 @@ import torch
 
 from models.batching import BatchResult, MicroBatcher
 from models.config import EngineConfig
-from models.decoding import ImageHeader, is_face_crop_size, read_header
+from models.decoding import ImageHeader, is_face_crop_size, looks_like_image, read_header
 from models.errors import FerError, ImageTooLargeError, QueueFullError
 from models.heap_release import release_memory_after
 from models.pixel_admission import PixelAdmission
@@ -190,13 +190,17 @@ class Scheduler:
         an upload whose size cannot be read from it counts as the largest image accepted.
         """
         header = header or read_header(data, self._config.decode_max_side)
-        if runs_inline(data, header):
+        too_large = header is not None and header.width * header.height > self._config.max_pixels
+        if too_large or runs_inline(data, header):  # refused from its header (413) at once, whatever the load
             return work(threading.Event())
-        return await self.run_admitted(work, self._cost(header), owner, wait=wait)
+        return await self.run_admitted(work, self._cost(data, header), owner, wait=wait)
 
-    def _cost(self, header: ImageHeader | None) -> int:
-        """Pixels to admit an upload with: what its header says it decodes, else the pixel limit."""
-        return header.cost if header is not None else self._config.max_pixels
+    def _cost(self, data: bytes, header: ImageHeader | None) -> int:
+        """Pixels to admit an upload with: what its header says it decodes; for an image whose size
+        cannot be read, the pixel limit (it may be that large); for bytes that are no image, nothing."""
+        if header is not None:
+            return header.cost
+        return self._config.max_pixels if looks_like_image(data) else 0
 
     async def prepare_each(
         self, uploads: Sequence[bytes], work: Sequence[Callable[[threading.Event], Result]]
@@ -211,7 +215,7 @@ class Scheduler:
             ImageTooLargeError: the uploads add up to more than `max_batch_pixels` to decode.
         """
         headers = [read_header(data, self._config.decode_max_side) for data in uploads]
-        total = sum(self._cost(header) for header in headers)
+        total = sum(self._cost(data, header) for data, header in zip(uploads, headers, strict=True))
         if total > self._config.max_batch_pixels:
             raise ImageTooLargeError(
                 f"the batch's images add up to {total:,} pixels to decode, over the limit of "
@@ -307,7 +311,7 @@ class Scheduler:
             QueueFullError: every slot is taken.
         """
         if self.video_jobs >= self._config.max_video_jobs:
-            raise QueueFullError(f"the service is already analysing {self.video_jobs} videos: retry in a moment")
+            raise QueueFullError.videos_busy(self.video_jobs)
         self.video_jobs += 1
         try:
             yield

@@ -112,7 +112,11 @@ class VideoReader:
         if sniff_container(head) is None:
             raise UnsupportedVideoError(f"this is not a video file the service reads: send {CONTAINERS}")
         try:
-            self._container = av.open(str(path), metadata_errors="ignore")
+            # The frame limit from the start: FFmpeg decodes frames while it probes the streams,
+            # inside open, with codec contexts that take the same options.
+            self._container = av.open(
+                str(path), metadata_errors="ignore", options={"max_pixels": str(limits.max_frame_pixels)}
+            )
             stream = self._container.streams.video[0]
         except (av.error.FFmpegError, IndexError, ValueError):
             raise InvalidVideoError(

@@ -202,9 +202,9 @@ def test_a_request_can_ask_for_ten_crop_and_gets_what_the_predictor_computes(ser
     assert batch["results"][0]["probabilities"] == pytest.approx(asked["probabilities"], abs=2e-3)
     assert post(f"{server.url}/predict/batch", files=files, timeout=30).json()["tta"] == "none"
     # The access log says which mode computed each answer.
-    server.wait_for_log(r"POST /predict 200 \S+ batch=\d+ tta=tencrop id=")
-    server.wait_for_log(r"POST /predict/batch 200 \S+ batch=\d+ tta=tencrop id=")
-    server.wait_for_log(r"POST /predict/batch 200 \S+ batch=\d+ tta=none id=")
+    server.wait_for_log(r"POST /predict 200 \S+ batch=\d+ tta=tencrop client=\S+ id=")
+    server.wait_for_log(r"POST /predict/batch 200 \S+ batch=\d+ tta=tencrop client=\S+ id=")
+    server.wait_for_log(r"POST /predict/batch 200 \S+ batch=\d+ tta=none client=\S+ id=")
 
 
 def test_metrics_give_the_figures_of_the_tta_asked_for(server: AppServer) -> None:

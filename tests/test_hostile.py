@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -302,3 +304,33 @@ def test_an_oversized_chunked_body_gets_413_and_the_connection_is_closed(server:
         answer = read_until_closed(sock)  # returns only once the server closes the connection
     assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower()
     assert b"the upload is larger than" in answer
+
+
+def test_a_client_that_leaves_while_its_photo_is_prepared_stops_the_decode_and_is_counted_499() -> None:
+    from models.config import EngineConfig
+    from models.engine import Engine
+    from tests.images import scene_with_face
+    from tests.server import app_serving
+
+    engine = Engine.load(SHIPPED_CHECKPOINT, EngineConfig(threads=1, prepare_workers=1))
+    entered, stops = threading.Event(), []
+    prepare = engine.prepare
+
+    def held(data: bytes, **options: Any) -> Any:  # the photo's preparation, held until it is told to stop
+        stops.append(options["stop"])
+        entered.set()
+        options["stop"].wait(30)
+        return prepare(data, **options)
+
+    engine.prepare = held  # type: ignore[method-assign]
+    photo, _ = scene_with_face(300, 150, 100)
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(photo)}\r\nX-Request-ID: left-while-prepared\r\n\r\n"
+    )
+    with app_serving(engine) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head.encode() + photo)
+            assert entered.wait(30), "the photo never reached its preparation"
+        server.wait_for_log(r"POST /predict 499 .* id=left-while-prepared")
+    assert stops[0].is_set(), "the decode was not told to stop"
