@@ -80,7 +80,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     limiter = app.state.rate_limiter = (
         RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     )
-    app.add_middleware(ClientGate, keys=keys, limiter=limiter)
+    if keys is not None or limiter is not None:  # open and unlimited: no gate, nothing to name
+        app.add_middleware(ClientGate, keys=keys, limiter=limiter)
     app.add_middleware(
         RequestGuard,
         in_flight=in_flight,

@@ -29,6 +29,8 @@ from models.tta import TtaMode
 
 router = APIRouter()
 Answer = TypeVar("Answer")
+# Uploads up to this size are answered without watching for the client leaving (unless_client_leaves).
+WATCHED_BODY_BYTES = 64 * 1024
 
 
 def upload_body(raw_media_type: str) -> dict[str, object]:
@@ -91,7 +93,9 @@ async def predict(
     """Upload one image (multipart field `file`, or the raw body as image/*); photos go through face detection."""
     data = await read_image(request)
     answer = await unless_client_leaves(
-        request, engine.classify(data, all_faces=faces == "all", require_face=require_face, tta=tta)
+        request,
+        engine.classify(data, all_faces=faces == "all", require_face=require_face, tta=tta),
+        body_bytes=len(data),
     )
     request.state.batch_size, request.state.tta = answer.batch_size, answer.tta
     return PredictionOut.from_answer(answer, engine.model, every_face=faces == "all")
@@ -116,7 +120,9 @@ async def predict_batch(
     uploads = await read_files(request, max_files=settings.max_batch_files)
     charge_extra(request, len(uploads) - 1)  # a token a file (README: Security)
     answers = await unless_client_leaves(
-        request, engine.classify_batch([data for _, data in uploads], require_face=require_face, tta=tta)
+        request,
+        engine.classify_batch([data for _, data in uploads], require_face=require_face, tta=tta),
+        body_bytes=sum(len(data) for _, data in uploads),
     )
     request.state.batch_size = max((a.batch_size for a in answers if isinstance(a, ImageAnswer)), default=0)
     request.state.tta = engine.resolve_tta(tta)
@@ -194,9 +200,15 @@ async def video_upload_slot(request: Request, limit: int) -> AsyncIterator[None]
         uploads.count -= 1
 
 
-async def unless_client_leaves(request: Request, work: Awaitable[Answer]) -> Answer:
+async def unless_client_leaves(request: Request, work: Awaitable[Answer], *, body_bytes: int | None = None) -> Answer:
     """`work`'s result, unless the client goes away first: then it is cancelled (a decode stops, queued
-    faces leave, a video's reading stops) and the request ends as 499. The body must be read already."""
+    faces leave, a video's reading stops) and the request ends as 499. The body must be read already.
+
+    A body of at most `WATCHED_BODY_BYTES` (a face crop, a small photo: answered in milliseconds)
+    is not watched: two more tasks a request cost face crops 5-15% of their throughput.
+    """
+    if body_bytes is not None and body_bytes <= WATCHED_BODY_BYTES:
+        return await work
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(wait_for_disconnect(request))
     try:

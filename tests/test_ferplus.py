@@ -131,6 +131,11 @@ def test_training_targets_per_mode(voted_dataset: Path) -> None:
     assert blend[index][classes.index("angry")] == pytest.approx(0.5 + 0.5 * 6 / 9)
     missing = paths.index("angry/12.png")
     assert blend[missing].tolist() == original[missing].tolist()
+    agreed, keep = training_targets(labels, classes, "agreed", split_votes)
+    assert keep.all()  # every image, its folder label where the crowd disagrees or has no majority
+    assert agreed[index].tolist() == soft[index].tolist()  # angry/0: the crowd's majority is angry too
+    for disagreeing in ("angry/1.png", "angry/10.png", "angry/11.png", "angry/12.png"):  # tie, NF, contempt, no row
+        assert agreed[paths.index(disagreeing)].tolist() == original[paths.index(disagreeing)].tolist()
     with pytest.raises(ValueError, match="needs the FER\\+ votes file"):
         training_targets(labels, classes, "votes", None)
     with pytest.raises(ValueError, match="label mode must be one of"):

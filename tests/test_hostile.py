@@ -3,6 +3,7 @@ and a server that has taken every case is healthy and its memory has not grown."
 
 from __future__ import annotations
 
+import io
 import select
 import socket
 import threading
@@ -12,10 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import SHIPPED_CHECKPOINT
 from tests.hostile import IMAGE_CASES
-from tests.images import face_png
+from tests.images import encode, face_png
 from tests.server import AppServer, Server, app_serving, get, post
 
 UPLOAD_LIMIT = 256 * 1024  # a small limit keeps the just-under/just-over bodies cheap
@@ -323,7 +325,9 @@ def test_a_client_that_leaves_while_its_photo_is_prepared_stops_the_decode_and_i
         return prepare(data, **options)
 
     engine.prepare = held  # type: ignore[method-assign]
-    photo, _ = scene_with_face(300, 150, 100)
+    scene, _ = scene_with_face(300, 150, 100)
+    photo = encode(Image.open(io.BytesIO(scene)), "PNG")  # over 64 KiB: a body the route watches
+    assert len(photo) > 64 * 1024
     head = (
         "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
         f"Content-Length: {len(photo)}\r\nX-Request-ID: left-while-prepared\r\n\r\n"

@@ -15,6 +15,11 @@ What the votes become, per label mode (`TrainConfig.label_mode`):
   out of the distribution, and an image whose seven-class votes are not more than half of its
   votes (mostly contempt, unknown or NF) is dropped, as is an image with no row in the file.
 
+- ``agreed``: the vote distribution where the crowd's majority is the folder's class, the
+  folder's one-hot everywhere else; every image is kept. The crowd softens the images it reads
+  the same way, and never overrules the intended expression (the crowd moves posed sadness and
+  fear to neutral: docs/training.md).
+
 `original_weight` mixes the folder's one-hot label into the FER+ target (``votes`` or
 ``majority``): w·one-hot + (1−w)·FER+. The folder labels were collected by searching for each
 emotion's words, so they carry the intended expression that posed photos show; the crowd reads
@@ -47,7 +52,7 @@ CLASS_OF_COLUMN = {
     "sadness": "sad",
     "surprise": "surprise",
 }
-LABEL_MODES = ("original", "majority", "votes")
+LABEL_MODES = ("original", "majority", "votes", "agreed")
 VOTES_FILE = "ferplus.csv"
 NO_LABEL = -1
 
@@ -175,6 +180,11 @@ def training_targets(
         majority = ferplus_majority(votes, classes)
         usable = majority != NO_LABEL
         crowd = np.eye(len(classes), dtype=np.float32)[np.where(usable, majority, 0)]
+    elif mode == "agreed":
+        crowd, usable = vote_distribution(votes, classes)
+        usable &= ferplus_majority(votes, classes) == labels
+        targets = np.where(usable[:, None], original_weight * one_hot + (1.0 - original_weight) * crowd, one_hot)
+        return targets.astype(np.float32), np.ones(len(labels), dtype=bool)
     else:
         crowd, usable = vote_distribution(votes, classes)
     targets = np.where(usable[:, None], original_weight * one_hot + (1.0 - original_weight) * crowd, one_hot)
