@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from models.config import EngineConfig, engine_config
+from pydantic import ValidationError
+
+from models.config import EngineConfig, config_error_line, engine_config
+from models.errors import FerError
 from models.precision import PRECISIONS
 from models.tta import TTA_MODES
 
@@ -44,5 +47,24 @@ def cli_engine_config(
     `pydantic.ValidationError` for a bad variable or flag value.
     """
     given = {"checkpoint": args.checkpoint, "precision": args.precision, "tta": args.tta, **flags}
-    config = engine_config(os.environ, defaults, **given)
+    try:
+        config = engine_config(os.environ, defaults, **given)
+    except ValidationError as exc:  # a flag's value is named as the flag, not as a variable never set
+        named = {
+            name: FLAG_OF.get(name, "--" + name.replace("_", "-")) for name, value in given.items() if value is not None
+        }
+        raise FlagError(config_error_line(exc, named)) from None
     return dataclasses.replace(config, queue_size=max(config.queue_size, 2 * config.max_batch))
+
+
+# The flag that sets an engine field, where its name is not the field's.
+FLAG_OF = {
+    "max_batch": "--batch-size",
+    "video_fps": "--fps",
+    "max_video_seconds": "--max-seconds",
+    "video_smooth_s": "--smooth",
+}
+
+
+class FlagError(FerError):
+    """A command-line value the engine's configuration refuses (or an environment variable beside it)."""

@@ -135,13 +135,21 @@ def engine_config(
     return TypeAdapter(EngineConfig).validate_python(values)
 
 
-def config_error_line(error: ValidationError) -> str:
-    """A validation error of the settings as one line naming the environment variables at fault."""
+def config_error_line(error: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """A validation error of the settings as one line naming what is at fault.
+
+    The environment variable, or the command-line flag where `flags` (field → flag) says the
+    value came from one.
+    """
     parts = []
     for item in error.errors():
         # loc[0] is the field (the engine's knobs one level down in the service's settings); a
         # union type adds which member refused, which names no variable.
         loc = item["loc"][1:] if item["loc"][:1] == ("engine",) else item["loc"]
-        name = f"{ENV_PREFIX}{str(loc[0]).upper()}" if loc else "FER_*"
+        field_name = str(loc[0]) if loc else ""
+        if flags and field_name in flags:
+            parts.append(f"{flags[field_name]} {item.get('input')!r}: {item['msg']}")
+            continue
+        name = f"{ENV_PREFIX}{field_name.upper()}" if loc else "FER_*"
         parts.append(f"{name}={item.get('input')!r}: {item['msg']}")
     return "invalid settings: " + "; ".join(parts)

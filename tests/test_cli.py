@@ -360,3 +360,11 @@ def test_ctrl_c_stops_predict_in_one_line_with_the_rows_so_far_written(tmp_path:
     assert process.returncode == 130, errors
     assert errors.strip().splitlines()[-1] == "fer: interrupted"
     assert len(rest.splitlines()) < 1499  # stopped before the end
+
+
+def test_a_bad_flag_value_is_named_as_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(ROOT / "tests" / "data" / "astronaut.jpg"), "--batch-size", "5000"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "fer: invalid settings: --batch-size 5000: Input should be less than or equal to 1024"
+    )
