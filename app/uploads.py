@@ -106,7 +106,7 @@ async def read_video(request: Request, destination: Path) -> None:
     """Write the uploaded video (multipart field 'file', or a raw video/* body) to `destination`.
 
     The request guard has already bounded the body's bytes (`FER_MAX_VIDEO_BYTES`, refused with
-    413 while it streams) and its time; OpenCV reads the video from the file.
+    413 while it streams) and its time; FFmpeg (PyAV) reads the video from the file.
     """
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):

@@ -81,7 +81,7 @@ class Engine:
 
     @property
     def video_jobs(self) -> int:
-        """Videos being uploaded or analysed now (at most `max_video_jobs`)."""
+        """Videos being analysed now (at most `max_video_jobs`; uploads are the HTTP layer's)."""
         return self.scheduler.video_jobs
 
     @property

@@ -8,7 +8,7 @@
   `max_pending_pixels` gets `QueueFullError` at once, a batch upload's image waits in line.
 - Waiting for room (`QueueTurns`): a batch upload's or a video frame's faces wait their turn
   for room in the batching queue up to a deadline; a single photo that finds it full is refused.
-- The video-job cap: at most `max_video_jobs` videos are uploaded or analysed at once.
+- The video-job cap: at most `max_video_jobs` videos are analysed at once.
 - `infer`: the one submit-and-wait step from faces to the batcher's results; a caller that goes
   away cancels what it queued.
 
