@@ -15,6 +15,7 @@ import math
 import re
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from time import monotonic
 from typing import Literal
@@ -44,6 +45,8 @@ MAX_JPEG_SCANS = 64
 MAX_JPEG_SEGMENTS = 1000
 # The end of entropy-coded data: an FF followed by anything but a stuffed 00 or a restart marker.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# The first byte that is not a fill byte (FF).
+_NOT_FILL = re.compile(rb"[^\xff]")
 # Pillow feeds the decoder this many bytes at a time; the decode deadline is checked between
 # them, so a small block bounds how far past its deadline a slow decode can run.
 DECODE_BLOCK_BYTES = 16 * 1024
@@ -134,22 +137,17 @@ def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
-    """A JPEG's (width, height) from its frame header, its segments skipped by their lengths (bounded)."""
-    position = 2
-    for _ in range(MAX_JPEG_SEGMENTS):
-        if position + 9 > len(data) or data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill bytes before a marker: skipped in one C-level step, whatever their number
-            position = len(data) - len(data[position:].lstrip(b"\xff")) - 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            width = int.from_bytes(data[position + 7 : position + 9], "big")
-            return (width, height) if width and height else None
-        if marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
-            return None
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    """A JPEG's (width, height) from its frame header, found by `jpeg_markers`' walk; None before a scan or at damage."""
+    try:
+        for count, (marker, position) in enumerate(jpeg_markers(data)):
+            if count >= MAX_JPEG_SEGMENTS or marker in (0xD9, 0xDA):  # the end, or a scan, before any frame
+                return None
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+                height = int.from_bytes(data[position + 5 : position + 7], "big")
+                width = int.from_bytes(data[position + 7 : position + 9], "big")
+                return (width, height) if position + 9 <= len(data) and width and height else None
+    except InvalidImageError:
+        return None
     return None
 
 
@@ -258,27 +256,12 @@ def check_jpeg_structure(data: bytes) -> None:
         ImageTooLargeError: more than `MAX_JPEG_SCANS` scans.
         InvalidImageError: the data ends before the end-of-image marker, or the structure is broken.
     """
-    position, scans, segments, size = 2, 0, 0, len(data)
-    while True:
-        if position + 2 > size:
-            raise InvalidImageError("the JPEG data is truncated: it ends before its end marker; send the whole file")
-        if data[position] != 0xFF:
-            raise InvalidImageError(f"the JPEG is damaged: no marker at byte {position:,}")
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-            continue
+    scans = 0
+    for segments, (marker, _) in enumerate(jpeg_markers(data), 1):
         if marker == 0xD9:  # end of image: the first picture is complete
             return
-        segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise InvalidImageError(f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} segments: it is not a photo")
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            position += 2
-            continue
-        if position + 4 > size:
-            raise InvalidImageError("the JPEG data is truncated: it ends inside a segment header")
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:
@@ -286,6 +269,40 @@ def check_jpeg_structure(data: bytes) -> None:
                     f"the JPEG has more than {MAX_JPEG_SCANS} scans (a photo has about ten; each scan is a pass "
                     "over the whole image): re-save it as a baseline JPEG"
                 )
+
+
+def jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, position) of each of a JPEG's markers after its start, in order, up to its end-of-image marker.
+
+    Fill bytes (FF) before a marker are skipped in one C-level search, a segment by its length,
+    a scan's entropy-coded data by one search for the next marker (inside it an FF is always
+    followed by 00 or a restart marker). A marker is yielded before its segment is skipped, so a
+    caller can stop at it.
+
+    Raises:
+        InvalidImageError: the data ends before the end-of-image marker, or the structure is broken.
+    """
+    position, size = 2, len(data)
+    while True:
+        if position + 2 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends before its end marker; send the whole file")
+        if data[position] != 0xFF:
+            raise InvalidImageError(f"the JPEG is damaged: no marker at byte {position:,}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill bytes before a marker: to the last of them
+            found = _NOT_FILL.search(data, position)
+            position = found.start() - 1 if found is not None else size - 1
+            continue
+        yield marker, position
+        if marker == 0xD9:
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        if position + 4 > size:
+            raise InvalidImageError("the JPEG data is truncated: it ends inside a segment header")
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
             found = _NEXT_MARKER.search(data, position)
             if found is None:
                 raise InvalidImageError("the JPEG data is truncated: it ends inside its last scan; send the whole file")

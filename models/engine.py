@@ -161,7 +161,7 @@ class Engine:
         return await analyse_video(path, request, config, self.scheduler, classify_frame, classes, on_frame)
 
     def video_job(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """One of the `max_video_jobs` slots, held for a video's upload and analysis; raises `QueueFullError`."""
+        """One of the `max_video_jobs` slots, held for a video's analysis; raises `QueueFullError`."""
         return self.scheduler.video_job()
 
     def close(self) -> None:

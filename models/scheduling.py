@@ -305,7 +305,7 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def video_job(self) -> AsyncIterator[None]:
-        """Hold one of the `max_video_jobs` slots for a video's upload and analysis.
+        """Hold one of the `max_video_jobs` slots for a video's analysis.
 
         Raises:
             QueueFullError: every slot is taken.
