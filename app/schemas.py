@@ -214,6 +214,7 @@ class MetricsOut(BaseModel):
     )
     precision: str | None = Field(None, description="the precision the metrics were measured in")
     served_precision: str = Field(..., description="the precision this server runs in")
+    served_runtime: str = Field(..., description="where the network runs: onnxruntime or torch")
     tta: str | None = Field(None, description="the test-time augmentation the metrics were measured with")
     served_tta: str = Field(..., description="the test-time augmentation this server applies unless asked otherwise")
     measured_tta: list[str] = Field(
@@ -228,7 +229,8 @@ class MetricsOut(BaseModel):
     )
     precision_speeds: dict[str, dict[str, float]] = Field(
         default_factory=dict,
-        description="faces/s by batch size of each path FER_PRECISION=auto timed at start-up on this machine",
+        description="faces/s by batch size of each path (precision/runtime) FER_PRECISION=auto timed at start-up "
+        "on this machine",
     )
     extra: dict[str, Any] = Field(default_factory=dict, description="other stored figures")
 
@@ -236,7 +238,7 @@ class MetricsOut(BaseModel):
     def from_engine(cls, engine: Engine, figures: dict[str, Any]) -> MetricsOut:
         """Stored figures, the ones this model names as fields and the rest under `extra`."""
         own = {
-            "model", "classes", "served_precision", "served_tta", "measured_tta", "measured_precisions",
+            "model", "classes", "served_precision", "served_runtime", "served_tta", "measured_tta", "measured_precisions",
             "precision_speeds", "extra",
         }  # fmt: skip
         known = set(cls.model_fields) - own
@@ -246,6 +248,7 @@ class MetricsOut(BaseModel):
             model=ModelOut.from_info(engine.model),
             classes=list(engine.model.classes),
             served_precision=engine.model.precision,
+            served_runtime=engine.model.runtime,
             served_tta=engine.model.tta,
             measured_tta=list(engine.model.measured_tta),
             measured_precisions=list(engine.model.measured_precisions),

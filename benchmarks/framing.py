@@ -108,7 +108,7 @@ def pasted_fer_samples(
 def accuracy(predictor: Predictor, inputs: list[torch.Tensor], labels: list[int]) -> np.ndarray:
     """Whether the predictor's label is right, per input."""
     probabilities = np.concatenate(
-        [predictor.predict_tensors(torch.stack(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]
+        [predictor.predict_tensors(np.stack(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]
     )
     hits: np.ndarray = probabilities.argmax(1) == np.array(labels)
     return hits

@@ -17,18 +17,23 @@ from pydantic import ValidationError
 
 from models.config import EngineConfig, config_error_line, engine_config
 from models.errors import FerError
-from models.precision import PRECISIONS
+from models.precision import PRECISIONS, RUNTIMES
 from models.tta import TTA_MODES
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --precision and --tta; unset, each is its `FER_*` variable's or the engine's default."""
+    """--checkpoint, --precision, --runtime and --tta; unset, each is its `FER_*` variable's or the engine's default."""
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint to use (default: $FER_CHECKPOINT or the shipped one)"
     )
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=None,
         help="forward-pass precision (default: $FER_PRECISION or auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default=None,
+        help="where the network runs: onnxruntime, or torch where it is installed (default: $FER_RUNTIME or auto, "
+        "the fastest installed)",
     )  # fmt: skip
     parser.add_argument(
         "--tta", choices=("checkpoint", *TTA_MODES), default=None,
@@ -46,7 +51,9 @@ def cli_engine_config(
     The queue holds at least two batches, so a chunk of files never finds it full. Raises
     `pydantic.ValidationError` for a bad variable or flag value.
     """
-    given = {"checkpoint": args.checkpoint, "precision": args.precision, "tta": args.tta, **flags}
+    given = {
+        "checkpoint": args.checkpoint, "precision": args.precision, "runtime": args.runtime, "tta": args.tta, **flags
+    }  # fmt: skip
     try:
         config = engine_config(os.environ, defaults, **given)
     except ValidationError as exc:  # a flag's value is named as the flag, not as a variable never set

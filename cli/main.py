@@ -247,7 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             output = args.output or Path("model.onnx" if args.format == "onnx" else "model.pt")
             checkpoint = args.checkpoint or engine_config(os.environ).checkpoint  # FER_CHECKPOINT, as the service
-            export_network(load_checkpoint(checkpoint), output, args.format)
+            try:
+                export_network(load_checkpoint(checkpoint), output, args.format)
+            except ModuleNotFoundError as exc:  # torch, onnx: the extras
+                print(f"fer: export needs {exc.name}: pip install 'fer-service[train,export]'", file=sys.stderr)
+                return 2
             print(f"wrote {output}")
             return 0
         if args.command == "serve":

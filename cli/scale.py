@@ -273,15 +273,16 @@ def written_rows(output: Path, classes: Sequence[str]) -> dict[str, str]:
     }
 
 
-def resolve_model(config: EngineConfig) -> tuple[str, tuple[str, ...]]:
-    """The precision every worker runs in and the checkpoint's classes, decided once, here.
+def resolve_model(config: EngineConfig) -> tuple[str, str, tuple[str, ...]]:
+    """The precision and runtime every worker runs in and the checkpoint's classes, decided once, here.
 
     `auto` is timed on this machine (`resolve_precision`, as the predictor does), so that every
     worker answers in the same precision, as one `fer predict` does. The checkpoint is loaded
     either way: a bad one is refused here in one line, not in every actor.
     """
     loaded = load_checkpoint(config.checkpoint)
-    return resolve_precision(loaded, config.precision, config.threads).precision, loaded.classes
+    path = resolve_precision(loaded, config.precision, config.threads, config.runtime).path
+    return path.precision, path.runtime, loaded.classes
 
 
 def connect(address: str | None) -> None:
@@ -370,7 +371,7 @@ def run_on_ray(job: RayJob) -> RayRun:
             )
     if not work:
         raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
-    precision, classes = resolve_model(job.config)
+    precision, runtime, classes = resolve_model(job.config)
     batch_size = job.config.max_batch
     done = written_rows(job.output, classes) if job.resume else {}
     pending = [(path, source) for path, source in work.items() if path not in done]
@@ -405,6 +406,7 @@ def run_on_ray(job: RayJob) -> RayRun:
                     job.config,
                     checkpoint=job.config.checkpoint.resolve(),
                     precision=precision,  # type: ignore[arg-type]  # one of PRECISIONS, resolved
+                    runtime=runtime,  # type: ignore[arg-type]  # one of RUNTIMES, resolved
                     threads=job.cpus_per_worker,
                     prepare_workers=job.cpus_per_worker,
                 )

@@ -50,6 +50,7 @@ class ModelInfo:
     version: str  # the architecture and the first 12 hex digits of the file hash
     sha256: str
     precision: str  # what the forward pass runs in ("auto" resolved)
+    runtime: str = ""  # where it runs: onnxruntime or torch
     classes: tuple[str, ...] = ()  # in the order of every answer's probabilities
     tta: TtaMode = "none"  # the mode of a request that names none
     measured_tta: tuple[TtaMode, ...] = ()  # modes with stored figures for this precision, the main first
@@ -66,6 +67,7 @@ class ModelInfo:
             version=checkpoint.version,
             sha256=checkpoint.sha256,
             precision=predictor.precision,
+            runtime=predictor.runtime,
             classes=predictor.classes,
             tta=predictor.tta,
             measured_tta=figures.measured_tta_modes(figures.reported_precision(predictor.precision)),

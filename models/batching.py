@@ -22,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from models.errors import QueueFullError
 from models.predictor import Predictor
@@ -41,7 +40,7 @@ class BatchResult:
 
 @dataclass
 class _Item:
-    inputs: torch.Tensor  # (1, 48, 48) float32
+    inputs: np.ndarray  # (1, 48, 48) float32
     future: Future[BatchResult]
     tta: TtaMode  # the TTA mode this face is answered with
 
@@ -68,7 +67,7 @@ class MicroBatcher:
         """Items waiting for a forward pass."""
         return self._queue.qsize()
 
-    def submit(self, inputs: torch.Tensor, tta: TtaMode) -> Future[BatchResult]:
+    def submit(self, inputs: np.ndarray, tta: TtaMode) -> Future[BatchResult]:
         """Queue one normalised face (1, 48, 48) to be answered with `tta`; raises `QueueFullError` when full."""
         if self._stopped.is_set():
             raise RuntimeError("the batcher is stopped")
@@ -135,7 +134,7 @@ class MicroBatcher:
     def _forward(self, items: list[_Item]) -> None:
         """One forward pass for items that share a TTA mode; resolves their Futures."""
         try:
-            probabilities = self.predictor.predict_tensors(torch.stack([item.inputs for item in items]), items[0].tta)
+            probabilities = self.predictor.predict_tensors(np.stack([item.inputs for item in items]), items[0].tta)
         except Exception as exc:  # fail this batch's requests, keep serving the next ones
             logger.exception("forward pass failed for a batch of %d", len(items))
             for item in items:

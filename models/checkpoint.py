@@ -14,6 +14,11 @@ Keys (format_version 1):
     training        dict: recipe, the TrainConfig, the epoch chosen, the per-epoch history
     created_at      ISO-8601 UTC time of saving
     torch_version   the torch that wrote it
+
+Reading needs no torch (`models/weights_file.py` reads torch's zip format with a pickle that may
+build nothing but tensors, as `torch.load(weights_only=True)` would): the service serving through
+ONNX Runtime reads the stored figures, the classes and the weights' hash from this same file.
+Building the torch network (`Checkpoint.network`) and writing a checkpoint import torch.
 """
 
 from __future__ import annotations
@@ -22,20 +27,22 @@ import functools
 import hashlib
 import os
 import tempfile
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+import numpy as np
 
 from models.errors import CheckpointError
 from models.figures import StoredFigures
-from models.network import ARCHITECTURES, build_network
 from models.preprocessing import PreprocessingSpec
 from models.tta import check_tta
+from models.weights_file import TORCH_DTYPE_NAMES, WeightsFileError, read_weights_file
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT_VERSION = 1
 # The model the project ships, beside this module; the service and `fer` default to it.
@@ -46,10 +53,10 @@ REQUIRED_KEYS = ("format_version", "architecture", "state_dict", "classes", "pre
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint: the network in eval mode and everything needed to use it."""
+    """A loaded checkpoint: its weights as numpy arrays and everything needed to use them."""
 
     path: Path
-    network: nn.Module
+    state_dict: dict[str, np.ndarray]
     architecture: str
     classes: tuple[str, ...]
     preprocessing: PreprocessingSpec
@@ -68,6 +75,53 @@ class Checkpoint:
         """The stored evaluation figures, by precision and TTA mode (`models/figures.py`)."""
         return StoredFigures(self.metrics)
 
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The hash of the weights alone (`weights_sha256`), which the ONNX files record."""
+        return weights_sha256(self.state_dict)
+
+    @functools.cached_property
+    def network(self) -> nn.Module:
+        """The torch network in eval mode, built on first use (imports torch).
+
+        Raises:
+            CheckpointError: the architecture is unknown or the weights do not fit it.
+        """
+        import torch
+
+        from models.network import ARCHITECTURES, build_network
+
+        if self.architecture not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise CheckpointError(
+                f"checkpoint {self.path}: unknown architecture {self.architecture!r} (this code knows {known})"
+            )
+        network = build_network(self.architecture, num_classes=len(self.classes))
+        try:
+            network.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.state_dict.items()}, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).replace("\n", " ").replace("\t", "")
+            raise CheckpointError(
+                f"checkpoint {self.path}: weights do not fit {self.architecture} with {len(self.classes)} classes "
+                f"({first[:300]})"
+            ) from None
+        return network.eval()
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """A hash of the weights alone (names, dtypes, shapes, values), stable across metric updates.
+
+    Takes numpy arrays or torch tensors: the dtype is spelled as torch prints it and the values
+    are their little-endian bytes, so a network's `state_dict()` and the same weights read
+    without torch hash alike.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(state_dict.items()):
+        array = np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value, order="C")  # keeps 0-d
+        digest.update(f"{name}:{TORCH_DTYPE_NAMES[array.dtype]}:{tuple(array.shape)};".encode())
+        digest.update(array.reshape(-1).view(np.uint8).tobytes())
+    return digest.hexdigest()
+
 
 def save_checkpoint(
     path: Path,
@@ -79,6 +133,10 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temp file, then `os.replace`), so a crash never leaves half a file."""
+    import torch
+
+    from models.network import ARCHITECTURES
+
     module = getattr(network, "_orig_mod", network)  # unwrap torch.compile
     architecture = type(module).__name__
     if architecture not in ARCHITECTURES:
@@ -99,6 +157,8 @@ def save_checkpoint(
 
 def atomic_torch_save(payload: Any, path: Path) -> None:
     """`torch.save` to a temporary file beside `path`, then rename it into place."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -128,15 +188,12 @@ def read_checkpoint_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        with warnings.catch_warnings():
-            # torch warns on odd pickle protocols; the one-line error below says all that matters.
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = _one_line_reason(exc)
-        raise CheckpointError(f"checkpoint {path}: not a readable weights-only torch file ({reason[:200]})") from None
+        payload = read_weights_file(path)
+    except WeightsFileError as exc:
+        raise CheckpointError(f"checkpoint {path}: not a readable weights-only torch file ({str(exc)[:200]})") from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"checkpoint {path}: holds a {type(payload).__name__}, not a checkpoint dict")
+        kind = "tensor" if isinstance(payload, np.ndarray) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {path}: holds a {kind}, not a checkpoint dict")
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path}: not a fer-service checkpoint (missing keys: {', '.join(missing)})")
@@ -208,7 +265,7 @@ def store_metrics(
     if others:
         stored["precision_alternatives"] = others
     payload["metrics"] = stored
-    atomic_torch_save(payload, path)
+    write_checkpoint_dict(payload, path)
 
 
 def drop_figures(path: Path, precision: str) -> bool:
@@ -226,8 +283,19 @@ def drop_figures(path: Path, precision: str) -> bool:
     if others:
         stored["precision_alternatives"] = others
     payload["metrics"] = stored
-    atomic_torch_save(payload, path)
+    write_checkpoint_dict(payload, path)
     return True
+
+
+def write_checkpoint_dict(payload: dict[str, Any], path: Path) -> None:
+    """Save a dict read by `read_checkpoint_dict` (its weights numpy arrays) as a checkpoint again (imports torch)."""
+    import torch
+
+    weights = {
+        name: value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+        for name, value in payload["state_dict"].items()
+    }
+    atomic_torch_save({**payload, "state_dict": weights}, path)
 
 
 def _bare(figures: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +330,10 @@ def _figure_block(by_mode: dict[str, dict[str, Any]], preferred: str) -> dict[st
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint with `weights_only=True` and build its network in eval mode.
+    """Read a checkpoint as `torch.load(weights_only=True)` would, without torch (`models/weights_file.py`).
+
+    The torch network is built when first asked for (`Checkpoint.network`), so a service that
+    serves through ONNX Runtime never imports torch.
 
     Raises:
         CheckpointError: one line naming the file and what is wrong with it.
@@ -270,9 +341,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     payload = read_checkpoint_dict(path)
     architecture = payload["architecture"]
-    if architecture not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise CheckpointError(f"checkpoint {path}: unknown architecture {architecture!r} (this code knows {known})")
+    state_dict = payload["state_dict"]
+    if not isinstance(architecture, str) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {path}: its architecture or state_dict entry is not what a checkpoint holds")
+    if not all(isinstance(name, str) and isinstance(value, np.ndarray) for name, value in state_dict.items()):
+        raise CheckpointError(f"checkpoint {path}: its state_dict holds something other than named tensors")
     classes = tuple(payload["classes"])
     if not classes or not all(isinstance(name, str) for name in classes) or len(set(classes)) != len(classes):
         raise CheckpointError(f"checkpoint {path}: classes must be distinct names, got {list(classes)!r}")
@@ -280,22 +353,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         preprocessing = PreprocessingSpec.from_dict(dict(payload["preprocessing"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: bad preprocessing entry ({exc})") from None
-    network = build_network(architecture, num_classes=len(classes))
-    try:
-        network.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).replace("\n", " ").replace("\t", "")
-        raise CheckpointError(
-            f"checkpoint {path}: weights do not fit {architecture} with {len(classes)} classes ({first[:300]})"
-        ) from None
-    network.eval()
     try:
         check_tta(str(payload["metrics"].get("tta", "none")))
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: its metrics name an unknown TTA mode ({exc})") from None
     return Checkpoint(
         path=path,
-        network=network,
+        state_dict=state_dict,
         architecture=architecture,
         classes=classes,
         preprocessing=preprocessing,
@@ -304,17 +368,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
         created_at=str(payload.get("created_at", "")),
         sha256=file_sha256(path),
     )
-
-
-def _one_line_reason(exc: BaseException) -> str:
-    """The informative line of a `torch.load` failure (its first lines are generic advice)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
-            # Sometimes the reason is on the next line ("Unsupported operand 149").
-            return reason or (lines[index + 1] if index + 1 < len(lines) else "refused by the weights-only unpickler")
-    return lines[0] if lines else f"{type(exc).__name__}: not a torch checkpoint"
 
 
 def file_sha256(path: Path) -> str:

@@ -19,7 +19,7 @@ from pydantic.dataclasses import dataclass
 
 from models.checkpoint import SHIPPED_CHECKPOINT
 from models.detectors import DetectorName
-from models.precision import Precision
+from models.precision import Precision, Runtime
 from models.tta import ServedTta
 from models.video import DEFAULT_FPS, DEFAULT_MAX_SIDE, DEFAULT_SMOOTH_S
 
@@ -38,9 +38,14 @@ class EngineConfig:
 
     checkpoint: Path = SHIPPED_CHECKPOINT  # the model to serve
     precision: Precision = "auto"
+    # Where the network runs: "auto" considers every runtime installed (ONNX Runtime always; torch
+    # where the `train` extra is installed) and serves the fastest accurate path (models/precision.py).
+    runtime: Runtime = "auto"
     # "tencrop" lifts macro-F1 by 2-3 points for ten forward passes per face (docs/tta.md).
     tta: ServedTta = "checkpoint"
-    threads: Annotated[int, Field(ge=1, le=256)] = field(default_factory=cpu_count)  # torch intra-op threads
+    threads: Annotated[int, Field(ge=1, le=256)] = field(
+        default_factory=cpu_count
+    )  # the forward pass's threads (ONNX Runtime or torch)
     # OpenCV's own threads per detection: 1, since photos are already searched on `prepare_workers`
     # threads at once, and OpenCV's pool on top of them oversubscribed the cores (docs/photos.md).
     opencv_threads: Annotated[int, Field(ge=1, le=256)] = 1

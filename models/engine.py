@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import torch
 
 from models.answers import FaceAnswer, ImageAnswer, ModelInfo
 from models.batching import BatchResult, MicroBatcher
@@ -53,9 +52,11 @@ class Engine:
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
         """Load the checkpoint and the face detector; raises `CheckpointError` or `DetectorError` with one line."""
         config = config or EngineConfig()
-        torch.set_num_threads(config.threads)
-        cv2.setNumThreads(config.opencv_threads)  # process-wide, like torch's
-        return cls(Predictor.from_checkpoint(checkpoint, precision=config.precision, tta=config.tta), config)
+        cv2.setNumThreads(config.opencv_threads)  # process-wide
+        predictor = Predictor.from_checkpoint(
+            checkpoint, precision=config.precision, runtime=config.runtime, tta=config.tta, threads=config.threads
+        )
+        return cls(predictor, config)
 
     # What is served.
 

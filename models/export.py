@@ -1,15 +1,20 @@
-"""Export a checkpoint's network for other runtimes: TorchScript or ONNX (fp32, dynamic batch)."""
+"""Export a checkpoint's network for other runtimes: TorchScript or ONNX (fp32, dynamic batch).
+
+Needs torch (the `train` extra), imported when an export runs: `fer predict` imports this module
+and must work without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from models.checkpoint import Checkpoint
-from models.network import fuse_for_inference
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +23,10 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 
 def export_network(checkpoint: Checkpoint, output: Path, export_format: str) -> Path:
     """Write the network (input `faces` (N, 1, 48, 48) float32, output `logits` (N, classes))."""
+    import torch
+
+    from models.network import fuse_for_inference
+
     network = fuse_for_inference(checkpoint.network)  # BatchNorm folded in: a smaller graph, same outputs
     size = checkpoint.preprocessing.size
     example = torch.zeros(2, 1, size, size)
@@ -38,6 +47,8 @@ def export_network(checkpoint: Checkpoint, output: Path, export_format: str) -> 
 
 def export_onnx(network: torch.nn.Module, size: int, output: Path) -> Path:
     """Write an eval-mode network as ONNX: input `faces` (N, 1, size, size) float32, output `logits`."""
+    import torch
+
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         network,

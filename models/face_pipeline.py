@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from models.config import EngineConfig
@@ -28,7 +27,7 @@ class Face:
     The detection is in the pixels of the upload or video frame, after EXIF orientation.
     """
 
-    inputs: torch.Tensor
+    inputs: np.ndarray
     detected: DetectedFace | None
 
 

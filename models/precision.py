@@ -1,15 +1,17 @@
-"""In what precision the network runs: bf16 detection, autocast, and `resolve_precision`, the one place "auto" is decided.
+"""Which forward path serves: a precision (fp32, bf16, int8) in a runtime (ONNX Runtime, torch), decided once here.
 
-Precision "auto" serves the fastest path on this machine (timed once per process) among fp32,
-bf16 where the CPU runs it natively, and int8 where its quantised file is present and valid; a
-reduced precision is a candidate only when the checkpoint's stored val accuracy for it is within
-`ACCURACY_TOLERANCE` of fp32's. The predictor serves what it resolves; the Ray driver resolves
-once so that every worker answers in the same precision.
+Precision "auto" serves the fastest path on this machine (timed once per process) among those
+installed and measured accurate enough: fp32 in ONNX Runtime (`<checkpoint>.onnx`) or torch,
+bf16 in torch where the CPU runs it natively, and int8 in ONNX Runtime (`<checkpoint>.int8.onnx`).
+A reduced precision is a candidate only when the checkpoint's stored val accuracy for it is
+within `ACCURACY_TOLERANCE` of fp32's. `FER_RUNTIME` narrows the runtimes. Nothing here imports
+torch unless a torch path is a candidate and torch is installed: the service serves without it.
+The predictor serves what this resolves; the Ray driver resolves once so that every worker
+answers in the same precision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -19,20 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-import torch
-from torch import nn
+import numpy as np
 
 from models.checkpoint import Checkpoint
 from models.errors import CheckpointError
-from models.int8 import Int8Network, int8_model_path, weights_sha256
-from models.network import fuse_for_inference
+from models.onnx_network import OnnxNetwork, onnx_model_path, onnxruntime_available
 
 logger = logging.getLogger(__name__)
 
-# "auto": the fastest path on this machine among those measured accurate enough (`fastest`);
-# fp32 and bf16 run the torch network, int8 its ONNX Runtime quantisation (models/int8.py).
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# Where the network runs: "auto" takes every runtime installed that can run the precision.
+Runtime = Literal["auto", "onnxruntime", "torch"]
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+# What each runtime runs: int8 is an ONNX Runtime quantisation, bf16 is torch's autocast.
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "torch": ("fp32", "bf16")}
 # A reduced precision may serve under "auto" when its val accuracy is at most this far below fp32's.
 ACCURACY_TOLERANCE = 0.003
 # The batch sizes "auto" times: a lone request and the largest batch the service forms.
@@ -43,6 +46,8 @@ SPEED_MARGIN = 0.15
 # vdpbf16ps (AVX-512 BF16) or AMX tiles make bf16 matmuls faster than fp32; without them
 # oneDNN emulates bf16 and it is slower than fp32.
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+Forward = Callable[[np.ndarray], np.ndarray]
 
 
 @functools.cache
@@ -58,31 +63,9 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
-def resolve_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16 for `precision` ("auto", "bf16" or "fp32") on `device` (training's rule)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return cpu_supports_bf16()
-
-
-def autocast(device: torch.device, use_bf16: bool) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on `device` when `use_bf16`, else a no-op context."""
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def images_per_second(
-    forward: Callable[[torch.Tensor], object], size: int, batch: int, budget_s: float = 0.08
-) -> float:
+def images_per_second(forward: Forward, size: int, batch: int, budget_s: float = 0.08) -> float:
     """Faces per second of `forward` on a batch of `batch` zero faces, timed for about `budget_s` after a warm-up."""
-    faces = torch.zeros(batch, 1, size, size)
+    faces = np.zeros((batch, 1, size, size), np.float32)
     forward(faces)
     forward(faces)
     runs, started = 0, time.perf_counter()
@@ -120,96 +103,140 @@ _SPEEDS: dict[tuple[str, tuple[str, ...], int], dict[str, dict[int, float]]] = {
 
 
 @dataclass(frozen=True)
-class PrecisionChoice:
-    """The path to serve, the int8 network when it is int8's (or was a candidate), and what "auto" timed."""
+class ForwardPath:
+    """One way to run the network: normalised faces (N, 1, size, size) float32 → float32 logits."""
 
     precision: str
-    int8: Int8Network | None = None
-    speeds: dict[str, dict[int, float]] = field(default_factory=dict)  # {} when nothing was timed
+    runtime: str
+    forward: Forward
+    recipe: str = ""  # how its ONNX file was made ("" for torch)
+
+    @property
+    def name(self) -> str:
+        """How logs and the speeds table name it: "int8/onnxruntime"."""
+        return f"{self.precision}/{self.runtime}"
 
 
-def inference_network(checkpoint: Checkpoint) -> nn.Module:
-    """The checkpoint's network as served: BatchNorm folded, Dropout dropped, channels_last.
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The path to serve and what "auto" timed (path name → batch → faces/s; {} when nothing was timed)."""
 
-    channels_last: bf16 convolutions in oneDNN run about 2× faster in NHWC (benchmarks/infer.py).
-    """
-    return fuse_for_inference(checkpoint.network).to(torch.device("cpu")).to(memory_format=torch.channels_last)
+    path: ForwardPath
+    speeds: dict[str, dict[int, float]] = field(default_factory=dict)
 
-
-def torch_forward(network: nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalised faces → float32 logits through `network` in fp32 or bf16 (no lock taken)."""
-    device = torch.device("cpu")
-
-    def forward(faces: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, precision == "bf16"):
-            logits: torch.Tensor = network(faces.contiguous(memory_format=torch.channels_last))
-            return logits.float()
-
-    return forward
+    @property
+    def precision(self) -> str:
+        """The served precision, whose stored figures describe the answers."""
+        return self.path.precision
 
 
-def load_int8(checkpoint: Checkpoint, threads: int) -> Int8Network:
-    """The checkpoint's quantised network; raises `CheckpointError` when it is missing or not these weights."""
-    return Int8Network(
-        int8_model_path(checkpoint.path),
-        expected_weights=weights_sha256(checkpoint.network),
-        num_classes=len(checkpoint.classes),
-        size=checkpoint.preprocessing.size,
-        threads=threads,
-    )
+def torch_available() -> bool:
+    """Whether torch can be imported here (the `train` extra installs it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_precision(
-    checkpoint: Checkpoint, asked: Precision, threads: int, network: nn.Module | None = None
+    checkpoint: Checkpoint, asked: Precision, threads: int, runtime: Runtime = "auto"
 ) -> PrecisionChoice:
-    """The path to serve `checkpoint` in: `asked` itself, or for "auto" the fastest accurate one here.
+    """The path to serve `checkpoint` in: `asked` (or for "auto" the fastest accurate one here) in `runtime`.
 
-    `network` is the served network (`inference_network`), built here when not given. Raises
-    `CheckpointError` when int8 is asked for and its file is missing or not these weights.
+    Raises:
+        ValueError: an unknown precision or runtime, or a pair that cannot run (int8 in torch).
+        CheckpointError: nothing installed here can serve what was asked (a missing or foreign
+            ONNX file, torch not installed); one line naming each reason.
     """
     if asked not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {asked!r}")
-    if asked == "int8":
-        return PrecisionChoice("int8", load_int8(checkpoint, threads))
-    if asked != "auto":
-        return PrecisionChoice(asked)
-    candidates, int8 = ["fp32"], None
-    if cpu_supports_bf16() and _accurate_enough(checkpoint, "bf16"):
-        candidates.append("bf16")
-    if _accurate_enough(checkpoint, "int8"):
-        try:
-            int8 = load_int8(checkpoint, threads)
-            candidates.append("int8")
-        except CheckpointError as exc:
-            logger.warning("precision auto: not serving int8 (%s)", exc)
-    if len(candidates) == 1:
-        return PrecisionChoice(candidates[0], int8)
-    key = (checkpoint.sha256 or str(id(checkpoint)), tuple(candidates), threads)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    runtimes = [name for name in ("onnxruntime", "torch") if runtime in ("auto", name)]
+    wanted = [p for p in ("fp32", "bf16", "int8") if asked in ("auto", p)]
+    pairs = [(p, r) for p in wanted for r in runtimes if p in RUNTIME_PRECISIONS[r]]
+    if not pairs:
+        raise ValueError(
+            f"precision {asked} does not run in {runtime} (it runs {asked} in "
+            + ("onnxruntime only)" if asked == "int8" else "torch only)")
+        )
+    if asked == "auto":
+        pairs = [(p, r) for p, r in pairs if p == "fp32" or _reduced_candidate(checkpoint, p)]
+    paths, refusals = _load_paths(checkpoint, pairs, threads)
+    if not paths:
+        raise CheckpointError(f"cannot serve {asked} in {runtime}: " + "; ".join(refusals))
+    for refusal in refusals:
+        logger.warning("precision %s: not a candidate: %s", asked, refusal)
+    if len(paths) == 1:
+        return PrecisionChoice(paths[0])
+    names = tuple(path.name for path in paths)
+    key = (checkpoint.sha256 or str(id(checkpoint)), names, threads)
     if key not in _SPEEDS:
-        served = network if network is not None else inference_network(checkpoint)
         size = checkpoint.preprocessing.size
         _SPEEDS[key] = {
-            name: {
-                batch: images_per_second(int8 if name == "int8" and int8 else torch_forward(served, name), size, batch)
-                for batch in TIMED_BATCHES
-            }
-            for name in candidates
+            path.name: {batch: images_per_second(path.forward, size, batch) for batch in TIMED_BATCHES}
+            for path in paths
         }
     speeds = _SPEEDS[key]
     mode = checkpoint.figures.measured_tta
     accuracy = {
-        name: float(figures["accuracy"])
-        for name in candidates
-        if (figures := checkpoint.figures.metrics_for(mode, name)) is not None and "accuracy" in figures
+        path.name: float(figures["accuracy"])
+        for path in paths
+        if (figures := checkpoint.figures.metrics_for(mode, path.precision)) is not None and "accuracy" in figures
     }
     chosen = fastest(speeds, accuracy)
     logger.info(
-        "precision auto: %s (faces/s at batch %s: %s)",
+        "precision %s: %s (faces/s at batch %s: %s)",
+        asked,
         chosen,
         "/".join(map(str, TIMED_BATCHES)),
         ", ".join(f"{name} {'/'.join(f'{r:.0f}' for r in rates.values())}" for name, rates in speeds.items()),
     )
-    return PrecisionChoice(chosen, int8, speeds)
+    return PrecisionChoice(next(path for path in paths if path.name == chosen), speeds)
+
+
+def _load_paths(
+    checkpoint: Checkpoint, pairs: list[tuple[str, str]], threads: int
+) -> tuple[list[ForwardPath], list[str]]:
+    """The paths of `pairs` that load here, and a reason for each that does not."""
+    paths: list[ForwardPath] = []
+    refusals: list[str] = []
+    has_torch = any(r == "torch" for _, r in pairs) and torch_available()
+    network = None
+    for precision, runtime in pairs:
+        if runtime == "onnxruntime":
+            if not onnxruntime_available():
+                refusals.append(f"{precision} in onnxruntime: ONNX Runtime is not installed")
+                continue
+            try:
+                onnx = OnnxNetwork(
+                    onnx_model_path(checkpoint.path, precision),
+                    precision=precision,
+                    expected_weights=checkpoint.weights_sha256,
+                    num_classes=len(checkpoint.classes),
+                    size=checkpoint.preprocessing.size,
+                    threads=threads,
+                )
+            except CheckpointError as exc:
+                refusals.append(str(exc))
+                continue
+            paths.append(ForwardPath(precision, runtime, onnx, onnx.recipe))
+        elif not has_torch:
+            refusals.append(f"{precision} in torch: torch is not installed (pip install 'fer-service[train]')")
+        else:
+            from models.torch_backend import inference_network, torch_forward
+
+            network = network if network is not None else inference_network(checkpoint)
+            paths.append(ForwardPath(precision, runtime, torch_forward(network, precision, threads)))
+    return paths, refusals
+
+
+def _reduced_candidate(checkpoint: Checkpoint, precision: str) -> bool:
+    """Whether "auto" may consider a reduced precision: bf16 where the CPU runs it, both when measured accurate."""
+    if precision == "bf16" and not cpu_supports_bf16():
+        return False
+    return _accurate_enough(checkpoint, precision)
 
 
 def _accurate_enough(checkpoint: Checkpoint, precision: str) -> bool:

@@ -1,23 +1,24 @@
-"""The predictor: a loaded checkpoint that turns faces into class probabilities.
+"""The predictor: a loaded checkpoint that turns faces into class probabilities, in numpy.
 
 `training.evaluate` measures through `predict_tensors` and the service answers through it, with
 the same precision and the same test-time augmentation, so `/metrics` describes what is served.
-The precision is `models.precision.resolve_precision`'s choice.
+The forward path (precision and runtime) is `models.precision.resolve_precision`'s choice; the
+views, the softmax and the average are numpy, so nothing here needs torch.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 from models.checkpoint import Checkpoint, load_checkpoint
-from models.precision import Precision, autocast, inference_network, resolve_precision, torch_forward
+from models.config import cpu_count
+from models.precision import Precision, Runtime, resolve_precision
 from models.tta import ServedTta, TtaMode, check_tta, tta_views
 
 logger = logging.getLogger(__name__)
@@ -37,55 +38,59 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64: every runtime's float32 logits get the same, correctly rounded, arithmetic."""
+    wide = logits.astype(np.float64)
+    exponentials = np.exp(wide - wide.max(axis=1, keepdims=True))
+    result: np.ndarray = exponentials / exponentials.sum(axis=1, keepdims=True)
+    return result
+
+
 class Predictor:
-    """Holds the network in eval mode, on the CPU, and predicts batches of faces."""
+    """Holds the served forward path and predicts batches of faces."""
 
     def __init__(
         self,
         checkpoint: Checkpoint,
         *,
         precision: Precision = "auto",
+        runtime: Runtime = "auto",
         tta: ServedTta = "checkpoint",
         threads: int | None = None,
     ) -> None:
-        """`threads`: the int8 runtime's threads (default: torch's count now, which the engine sets).
+        """`threads`: the forward pass's threads (ONNX Runtime's intra-op threads, or torch's); default: the cores.
 
-        Serving int8 sets torch to one thread for the whole process (see below).
+        The engine passes its `threads`, which default to the cores too, so a predictor built
+        beside a server (tests, evaluation) reuses the timings "auto" made for it.
         """
         self.checkpoint = checkpoint
-        self.device = torch.device("cpu")
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or cpu_count()
         # The one place "checkpoint" is resolved: the mode the stored metrics describe.
         self.tta: TtaMode = checkpoint.figures.measured_tta if tta == "checkpoint" else check_tta(tta)
-        self.network = inference_network(checkpoint)
-        choice = resolve_precision(checkpoint, precision, self.threads, self.network)
+        choice = resolve_precision(checkpoint, precision, self.threads, runtime)
         self.precision: str = choice.precision
+        self.runtime: str = choice.path.runtime
         self.speeds: dict[str, dict[int, float]] = choice.speeds  # faces/s of each path "auto" timed
-        self._int8 = choice.int8
-        self._forward: Callable[[torch.Tensor], torch.Tensor]
-        if self.precision == "int8":
-            assert choice.int8 is not None
-            self._forward = choice.int8
-            # ONNX Runtime runs the network on its own `threads`; torch is left the small ops around
-            # it (views, softmax, preprocessing), and its OpenMP team, spinning after each of them,
-            # took the cores from ORT: 495 faces/s at batch 2 against 2,955 with torch on one
-            # thread. Process-wide, like the engine's other thread settings.
-            torch.set_num_threads(1)
-        else:
-            self._forward = torch_forward(self.network, self.precision)
+        self._path = choice.path
         self._lock = threading.Lock()
 
     @property
     def int8_recipe(self) -> str:
-        """How the int8 file was made ("" when int8 is not loaded)."""
-        return self._int8.recipe if self._int8 is not None else ""
+        """How the int8 file was made ("" when int8 does not serve)."""
+        return self._path.recipe if self.precision == "int8" else ""
 
     @classmethod
     def from_checkpoint(
-        cls, path: Path, *, precision: Precision = "auto", tta: ServedTta = "checkpoint", threads: int | None = None
+        cls,
+        path: Path,
+        *,
+        precision: Precision = "auto",
+        runtime: Runtime = "auto",
+        tta: ServedTta = "checkpoint",
+        threads: int | None = None,
     ) -> Predictor:
-        """Load a checkpoint (weights only) and build its predictor; raises `CheckpointError`."""
-        return cls(load_checkpoint(path), precision=precision, tta=tta, threads=threads)
+        """Read a checkpoint (weights only) and build its predictor; raises `CheckpointError`."""
+        return cls(load_checkpoint(path), precision=precision, runtime=runtime, tta=tta, threads=threads)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -97,25 +102,32 @@ class Predictor:
         return self.tta if tta is None else check_tta(tta)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> None:
-        """Run a few forward passes so oneDNN builds its kernels before the first request."""
+        """Run a few forward passes so the runtime builds its kernels before the first request."""
         size = self.checkpoint.preprocessing.size
         for batch_size in batch_sizes:
-            self.predict_tensors(torch.zeros(batch_size, 1, size, size))
+            self.predict_tensors(np.zeros((batch_size, 1, size, size), np.float32))
 
-    def predict_tensors(self, inputs: torch.Tensor, tta: TtaMode | None = None) -> np.ndarray:
+    def predict_tensors(self, inputs: Any, tta: TtaMode | None = None) -> np.ndarray:
         """Normalised faces (N, 1, 48, 48) float32 → probabilities (N, classes) float64.
 
-        `tta` overrides this predictor's test-time augmentation for this call (None: `self.tta`).
+        `inputs` is a numpy array or anything `np.asarray` reads (a CPU torch tensor). `tta`
+        overrides this predictor's test-time augmentation for this call (None: `self.tta`).
         """
         mode = self.resolve_tta(tta)
-        inputs = inputs.to(self.device)
-        count = inputs.shape[0]
-        with self._lock, torch.inference_mode(), autocast(self.device, self.precision == "bf16"):
-            views = tta_views(inputs, mode, self.checkpoint.preprocessing.tencrop_resize)
-            logits = torch.cat([self._forward(chunk) for chunk in torch.split(views, FORWARD_CHUNK)]).float()
-            probabilities = torch.softmax(logits, dim=1).reshape(-1, count, logits.shape[1]).mean(dim=0)
-        result: np.ndarray = probabilities.double().numpy()
-        normalised: np.ndarray = result / result.sum(axis=1, keepdims=True)  # exact sums after the bf16 round trip
+        if hasattr(inputs, "detach"):  # a torch tensor (training's evaluation): its numpy view, on the CPU
+            inputs = inputs.detach().cpu().numpy()
+        faces = np.asarray(inputs, dtype=np.float32)
+        count = faces.shape[0]
+        views = tta_views(faces, mode, self.checkpoint.preprocessing.tencrop_resize)
+        with self._lock:
+            logits = np.concatenate(
+                [
+                    self._path.forward(views[start : start + FORWARD_CHUNK])
+                    for start in range(0, len(views), FORWARD_CHUNK)
+                ]
+            )
+        probabilities = softmax(logits).reshape(-1, count, logits.shape[1]).mean(axis=0)
+        normalised: np.ndarray = probabilities / probabilities.sum(axis=1, keepdims=True)
         return normalised
 
     def to_predictions(self, probabilities: np.ndarray) -> list[Prediction]:

@@ -1,4 +1,4 @@
-"""The one preprocessing path: a decoded image → the normalised (1, 48, 48) tensor.
+"""The one preprocessing path: a decoded image → the normalised (1, 48, 48) float32 array.
 
 Training caches `face_pixels` of every file, evaluation and serving call `preprocess`, and both
 end in `normalise`, so what is measured is what is served. The parameters travel in the
@@ -13,10 +13,9 @@ when shrinking → scale to [0, 1] → (x - mean) / std.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
-import torch
 from PIL import Image
 
 from models.decoding import decode_image
@@ -107,25 +106,37 @@ def face_pixels(image: Image.Image, spec: PreprocessingSpec) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8).copy()
 
 
-def normalise(pixels: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
-    """uint8 pixels of any shape → float32 (x/255 - mean) / std."""
-    return (pixels.to(torch.float32) / 255.0 - spec.mean) / spec.std
+# A numpy array (serving, evaluation) or a torch tensor (training's batches, maybe on a GPU).
+Pixels = TypeVar("Pixels")
 
 
-def to_model_input(pixels: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
+def normalise(pixels: Pixels, spec: PreprocessingSpec) -> Pixels:
+    """uint8 pixels of any shape → float32 (x/255 - mean) / std, as a numpy array or a torch tensor like the input.
+
+    Both compute in float32 with the constants rounded to float32 first, so the two agree bit for bit.
+    """
+    if isinstance(pixels, np.ndarray):
+        scaled = pixels.astype(np.float32) / np.float32(255.0)
+        return cast(Pixels, (scaled - np.float32(spec.mean)) / np.float32(spec.std))
+    tensor = cast(Any, pixels)  # torch, which this module does not import
+    return cast(Pixels, (tensor.float() / 255.0 - spec.mean) / spec.std)
+
+
+def to_model_input(pixels: Pixels, spec: PreprocessingSpec) -> Pixels:
     """uint8 faces (N, size, size) → the normalised model input (N, 1, size, size) float32.
 
     The last step of every path into the network: serving (`preprocess`), evaluation and
     training batches of cached pixels all end here, so none repeats the normalisation.
     """
-    return normalise(pixels, spec).unsqueeze(1)
+    return cast(Pixels, cast(Any, normalise(pixels, spec))[:, None])
 
 
-def preprocess(image: Image.Image, spec: PreprocessingSpec) -> torch.Tensor:
+def preprocess(image: Image.Image, spec: PreprocessingSpec) -> np.ndarray:
     """A decoded face → the normalised model input, (1, size, size) float32."""
-    return to_model_input(torch.from_numpy(face_pixels(image, spec))[None], spec)[0]
+    result: np.ndarray = to_model_input(face_pixels(image, spec)[None], spec)[0]
+    return result
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessingSpec, max_pixels: int | None = None) -> torch.Tensor:
+def preprocess_bytes(data: bytes, spec: PreprocessingSpec, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes → the normalised model input, (1, size, size) float32; see `decode_image`."""
     return preprocess(decode_image(data, max_pixels=max_pixels), spec)

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 
 from models.batching import BatchResult, MicroBatcher
 from models.config import EngineConfig
@@ -274,7 +274,7 @@ class Scheduler:
             stop.set()
             raise
 
-    async def infer(self, inputs: Sequence[torch.Tensor], mode: TtaMode, *, wait_for_room: bool) -> list[BatchResult]:
+    async def infer(self, inputs: Sequence[np.ndarray], mode: TtaMode, *, wait_for_room: bool) -> list[BatchResult]:
         """Each face through the batcher in `mode`; the results in order.
 
         Without `wait_for_room` a full queue refuses at once (a single photo: 503); with it the
@@ -285,7 +285,7 @@ class Scheduler:
             QueueFullError: no room (at once, or by the deadline).
         """
 
-        def submit(face: torch.Tensor) -> Future[BatchResult]:
+        def submit(face: np.ndarray) -> Future[BatchResult]:
             return self._batcher.submit(face, mode)
 
         if wait_for_room:

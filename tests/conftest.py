@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.checkpoint import CLASSES, load_checkpoint
@@ -57,7 +56,7 @@ def reference_probabilities(
     """What the predictor computes for one image, in process: class → probability, in checkpoint order."""
     loaded = load_checkpoint(checkpoint)
     predictor = Predictor(loaded, precision=precision, tta=tta)  # type: ignore[arg-type]
-    row = predictor.predict_tensors(torch.stack([preprocess(image, loaded.preprocessing)]))[0]
+    row = predictor.predict_tensors(np.stack([preprocess(image, loaded.preprocessing)]))[0]
     return {name: float(p) for name, p in zip(loaded.classes, row, strict=True)}
 
 

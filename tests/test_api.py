@@ -224,13 +224,13 @@ def test_metrics_give_the_figures_of_the_tta_asked_for(server: AppServer) -> Non
 
 
 def test_ten_crop_server_answers_and_reports_ten_crop_figures(tmp_path: Path) -> None:
-    import torch
+    from models.checkpoint import read_checkpoint_dict, write_checkpoint_dict
 
-    payload = torch.load(SHIPPED_CHECKPOINT, weights_only=True)
+    payload = read_checkpoint_dict(SHIPPED_CHECKPOINT)
     payload["metrics"] = {**payload["metrics"], "tta": "none", "accuracy": 0.5}
     payload["metrics"]["tta_alternatives"] = {"tencrop": {"tta": "tencrop", "accuracy": 0.75, "macro_f1": 0.7}}
     checkpoint = tmp_path / "model.pth"
-    torch.save(payload, checkpoint)
+    write_checkpoint_dict(payload, checkpoint)
     # max_batch=4: the warm-up, ten views of each of up to max_batch faces, stays short.
     with app_serving(checkpoint=checkpoint, tta="tencrop", precision="fp32", max_batch=4) as server:
         body = get(f"{server.url}/metrics").json()
@@ -434,7 +434,7 @@ def write_bad_checkpoint(path: Path, setup: str) -> None:
 
     import torch
 
-    from models.checkpoint import read_checkpoint_dict
+    from models.checkpoint import read_checkpoint_dict, write_checkpoint_dict
 
     if setup == "truncated":
         path.write_bytes(SHIPPED_CHECKPOINT.read_bytes()[:1000])
@@ -444,7 +444,7 @@ def write_bad_checkpoint(path: Path, setup: str) -> None:
             raw["state_dict"]["classifier.1.weight"] = torch.zeros(128, 2304)
         else:
             raw["classes"] = ["happy", "sad", "other"]
-        torch.save(raw, path)
+        write_checkpoint_dict(raw, path)
     elif setup == "pickle with code":
         path.write_bytes(pickle.dumps({"format_version": 1, "x": _PrintsWhenUnpickled()}))
 

@@ -13,9 +13,11 @@ from models.checkpoint import (
     read_checkpoint_dict,
     save_checkpoint,
     store_metrics,
+    write_checkpoint_dict,
 )
 from models.errors import CheckpointError
 from models.network import EmotionRecognitionModelPyTorch
+from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
 
 
@@ -63,7 +65,7 @@ def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_plain_tensor_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), path)
-    with pytest.raises(CheckpointError, match=r"tensor\.pth: holds a Tensor, not a checkpoint dict"):
+    with pytest.raises(CheckpointError, match=r"tensor\.pth: holds a tensor, not a checkpoint dict"):
         load_checkpoint(path)
 
 
@@ -77,31 +79,31 @@ def test_bare_state_dict_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_unknown_architecture_is_refused(checkpoint_path: Path) -> None:
     raw = read_checkpoint_dict(checkpoint_path)
     raw["architecture"] = "ResNet9000"
-    torch.save(raw, checkpoint_path)
+    write_checkpoint_dict(raw, checkpoint_path)
     with pytest.raises(CheckpointError, match=r"unknown architecture 'ResNet9000'"):
-        load_checkpoint(checkpoint_path)
+        Predictor(load_checkpoint(checkpoint_path), precision="fp32", runtime="torch")  # the network is built here
 
 
 def test_weights_of_the_wrong_shape_are_refused(checkpoint_path: Path) -> None:
     raw = read_checkpoint_dict(checkpoint_path)
     raw["state_dict"]["features.0.0.weight"] = torch.zeros(32, 1, 3, 3)
-    torch.save(raw, checkpoint_path)
+    write_checkpoint_dict(raw, checkpoint_path)
     with pytest.raises(CheckpointError, match=r"weights do not fit EmotionRecognitionModelPyTorch"):
-        load_checkpoint(checkpoint_path)
+        Predictor(load_checkpoint(checkpoint_path), precision="fp32", runtime="torch")  # the network is built here
 
 
 def test_class_list_that_does_not_fit_the_head_is_refused(checkpoint_path: Path) -> None:
     raw = read_checkpoint_dict(checkpoint_path)
     raw["classes"] = ["happy", "sad"]
-    torch.save(raw, checkpoint_path)
+    write_checkpoint_dict(raw, checkpoint_path)
     with pytest.raises(CheckpointError, match=r"weights do not fit .* with 2 classes"):
-        load_checkpoint(checkpoint_path)
+        Predictor(load_checkpoint(checkpoint_path), precision="fp32", runtime="torch")  # the network is built here
 
 
 def test_wrong_format_version_is_refused(checkpoint_path: Path) -> None:
     raw = read_checkpoint_dict(checkpoint_path)
     raw["format_version"] = 99
-    torch.save(raw, checkpoint_path)
+    write_checkpoint_dict(raw, checkpoint_path)
     with pytest.raises(CheckpointError, match=r"format_version 99"):
         load_checkpoint(checkpoint_path)
 
@@ -133,7 +135,7 @@ def test_saved_checkpoint_is_readable_by_other_users(checkpoint_path: Path) -> N
 def test_a_checkpoint_written_before_the_ten_crop_geometry_was_stored_gets_the_default(checkpoint_path: Path) -> None:
     payload = read_checkpoint_dict(checkpoint_path)
     del payload["preprocessing"]["tencrop_resize"]
-    torch.save(payload, checkpoint_path)
+    write_checkpoint_dict(payload, checkpoint_path)
     assert load_checkpoint(checkpoint_path).preprocessing.tencrop_resize == 52
 
 
@@ -173,6 +175,6 @@ def test_metrics_of_an_unknown_tta_mode_are_refused(checkpoint_path: Path) -> No
         store_metrics(checkpoint_path, {"accuracy": 0.5, "tta": "twentycrop"})
     payload = read_checkpoint_dict(checkpoint_path)
     payload["metrics"] = {"accuracy": 0.5, "tta": "twentycrop"}
-    torch.save(payload, checkpoint_path)
+    write_checkpoint_dict(payload, checkpoint_path)
     with pytest.raises(CheckpointError, match="unknown TTA mode"):
         load_checkpoint(checkpoint_path)

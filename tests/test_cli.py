@@ -113,7 +113,10 @@ def test_predict_csv_matches_the_predictor(image_dir: Path, tmp_path: Path) -> N
     network = load_checkpoint(SHIPPED_CHECKPOINT).network
     with torch.inference_mode():
         expected = torch.softmax(
-            network(preprocess_bytes(face_png(1), load_checkpoint(SHIPPED_CHECKPOINT).preprocessing)[None]), 1
+            network(
+                torch.from_numpy(preprocess_bytes(face_png(1), load_checkpoint(SHIPPED_CHECKPOINT).preprocessing)[None])
+            ),
+            1,
         )[0]
     assert [float(rows[0][c]) for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-4)
 
@@ -217,8 +220,8 @@ def sample_faces(fer2013_dir: Path | None) -> torch.Tensor:
     spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing
     if fer2013_dir is not None:
         files = sorted((fer2013_dir / "val").glob("*/*.jpg"))[::56][:64]
-        return torch.stack([preprocess_bytes(path.read_bytes(), spec) for path in files])
-    return torch.stack([preprocess_bytes(face_png(seed), spec) for seed in range(16)])
+        return torch.from_numpy(np.stack([preprocess_bytes(path.read_bytes(), spec) for path in files]))
+    return torch.from_numpy(np.stack([preprocess_bytes(face_png(seed), spec) for seed in range(16)]))
 
 
 @pytest.fixture()

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from benchmarks.workloads import face_jpeg_48, photo_jpeg_640
 from models.answers import ImageAnswer
-from models.checkpoint import read_checkpoint_dict
+from models.checkpoint import read_checkpoint_dict, write_checkpoint_dict
 from models.config import EngineConfig
 from models.decoding import read_header
 from models.engine import Engine
@@ -110,7 +109,7 @@ def test_stored_figures_are_served_per_mode_and_unmeasured_modes_are_refused(eng
     payload["metrics"].pop("tta_alternatives")
     for block in payload["metrics"].get("precision_alternatives", {}).values():
         block.pop("tta_alternatives", None)
-    torch.save(payload, tmp_path / "plain.pth")
+    write_checkpoint_dict(payload, tmp_path / "plain.pth")
     plain = Engine.load(tmp_path / "plain.pth", EngineConfig(threads=1, prepare_workers=1))
     try:
         assert plain.model.measured_tta == ("none",)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.network import build_network
-from models.precision import autocast, resolve_bf16
 from models.preprocessing import PreprocessingSpec, to_model_input
+from models.torch_backend import autocast, resolve_bf16
 from training.augment import augment_batch
 from training.config import TrainConfig
 from training.data import Split

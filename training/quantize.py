@@ -1,10 +1,12 @@
-"""Quantise a checkpoint's network to int8 for ONNX Runtime, calibrated on training images only.
+"""Write a checkpoint's ONNX Runtime files: the fp32 network, and its int8 quantisation calibrated on training images only.
 
 python -m training.quantize --checkpoint models/checkpoint.pth
 
-Writes `<checkpoint>.int8.onnx` beside the checkpoint (what the service loads for
-FER_PRECISION=int8 or auto), tagged with the hash of the weights it came from. Then measure it on
-val and store its figures, so that `auto` may serve it:
+Writes `<checkpoint>.onnx` (fp32) and `<checkpoint>.int8.onnx` beside the checkpoint, what the
+service serves without torch (models/onnx_network.py), each tagged with the hash of the weights
+it came from. The fp32 file computes what torch's fp32 does (tests/test_runtimes.py holds it to
+1e-5 per probability on val), so the checkpoint's fp32 figures describe it. Then measure the
+int8 file on val and store its figures, so that `auto` may serve it:
 
 python -m training.evaluate --precision int8 --also-tta flip --also-tta tencrop --write-metrics ...
 
@@ -29,8 +31,8 @@ import torch
 from models.checkpoint import Checkpoint, drop_figures, load_checkpoint
 from models.errors import FerError
 from models.export import export_onnx
-from models.int8 import RECIPE_KEY, WEIGHTS_KEY, Int8Network, int8_model_path, weights_sha256
 from models.network import fuse_for_inference
+from models.onnx_network import RECIPE_KEY, WEIGHTS_KEY, OnnxNetwork, onnx_model_path
 from models.preprocessing import to_model_input
 from training.data import default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
@@ -58,7 +60,7 @@ def quantise(checkpoint: Checkpoint, calibration: torch.Tensor, output: Path, pe
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    weights = weights_sha256(checkpoint.network)
+    weights = checkpoint.weights_sha256
     network = fuse_for_inference(checkpoint.network, pool_before_relu=False)
     batches = [{"faces": chunk.numpy()} for chunk in torch.split(calibration, 64)]
 
@@ -93,25 +95,47 @@ def quantise(checkpoint: Checkpoint, calibration: torch.Tensor, output: Path, pe
         onnx.helper.set_model_props(model, {WEIGHTS_KEY: weights, RECIPE_KEY: recipe})
         staged = Path(work) / "tagged.onnx"
         onnx.save(model, str(staged))
-        # Loaded the way the service will (hash, runtime, output shape) before it replaces anything.
-        Int8Network(
-            staged,
-            expected_weights=weights,
-            num_classes=len(checkpoint.classes),
-            size=checkpoint.preprocessing.size,
-            threads=torch.get_num_threads(),
-        )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        os.close(fd)
-        try:
-            Path(tmp_name).write_bytes(staged.read_bytes())
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, output)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        _install(staged, output, checkpoint, "int8")
     return recipe
+
+
+def write_fp32(checkpoint: Checkpoint, output: Path) -> str:
+    """Write the fp32 ONNX file of a checkpoint (BatchNorm folded, as torch serves it) to `output`; returns its recipe line."""
+    import onnx
+
+    recipe = f"fp32 export from torch {torch.__version__} (BatchNorm folded)"
+    with tempfile.TemporaryDirectory(prefix="fer-export-") as work:
+        exported = export_onnx(
+            fuse_for_inference(checkpoint.network), checkpoint.preprocessing.size, Path(work) / "fp32.onnx"
+        )
+        model = onnx.load(str(exported))  # the exporter may keep weights in a side file: load them in
+        onnx.helper.set_model_props(model, {WEIGHTS_KEY: checkpoint.weights_sha256, RECIPE_KEY: recipe})
+        staged = Path(work) / "tagged.onnx"
+        onnx.save(model, str(staged))
+        _install(staged, output, checkpoint, "fp32")
+    return recipe
+
+
+def _install(staged: Path, output: Path, checkpoint: Checkpoint, precision: str) -> None:
+    """Load `staged` the way the service will (hash, runtime, output shape), then put it in place atomically."""
+    OnnxNetwork(
+        staged,
+        precision=precision,
+        expected_weights=checkpoint.weights_sha256,
+        num_classes=len(checkpoint.classes),
+        size=checkpoint.preprocessing.size,
+        threads=1,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    os.close(fd)
+    try:
+        Path(tmp_name).write_bytes(staged.read_bytes())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, output)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--percentile", type=float, default=99.999, help="activation range: this percentile of |x|")
     parser.add_argument("--output", type=Path, default=None, help="int8 model file (default: beside the checkpoint)")
     parser.add_argument(
+        "--fp32-only", action="store_true", help="write the fp32 file only (no calibration, no dataset needed)"
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=None, help="decode cache folder (default: none, decode every file)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level")
@@ -147,9 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    output = args.output or int8_model_path(args.checkpoint)
+    output = args.output or onnx_model_path(args.checkpoint, "int8")
     try:
         checkpoint = load_checkpoint(args.checkpoint)
+        fp32_output = onnx_model_path(args.checkpoint, "fp32")
+        print(f"wrote {fp32_output}: {write_fp32(checkpoint, fp32_output)}")
+        if args.fp32_only:
+            return 0
         spec = checkpoint.preprocessing
         split = load_split((args.data_dir or default_data_dir()) / args.split, spec, cache_dir=args.cache_dir)
         faces = calibration_faces(split.pixels, args.images, args.seed)
@@ -158,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {output}: {recipe}")
-    if output.resolve() == int8_model_path(args.checkpoint).resolve() and drop_figures(args.checkpoint, "int8"):
+    if output.resolve() == onnx_model_path(args.checkpoint, "int8").resolve() and drop_figures(args.checkpoint, "int8"):
         # The stored int8 figures described the previous file: auto must not serve this one on them.
         print(
             "dropped the checkpoint's int8 figures, which described the previous file; measure this one with "
