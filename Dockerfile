@@ -1,7 +1,26 @@
 # fer-service: the API and the shipped checkpoint, CPU-only, non-root, read-only friendly.
+#
+# Two images from this file (docs/deploy.md: "Images"):
+#   lean  (the default target, what compose runs): ONNX Runtime serves the fp32 and int8 files
+#         beside the checkpoint; torch is not installed.
+#   torch (docker build --target torch): adds torch (CPU wheels) for FER_RUNTIME=torch (bf16 on
+#         AMX), and for training, evaluation and export inside the container.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
+WORKDIR /src
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml README.md ./
+COPY models models
+COPY training training
+COPY app app
+COPY cli cli
+# pip and setuptools are not needed to serve: out of the venv once the project is in.
+RUN pip install --no-cache-dir . \
+    && pip uninstall --yes --quiet pip setuptools
+
+FROM ${BASE_IMAGE} AS build-torch
 # CPU-only PyTorch wheels for real users (about 1 GB smaller than the CUDA build); overridable.
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
@@ -12,9 +31,9 @@ COPY models models
 COPY training training
 COPY app app
 COPY cli cli
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[train]"
 
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS serving
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,12 +42,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     FER_CHECKPOINT=/srv/fer/models/checkpoint.pth \
     MALLOC_ARENA_MAX=2
 RUN useradd --system --uid 10001 --home-dir /srv/fer --shell /usr/sbin/nologin fer
-COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv/fer
-# The code lives in the venv; only the weights are copied beside it.
-COPY --chown=root:root models/checkpoint.pth models/checkpoint.int8.onnx models/
+# The code lives in the venv; only the model files are copied beside it: the checkpoint (its
+# classes, preprocessing and stored figures, read without torch) and its two ONNX files.
+COPY --chown=root:root models/checkpoint.pth models/checkpoint.onnx models/checkpoint.int8.onnx models/
 USER fer
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"]
 CMD ["python", "-m", "app"]
+
+FROM serving AS torch
+COPY --from=build-torch /opt/venv /opt/venv
+
+# The last stage is what `docker build .` makes.
+FROM serving AS lean
+COPY --from=build /opt/venv /opt/venv

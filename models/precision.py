@@ -163,11 +163,20 @@ def resolve_precision(
         )
     if asked == "auto":
         pairs = [(p, r) for p, r in pairs if p == "fp32" or _reduced_candidate(checkpoint, p)]
-    paths, refusals = _load_paths(checkpoint, pairs, threads)
+    # Runtime "auto" stays within ONNX Runtime when one of its files loads: importing torch only
+    # to time it would add seconds to every start (docs/runtimes.md), and the measured fastest
+    # path here is an ONNX one. torch serves when asked for, for bf16, or when no ONNX path can.
+    onnx_pairs = [(p, r) for p, r in pairs if r == "onnxruntime"]
+    paths, refusals = _load_paths(checkpoint, onnx_pairs, threads)
+    if not paths:
+        torch_paths, torch_refusals = _load_paths(
+            checkpoint, [pair for pair in pairs if pair not in onnx_pairs], threads
+        )
+        paths, refusals = paths + torch_paths, refusals + torch_refusals
     if not paths:
         raise CheckpointError(f"cannot serve {asked} in {runtime}: " + "; ".join(refusals))
     for refusal in refusals:
-        logger.warning("precision %s: not a candidate: %s", asked, refusal)
+        logger.info("precision %s: not a candidate: %s", asked, refusal)
     if len(paths) == 1:
         return PrecisionChoice(paths[0])
     names = tuple(path.name for path in paths)

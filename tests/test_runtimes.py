@@ -157,6 +157,18 @@ def test_an_unreadable_or_missing_onnx_file_is_refused(tmp_path: Path) -> None:
     assert Predictor(load_checkpoint(checkpoint), precision="fp32").runtime == "torch"
 
 
+def test_auto_stays_in_onnx_runtime_while_its_files_load_and_torch_serves_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # not imported to be timed: an import here would fail
+    checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
+    auto = Predictor(checkpoint, precision="auto")
+    assert auto.runtime == "onnxruntime" and all(name.endswith("/onnxruntime") for name in auto.speeds)
+    monkeypatch.undo()
+    assert Predictor(checkpoint, precision="fp32", runtime="torch").runtime == "torch"
+    assert Predictor(checkpoint, precision="bf16").runtime == "torch"
+
+
 def test_auto_serves_torch_when_onnx_runtime_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` meets when it is not installed
     checkpoint = load_checkpoint(SHIPPED_CHECKPOINT)
@@ -183,13 +195,13 @@ def test_auto_never_serves_int8_without_figures_that_put_it_near_fp32(tmp_path: 
     lower = {**fp32, "precision": "int8", "accuracy": fp32["accuracy"] - 0.004}
     store_metrics(checkpoint, fp32, precisions={"int8": (lower, {})})
     auto = Predictor(load_checkpoint(checkpoint), precision="auto")
-    assert auto.precision != "int8" and "int8" not in timed(auto) and "fp32" in timed(auto)
+    assert auto.precision == "fp32" and "int8" not in timed(auto)
     # Figures for fp32 and bf16 only: int8 is not a candidate either.
     payload = read_checkpoint_dict(checkpoint)
     payload["metrics"]["precision_alternatives"] = {"bf16": bf16}
     write_checkpoint_dict(payload, checkpoint)
     auto = Predictor(load_checkpoint(checkpoint), precision="auto")
-    assert auto.precision != "int8" and "int8" not in timed(auto) and "fp32" in timed(auto)
+    assert auto.precision == "fp32" and "int8" not in timed(auto)
 
 
 def test_a_checkpoint_evaluated_in_one_precision_keeps_bf16_and_never_gets_int8(tmp_path: Path) -> None:
@@ -200,8 +212,9 @@ def test_a_checkpoint_evaluated_in_one_precision_keeps_bf16_and_never_gets_int8(
     payload["metrics"] = load_checkpoint(SHIPPED_CHECKPOINT).figures.metrics_for("none", "fp32")
     write_checkpoint_dict(payload, checkpoint)
     auto = Predictor(load_checkpoint(checkpoint), precision="auto")
-    assert "int8" not in timed(auto) and auto.precision != "int8"
-    assert ("bf16" in timed(auto)) == cpu_supports_bf16()
+    assert "int8" not in timed(auto) and auto.precision == "fp32"
+    in_torch = Predictor(load_checkpoint(checkpoint), precision="auto", runtime="torch")
+    assert ("bf16" in timed(in_torch)) == cpu_supports_bf16() and in_torch.runtime == "torch"
 
 
 def test_start_up_with_a_mismatched_int8_file_stops_with_one_line(
