@@ -40,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     FER_HOST=0.0.0.0 \
     FER_PORT=8000 \
     FER_CHECKPOINT=/srv/fer/models/checkpoint.pth \
-    MALLOC_ARENA_MAX=2
+    MALLOC_ARENA_MAX=2 \
+    ORT_DISABLE_TELEMETRY=1
 RUN useradd --system --uid 10001 --home-dir /srv/fer --shell /usr/sbin/nologin fer
 WORKDIR /srv/fer
 # The code lives in the venv; only the model files are copied beside it: the checkpoint (its

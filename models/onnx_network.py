@@ -11,6 +11,7 @@ file left over from other weights, or from another checkpoint, is refused instea
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ import numpy as np
 from models.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+# ONNX Runtime 1.32 collects telemetry on Linux by default and, where it cannot write its device
+# ID (a read-only container), warns on stderr at every start. An offline service sends none; the
+# variable must be set before onnxruntime is first imported, which happens in this module.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # The precisions served from ONNX files, and each file's name beside `checkpoint.pth`.
 ONNX_SUFFIXES = {"fp32": ".onnx", "int8": ".int8.onnx"}
