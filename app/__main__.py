@@ -18,11 +18,13 @@ if __name__ == "__main__" and sys.platform == "linux" and "MALLOC_ARENA_MAX" not
     os.environ["MALLOC_ARENA_MAX"] = "2"
     os.execv(sys.executable, [sys.executable, "-m", "app", *sys.argv[1:]])
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from app.draining import DrainingServer  # noqa: E402
 from app.http_protocol import server_options  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -50,8 +52,13 @@ def main() -> int:
         engine.close()
         print(f"fer-service: FER_API_KEYS_FILE: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, **server_options(settings))
-    return 0
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **server_options(settings))
+    server = DrainingServer(config, app.state.drain, settings.drain_s)
+    # What uvicorn.run does around its server: Ctrl+C, re-raised once the shutdown is done, ends
+    # quietly; a server that never started (the port in use, logged) exits with uvicorn's status.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # uvicorn.run's STARTUP_FAILURE
 
 
 if __name__ == "__main__":

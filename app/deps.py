@@ -1,4 +1,4 @@
-"""Dependencies the routes take: the engine, the settings, the telemetry."""
+"""Dependencies the routes take: the engine, the settings, the telemetry, the drain."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.draining import Drain
 from app.settings import Settings
 from app.telemetry import Telemetry
 from models.engine import Engine
@@ -29,6 +30,13 @@ def get_telemetry(request: Request) -> Telemetry:
     return telemetry
 
 
+def get_drain(request: Request) -> Drain:
+    """Whether the service is draining before its shutdown (app/draining.py)."""
+    drain: Drain = request.app.state.drain
+    return drain
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
+DrainDep = Annotated[Drain, Depends(get_drain)]

@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.clients import ApiKeys, ClientGate, RateLimiter
+from app.draining import Drain
 from app.errors import install_error_handlers
 from app.middleware import InFlight, RequestGuard
 from app.routes import router
@@ -38,9 +39,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = loaded
         served = loaded.metrics()
         logger.info(
-            "serving %s (format %s, %s, val accuracy %s) in %s, tta %s, detector %s, with %d threads",
+            "serving %s (format %s, %s, val accuracy %s) in %s on %s, tta %s, detector %s, with %d threads",
             loaded.model.checkpoint, FORMAT_VERSION, loaded.model.version, served.get("accuracy", "not measured"),
-            loaded.model.precision, loaded.model.tta, loaded.model.detector, settings.engine.threads,
+            loaded.model.precision, loaded.model.runtime, loaded.model.tta, loaded.model.detector, settings.engine.threads,
         )  # fmt: skip
         # Warm up in the background: /health answers at once, /ready turns 200 when done.
         threading.Thread(target=loaded.warm_up, name="fer-warmup", daemon=True).start()
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.drain = Drain()  # started by the server on SIGTERM (app/draining.py); /ready reads it
     video_uploads = app.state.video_uploads = InFlight()  # videos being uploaded now (FER_MAX_VIDEO_UPLOADS)
     app.state.telemetry = make_telemetry(
         lambda: float(app.state.engine.queue_depth) if hasattr(app.state, "engine") else 0.0,

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from app.clients import VIDEO_TOKENS, charge_extra
-from app.deps import EngineDep, SettingsDep, TelemetryDep
+from app.deps import DrainDep, EngineDep, SettingsDep, TelemetryDep
 from app.errors import UPLOAD_ERRORS, VIDEO_ERRORS, NotReady, error_response, openapi_responses, status_for
 from app.schemas import BatchItem, BatchOut, MetricsOut, ModelOut, PredictionOut, StatusOut, VideoOut
 from app.uploads import read_files, read_image, read_video
@@ -292,10 +292,14 @@ async def health() -> dict[str, str]:
     "/ready",
     response_model=StatusOut,
     responses=openapi_responses(NotReady),
-    summary="Readiness: 200 once the model is loaded and warmed up",
+    summary="Readiness: 200 once the model is loaded and warmed up, 503 again once the service is stopping",
 )
-async def ready(engine: EngineDep) -> JSONResponse:
-    """200 when the engine has warmed up, 503 before."""
+async def ready(engine: EngineDep, drain: DrainDep) -> JSONResponse:
+    """200 when the engine has warmed up, 503 before, and 503 while draining before a shutdown."""
+    if drain.started:  # requests are still served: this tells balancers to stop sending (app/draining.py)
+        return error_response(
+            NotReady("the service is stopping: send to another replica"), extra={"status": "stopping"}
+        )
     if engine.ready:
         return JSONResponse({"status": "ready"})
     return error_response(

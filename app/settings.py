@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     rate_burst: int = Field(20, ge=1, le=100_000)
     cors_origins: str = ""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # On SIGTERM: first FER_DRAIN_S of serving everything while /ready answers 503 (app/draining.py),
+    # long enough for a balancer's checks to take the replica out (deploy/haproxy: 3 s at most;
+    # the Kubernetes readiness probe: 4 s; docs/RELIABILITY.md, "Replicas that come and go"),
+    # then FER_GRACEFUL_SHUTDOWN_S for what is in flight once the listener has closed.
+    drain_s: float = Field(5.0, ge=0, le=600)
     graceful_shutdown_s: float = Field(20.0, ge=0)
 
     @model_validator(mode="before")

@@ -121,8 +121,9 @@ def test_probes_grace_period_and_threads_agree_with_the_app() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] in routes and container[probe]["httpGet"]["port"] == "http"
     assert container["ports"][0] == {"name": "http", "containerPort": settings.port, "protocol": "TCP"}
-    # preStop, then the app's graceful window, then the 503s to what still runs; the rest is margin
-    shutdown = container["lifecycle"]["preStop"]["sleep"]["seconds"] + settings.graceful_shutdown_s + SHUTDOWN_REPLY_S
+    # preStop, then the app's drain and graceful window, then the 503s to what still runs; the rest is margin
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    shutdown = pre_stop + settings.drain_s + settings.graceful_shutdown_s + SHUTDOWN_REPLY_S
     assert pod["terminationGracePeriodSeconds"] >= shutdown + 5
     # thread counts from the CPU limit, which requests equal: no throttling below the HPA's unit
     env = {item["name"]: item for item in container["env"]}
@@ -133,6 +134,27 @@ def test_probes_grace_period_and_threads_agree_with_the_app() -> None:
             "divisor": "1",
         }
     assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"]
+
+
+def test_a_stopping_pod_leaves_the_endpoints_then_drains_then_stops() -> None:
+    pod = base("deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = settings_of(env_file(K8S / "base" / "settings.env"))
+    assert settings.drain_s > 0  # /ready answers 503 after SIGTERM while requests are still served
+    # preStop: the endpoints controller, kube-proxy and ingress controllers need a few seconds.
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] >= 3
+    # The readiness probe on /ready sees the drain's 503 and marks the pod unready within the drain.
+    readiness = container["readinessProbe"]
+    assert readiness["httpGet"]["path"] == "/ready"
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= settings.drain_s
+    assert readiness["timeoutSeconds"] < readiness["periodSeconds"]
+    # SIGKILL only after the whole of it: preStop, drain, graceful window, the last 503s.
+    assert pod["terminationGracePeriodSeconds"] > (
+        container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        + settings.drain_s
+        + settings.graceful_shutdown_s
+        + SHUTDOWN_REPLY_S
+    )
 
 
 def test_autoscaling_and_disruption_budget_select_the_deployment() -> None:
