@@ -30,6 +30,7 @@ from benchmarks.machine import machine_line
 from benchmarks.workloads import photo_jpeg_640
 
 ROOT = Path(__file__).resolve().parent.parent
+NETWORK = "fer-lean-bench"
 
 
 def image_size_mb(image: str) -> float:
@@ -76,10 +77,13 @@ def send_photos(url: str, count: int, clients: int) -> dict[str, int]:
 def measure_container(image: str, photos: int) -> dict[str, object]:
     """Start `image`, time it to ready, RSS at rest, `photos` photos, RSS after."""
     port, name = free_port(), f"fer-lean-bench-{os.getpid()}"
+    # A network of its own, as compose makes: an engine started with --bridge=none (../shared/DOCKER.md)
+    # publishes ports only for containers on a user-defined network.
+    subprocess.run(["docker", "network", "create", NETWORK], capture_output=True)
     started = time.perf_counter()
     subprocess.run(
-        ["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only",
-         "--tmpfs", "/tmp", image],
+        ["docker", "run", "-d", "--rm", "--name", name, "--network", NETWORK, "-p", f"127.0.0.1:{port}:8000",
+         "--read-only", "--tmpfs", "/tmp", image],
         check=True, capture_output=True,
     )  # fmt: skip
     try:

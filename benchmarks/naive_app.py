@@ -26,6 +26,7 @@ app = FastAPI()
 def predict(file: Annotated[UploadFile, File()]) -> dict[str, object]:
     image = Image.open(io.BytesIO(file.file.read()))
     with torch.inference_mode():
-        probabilities = torch.softmax(network(preprocess(image, checkpoint.preprocessing).unsqueeze(0)), dim=1)[0]
+        face = torch.from_numpy(preprocess(image, checkpoint.preprocessing)).unsqueeze(0)
+        probabilities = torch.softmax(network(face), dim=1)[0]
     scores = {name: float(p) for name, p in zip(checkpoint.classes, probabilities, strict=True)}
     return {"label": max(scores, key=scores.__getitem__), "probabilities": scores}
