@@ -285,14 +285,14 @@ def resolve_model(config: EngineConfig) -> tuple[str, str, tuple[str, ...]]:
     return path.precision, path.runtime, loaded.classes
 
 
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at `address`, or start a local one on this machine's CPUs (None)."""
+def connect(address: str | None, token: str | None = None) -> None:
+    """Join the Ray cluster at `address`, or start a local one on this machine's CPUs (None).
+
+    `token`: where `use_cluster_token` found the cluster's token, called before Ray was imported.
+    """
+    quiet_ray()
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network call home from a batch job
-    # Ray's C++ core logs notes such as how it restarts actors at ERROR on the driver's stderr;
-    # real failures still reach this process as exceptions, and the cluster's logs keep everything.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # Ray's own notices (token authentication on, its deprecations) are not the user's business here.
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     try:
@@ -303,7 +303,64 @@ def connect(address: str | None) -> None:
             ray.init(address=address, **options)
     except Exception as exc:  # Ray's own start-up and connection errors are of many kinds
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise ScaleError(f"could not start or join {where}: {first_line(exc)}") from None
+        if address is not None:
+            # Ray's exception does not say that the cluster refused the token (only its C++ log
+            # does): what to check goes with it, in the same line.
+            raise ScaleError(f"could not join {where}: {first_line(exc)}; {token_advice(token)}") from None
+        raise ScaleError(f"could not start {where}: {first_line(exc)}") from None
+
+
+def quiet_ray() -> None:
+    """Ray's settings for a batch job, set before Ray is first imported (it reads some of them then)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network call home from a batch job
+    # Ray's C++ core logs notes such as how it restarts actors, or a refused token, at WARNING and
+    # ERROR on the driver's stderr; real failures still reach this process as exceptions (said in
+    # one line by `connect`), and the cluster's logs keep everything.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+
+
+# Where Ray looks for a cluster's token (Ray 2.59+ turns token authentication on for clusters that
+# `ray start --head` makes, and writes the token to the default file on the head's machine).
+TOKEN_VARIABLE, TOKEN_PATH_VARIABLE, AUTH_MODE_VARIABLE = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"
+
+
+def default_token_file() -> Path:
+    """Ray's default token file, `~/.ray/auth_token`."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def use_cluster_token() -> str | None:
+    """Turn Ray's token authentication on for joining a cluster when a token is where Ray looks for one.
+
+    Ray does this for a cluster it starts, but a driver joining one with `ray.init(address=...)`
+    sends no token unless `RAY_AUTH_MODE=token` is set, and the cluster refuses it. An explicit
+    `RAY_AUTH_MODE` is left as it is. Returns where the token was found (None: nowhere).
+    """
+    if os.environ.get(TOKEN_VARIABLE):
+        found: str | None = f"${TOKEN_VARIABLE}"
+    elif (path := os.environ.get(TOKEN_PATH_VARIABLE)) and Path(path).is_file():
+        found = path
+    elif default_token_file().is_file():
+        found = str(default_token_file())
+    else:
+        found = None
+    if found is not None:
+        os.environ.setdefault(AUTH_MODE_VARIABLE, "token")
+    return found
+
+
+def token_advice(token: str | None) -> str:
+    """What to check when joining failed: the cluster's token authentication, in one clause."""
+    if token is None:
+        return (
+            "if the cluster uses token authentication (Ray 2.59+ turns it on for `ray start --head`), no token "
+            f"was found here: set {TOKEN_VARIABLE}, or {TOKEN_PATH_VARIABLE} to a file holding it, or copy the "
+            f"head's {default_token_file()} to this machine (`ray get-auth-token` prints it on the head)"
+        )
+    return (
+        f"if the cluster uses token authentication, the token from {token} is not its own "
+        "(`ray get-auth-token` on the head prints the right one)"
+    )
 
 
 def check_reachable(address: str) -> None:
@@ -340,6 +397,9 @@ def plan_workers(job: RayJob) -> int:
 
 def run_on_ray(job: RayJob) -> RayRun:
     """Classify every listed file not yet in `job.output` on Ray Data; returns what was done."""
+    # Before Ray is imported: it reads RAY_AUTH_MODE and its log level once, when it loads.
+    quiet_ray()
+    token = None if job.address is None else use_cluster_token()
     try:
         import ray
         import ray.data
@@ -384,7 +444,7 @@ def run_on_ray(job: RayJob) -> RayRun:
 
     started_here = not ray.is_initialized()  # a caller that connected already keeps its cluster
     if started_here:
-        connect(job.address)
+        connect(job.address, token)
     # Without a progress bar Ray Data would log each operator's state instead: only its warnings then.
     logging.getLogger("ray.data").setLevel(logging.INFO if job.progress else logging.ERROR)
     try:

@@ -204,3 +204,58 @@ def test_refusals_need_no_cluster(
         assert fer([*base, "--output", str(tmp_path / "results.parquet")]) == 2
         assert "pip install 'fer-service[scale]'" in capsys.readouterr().err
     assert read_results(tmp_path / "nothing.parquet", CLASSES).num_rows == 0
+
+
+@pytest.mark.slow(seconds=40)
+def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Path) -> None:
+    """`ray start --head` where a token exists turns token authentication on (Ray 2.59+): the command finds the token."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.server import ROOT, free_port, wait_for
+
+    home, images, port = tmp_path / "home", tmp_path / "images", free_port()
+    write_images(images, range(3))
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(name, None)
+    # What a user's machine has after any local `ray.init()` (Ray writes ~/.ray/auth_token then).
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    # --block: the head runs as this child and takes its own processes down when stopped; `ray stop`
+    # would stop every Ray process of this user, other tests' clusters included.
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
+         "--node-ip-address", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def listening() -> bool:
+        assert head.poll() is None, (tmp_path / "head.log").read_text()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, "the Ray head listening")
+        predict = [sys.executable, "-m", "cli", "predict", str(images), "--engine", "ray", "--address",
+                   f"127.0.0.1:{port}", "--precision", "fp32"]  # fmt: skip
+        joined = subprocess.run(
+            [*predict, "--output", str(tmp_path / "out.csv")], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stderr
+        assert "3 files classified" in joined.stdout + joined.stderr
+        refused = subprocess.run(
+            [*predict, "--output", str(tmp_path / "refused.csv")], cwd=ROOT, env={**env, "RAY_AUTH_TOKEN": "not-it"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("fer: could not join the Ray cluster") and "$RAY_AUTH_TOKEN is not its own" in last
+    finally:
+        head.terminate()
+        head.wait(120)
+        log.close()
+    assert "Token authentication is enabled" in (tmp_path / "head.log").read_text()
