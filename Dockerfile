@@ -1,13 +1,13 @@
 # fer-service: the API and the shipped checkpoint, CPU-only, non-root, read-only friendly.
 #
-# Two images from this file (docs/deploy.md: "Images"):
+# Two images from this file (README: "Docker and scaling out"; docs/runtimes.md):
 #   lean  (the default target, what compose runs): ONNX Runtime serves the fp32 and int8 files
 #         beside the checkpoint; torch is not installed.
 #   torch (docker build --target torch): adds torch (CPU wheels) for FER_RUNTIME=torch (bf16 on
 #         AMX), and for training, evaluation and export inside the container.
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS build
+FROM ${BASE_IMAGE} AS source
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -16,21 +16,15 @@ COPY models models
 COPY training training
 COPY app app
 COPY cli cli
+
+FROM source AS build
 # pip and setuptools are not needed to serve: out of the venv once the project is in.
 RUN pip install --no-cache-dir . \
     && pip uninstall --yes --quiet pip setuptools
 
-FROM ${BASE_IMAGE} AS build-torch
+FROM source AS build-torch
 # CPU-only PyTorch wheels for real users (about 1 GB smaller than the CUDA build); overridable.
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-WORKDIR /src
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
-COPY models models
-COPY training training
-COPY app app
-COPY cli cli
 RUN pip install --no-cache-dir ".[train]"
 
 FROM ${BASE_IMAGE} AS serving

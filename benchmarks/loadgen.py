@@ -15,6 +15,20 @@ from pathlib import Path
 import uvloop
 
 
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[str, bool]:
+    """Send one request on a keep-alive connection and read its answer: (status, the server closes)."""
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1].decode()
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status, b"connection: close" in head.lower()
+
+
 async def _one_connection(
     host: str,
     port: int,
@@ -29,18 +43,10 @@ async def _one_connection(
         while time.perf_counter() < deadline and budget[0] > 0:
             budget[0] -= 1
             started = time.perf_counter()
-            writer.write(request)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head.split(b" ", 2)[1].decode()
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
+            status, closes = await exchange(reader, writer, request)
             latencies.append(time.perf_counter() - started)
             statuses[status] = statuses.get(status, 0) + 1
-            if b"connection: close" in head.lower():
+            if closes:
                 break
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1

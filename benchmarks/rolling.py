@@ -41,7 +41,7 @@ from typing import Any
 import uvloop
 
 from benchmarks.http import BOUNDARY, multipart
-from benchmarks.loadgen import build_request
+from benchmarks.loadgen import build_request, exchange
 from benchmarks.machine import machine_line, write_results
 from benchmarks.workloads import face_jpeg_48
 
@@ -75,20 +75,6 @@ class Phase:
 # ---------------------------------------------------------------- the clients
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[str, bool]:
-    """Send one request on a keep-alive connection and read its answer: (status, the server closes)."""
-    writer.write(request)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1].decode()
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    await reader.readexactly(length)
-    return status, b"connection: close" in head.lower()
-
-
 async def _client(host: str, port: int, request: bytes, stop: threading.Event, outcomes: list[Outcome]) -> None:
     """Requests back to back until `stop`; a new connection after any failure, as an HTTP client makes."""
     reader: asyncio.StreamReader | None = None
@@ -100,7 +86,7 @@ async def _client(host: str, port: int, request: bytes, stop: threading.Event, o
             async with asyncio.timeout(CLIENT_DEADLINE_S):
                 if reader is None or writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
-                result, close = await _exchange(reader, writer, request)
+                result, close = await exchange(reader, writer, request)
         except TimeoutError:
             result = "timeout"
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

@@ -253,6 +253,15 @@ def forward_passes_held(engine: Engine) -> Iterator[ForwardGate]:
         engine.predictor.predict_tensors = predict  # type: ignore[method-assign]
 
 
+def refuses_connections(port: int) -> bool:
+    """Whether nothing listens on the loopback port any more (the listener has closed)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = READY_DEADLINE_S) -> None:
     """Return once `condition()` holds (checked every 10 ms); fail naming `what` after `deadline_s`."""
     end = time.monotonic() + deadline_s

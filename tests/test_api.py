@@ -32,7 +32,17 @@ from models.config import EngineConfig
 from models.engine import Engine
 from tests.conftest import SHIPPED_CHECKPOINT, make_face, reference_probabilities
 from tests.images import crowd_jpeg, encode, face_jpeg, face_png, scene_with_face
-from tests.server import ROOT, AppServer, Server, app_serving, forward_passes_held, get, post, wait_for
+from tests.server import (
+    ROOT,
+    AppServer,
+    Server,
+    app_serving,
+    forward_passes_held,
+    get,
+    post,
+    refuses_connections,
+    wait_for,
+)
 
 TEN_MIB = 10 * 1024 * 1024
 
@@ -511,14 +521,6 @@ def poll(condition: Callable[[], bool], what: str, deadline_s: float = 60) -> No
         if time.monotonic() > end:
             raise TimeoutError(f"gave up waiting until {what}")
         time.sleep(0.02)
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 @pytest.mark.slow

@@ -11,35 +11,16 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHIPPED_CHECKPOINT
 from tests.images import face_png
-from tests.server import READY_DEADLINE_S, Server, get, post
+from tests.server import Server, get, post, refuses_connections, wait_for
 
 # Long enough never to end by itself while the test runs: the test ends it with a second SIGTERM.
 HELD_DRAIN_S = "300"
-
-
-def poll(condition: Callable[[], bool], what: str) -> None:
-    """Wait until `condition()` holds; the deadline only keeps a broken server from hanging the suite."""
-    end = time.monotonic() + READY_DEADLINE_S
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError(f"gave up waiting until {what}")
-        time.sleep(0.02)
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def in_progress(server: Server) -> float:
@@ -66,10 +47,10 @@ def test_a_stopping_replica_fails_ready_while_it_still_serves_then_closes_its_li
         # A request the replica holds across the whole shutdown: in the app, its body half sent.
         held = socket.create_connection(("127.0.0.1", server.port), timeout=60)
         held.sendall(head.encode() + body[:10])
-        poll(lambda: in_progress(server) == 1, "the held request is in progress")
+        wait_for(lambda: in_progress(server) == 1, "the held request is in progress")
         assert ready_status(server) == 200
         server.process.send_signal(signal.SIGTERM)
-        poll(lambda: ready_status(server) == 503, "/ready answers 503 after SIGTERM")
+        wait_for(lambda: ready_status(server) == 503, "/ready answers 503 after SIGTERM")
         # Each call below is a new connection, so the listener is still open while /ready says 503.
         stopping = get(f"{server.url}/ready", timeout=10)
         assert (stopping.status_code, stopping.json()["status"]) == (503, "stopping")
@@ -79,7 +60,7 @@ def test_a_stopping_replica_fails_ready_while_it_still_serves_then_closes_its_li
         assert answer.status_code == 200, answer.text  # new work is still served while draining
         assert server.process.poll() is None and not refuses_connections(server.port)
         server.process.send_signal(signal.SIGTERM)  # the second one ends the drain now
-        poll(lambda: refuses_connections(server.port), "the listener closes once the drain ends")
+        wait_for(lambda: refuses_connections(server.port), "the listener closes once the drain ends")
         held.sendall(body[10:])
         held_answer = held.makefile("rb").read().decode(errors="replace")
     finally:
@@ -98,7 +79,7 @@ def test_a_drain_ends_by_itself_and_the_process_exits(tmp_path: Path) -> None:
     try:
         server.wait_ready()
         server.process.send_signal(signal.SIGTERM)  # one signal only: the drain's own end starts the shutdown
-        poll(lambda: server.process.poll() is not None, "the process exits after its drain")
+        wait_for(lambda: server.process.poll() is not None, "the process exits after its drain")
     finally:
         code = server.stop()
     assert code in (0, -signal.SIGTERM)
@@ -112,7 +93,7 @@ def test_sigint_skips_the_drain(tmp_path: Path) -> None:
     try:
         server.wait_ready()
         server.process.send_signal(signal.SIGINT)  # Ctrl+C at a terminal: no balancer to wait for
-        poll(lambda: server.process.poll() is not None, "the process exits on SIGINT")
+        wait_for(lambda: server.process.poll() is not None, "the process exits on SIGINT")
     finally:
         code = server.stop()
     assert code == 0, server.log()  # Ctrl+C ends quietly (app/__main__.py)
