@@ -259,3 +259,73 @@ def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Pa
         head.wait(120)
         log.close()
     assert "Token authentication is enabled" in (tmp_path / "head.log").read_text()
+
+
+@contextlib.contextmanager
+def two_node_cluster(home: Path, log_dir: Path) -> Iterator[str]:
+    """A head and a second node on loopback, one CPU each, as `ray start` makes them; yields the address.
+
+    Each node runs as a `ray start --block` child and takes its processes down when stopped: `ray
+    stop` would stop every Ray process of this user, other tests' clusters included.
+    """
+    import os
+    import socket
+    import subprocess
+
+    from tests.server import free_port, wait_for
+
+    port, ray_cli = free_port(), str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1"]
+    nodes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, arguments: list[str]) -> None:
+        with (log_dir / f"{name}.log").open("wb") as log:
+            nodes.append(subprocess.Popen([ray_cli, "start", *arguments, *common], env=env, stdout=log, stderr=log))
+
+    def listening() -> bool:
+        assert all(node.poll() is None for node in nodes), (log_dir / "head.log").read_text()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        start("head", ["--head", "--port", str(port), "--include-dashboard=false"])
+        wait_for(listening, "the Ray head listening")
+        start("worker", ["--address", f"127.0.0.1:{port}"])
+        yield f"127.0.0.1:{port}"
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            node.wait(120)
+
+
+@pytest.mark.slow(seconds=40)
+def test_a_cluster_of_two_nodes_runs_actors_on_both_and_answers_as_local_predict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The public state API (ray.util.state) asks the dashboard, which these nodes do not run; the
+    # GCS's own actor table answers without it, dead actors included.
+    from ray._private.state import actors as actor_table
+
+    from tests.server import wait_for
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    images = tmp_path / "images"
+    write_images(images, range(64))
+    output = tmp_path / "out.parquet"
+    with two_node_cluster(tmp_path / "home", tmp_path) as address:
+        connect(address)
+        try:
+            wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, "both nodes joined")
+            command = ["predict", str(images), "--engine", "ray", "--address", address, "--precision", "fp32"]
+            assert fer([*command, "--workers", "2", "--batch-size", "8", "--output", str(output)]) == 0
+            workers = [actor for actor in actor_table().values() if "MapWorker" in actor["ActorClassName"]]
+            nodes_used = {actor["Address"]["NodeID"] for actor in workers}
+        finally:
+            ray.shutdown()
+    assert len(nodes_used) == 2, workers  # one actor on each node: each has the one CPU a worker asks for
+    answered, local = results(output), local_rows([images], tmp_path / "local.jsonl")
+    assert answered.keys() == local.keys()
+    for path, expected in local.items():
+        assert_same_row(answered[path], expected)
