@@ -63,13 +63,19 @@ def predict_command(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"fer: {flag} is for --engine ray", file=sys.stderr)
             return 2
+    remote = next((name for name in (*args.paths, args.output or "") if "://" in name), None)
+    if remote is not None:
+        print(
+            f"fer: {remote}: object storage is read and written by --engine ray (fer-service[scale])", file=sys.stderr
+        )
+        return 2
     config = cli_engine_config(
         args, {"max_batch": PREDICT_BATCH}, max_batch=args.batch_size, **UNBOUNDED_REQUEST_PIXELS
     )
     engine = Engine.load(config.checkpoint, config)
-    files = list(iter_images(args.paths))
+    files = list(iter_images([Path(path) for path in args.paths]))
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    out = args.output.open("w", newline="") if args.output else sys.stdout
+    out = Path(args.output).open("w", newline="") if args.output else sys.stdout  # noqa: SIM115  (closed below)
 
     async def run() -> int:
         with progress_bar(len(files), progress) as bar:
@@ -165,11 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="classify local images or folders, no server needed", formatter_class=defaults
     )
-    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        help="image files or folders (searched recursively); with --engine ray also URIs (s3://bucket/prefix)",
+    )
     predict.add_argument(
         "--format", choices=("jsonl", "table", "csv"), default=None, help="output format (default: jsonl)"
     )
-    predict.add_argument("--output", type=Path, default=None, help="write here instead of standard output")
+    predict.add_argument(
+        "--output", default=None, help="write here instead of standard output; with --engine ray a folder or a URI"
+    )
     predict.add_argument(
         "--batch-size", type=int, default=None,
         help=f"images per forward pass (default: $FER_MAX_BATCH or {PREDICT_BATCH})",

@@ -11,15 +11,18 @@ import asyncio
 import os
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from models.answers import ImageAnswer
 from models.config import ENGINE_DEFAULTS
 from models.decoding import IMAGE_SUFFIXES
 from models.engine import Engine
 from models.tta import TtaMode
+
+Source = TypeVar("Source")  # what names a file to read: a local Path, or a URI's text
 
 # A file larger than the largest image the engine decodes would be even uncompressed (8 bytes a
 # pixel: 16-bit RGBA) cannot be one it accepts: it is a row with an error, never read into memory.
@@ -65,34 +68,47 @@ def read_image_file(path: Path) -> bytes | OSError:
     finally:
         os.close(handle)
     if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
-        return OSError(
-            f"{path}: over {MAX_FILE_BYTES // 2**20} MiB, more than any image of at most "
-            f"{ENGINE_DEFAULTS.max_pixels:,} pixels needs: not read"
-        )
+        return too_large(str(path))
     return data
 
 
+def too_large(name: str) -> OSError:
+    """The error in the row of a file larger than any image the engine accepts could be."""
+    return OSError(
+        f"{name}: over {MAX_FILE_BYTES // 2**20} MiB, more than any image of at most "
+        f"{ENGINE_DEFAULTS.max_pixels:,} pixels needs: not read"
+    )
+
+
 async def classify_files(
-    engine: Engine, paths: Sequence[Path], tta: TtaMode | None = None, *, in_flight: int = 128
-) -> AsyncIterator[tuple[Path, ImageAnswer | Exception]]:
+    engine: Engine,
+    paths: Sequence[Source],
+    tta: TtaMode | None = None,
+    *,
+    in_flight: int = 128,
+    read: Callable[[Source], bytes | OSError] = read_image_file,  # type: ignore[assignment]
+    read_ahead: int = 0,
+) -> AsyncIterator[tuple[Source, ImageAnswer | Exception]]:
     """Each file's answer (or the error in its place), in order, through the engine.
 
-    Each file is read just before it is prepared and let go once answered; at most `in_flight`
-    files and `MAX_BYTES_IN_FLIGHT` bytes of them (one file, whatever its size) are held at
-    once, so memory is bounded whatever the folder holds. Files are answered one by one: the
-    per-image limits apply, no per-request total (the engine's batcher still batches the faces
-    that are ready together).
+    Each file is read (`read`: a local file by default) just before it is prepared and let go
+    once answered; at most `in_flight` files and `MAX_BYTES_IN_FLIGHT` bytes of them (one file,
+    whatever its size) are held at once, so memory is bounded whatever the folder holds. Files
+    are answered one by one: the per-image limits apply, no per-request total (the engine's
+    batcher still batches the faces that are ready together). `read_ahead` reads run on threads
+    ahead of the one being prepared, for stores where a read waits on the network (object
+    storage): at most that many more files, each bounded by `MAX_FILE_BYTES`.
     """
-    window: deque[tuple[Path, int, asyncio.Task[ImageAnswer | Exception]]] = deque()
+    window: deque[tuple[Source, int, asyncio.Task[ImageAnswer | Exception]]] = deque()
     held = 0
+    reads = _Reads(paths, read, read_ahead)
 
     async def one(blob: bytes) -> ImageAnswer | Exception:
         (answer,) = await engine.classify_batch([blob], tta=tta)
         return answer
 
     try:
-        for path in paths:
-            blob = read_image_file(path)
+        async for path, blob in reads:
             task: asyncio.Task[ImageAnswer | Exception]
             if isinstance(blob, OSError):
                 size, task = 0, asyncio.ensure_future(_error(blob))
@@ -112,6 +128,43 @@ async def classify_files(
     finally:  # a caller that stops early (an error, Ctrl-C) leaves nothing running
         for _, _, task in window:
             task.cancel()
+        reads.close()
+
+
+class _Reads(Generic[Source]):
+    """The files' bytes in order: read inline, or up to `ahead` reads running on threads in front."""
+
+    def __init__(self, paths: Sequence[Source], read: Callable[[Source], bytes | OSError], ahead: int) -> None:
+        self._paths, self._read, self._ahead = iter(paths), read, ahead
+        self._pool = ThreadPoolExecutor(ahead, thread_name_prefix="fer-read") if ahead else None
+        self._started: deque[tuple[Source, asyncio.Future[bytes | OSError]]] = deque()
+
+    def __aiter__(self) -> _Reads[Source]:
+        return self
+
+    async def __anext__(self) -> tuple[Source, bytes | OSError]:
+        if self._pool is None:
+            path = next(self._paths, _END)
+            if path is _END:
+                raise StopAsyncIteration
+            return path, self._read(path)
+        loop = asyncio.get_running_loop()
+        while len(self._started) < self._ahead and (path := next(self._paths, _END)) is not _END:
+            self._started.append((path, loop.run_in_executor(self._pool, self._read, path)))
+        if not self._started:
+            raise StopAsyncIteration
+        path, future = self._started.popleft()
+        return path, await future
+
+    def close(self) -> None:
+        for _, future in self._started:
+            future.cancel()
+        self._started.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_END: Any = object()
 
 
 async def _error(exc: Exception) -> ImageAnswer | Exception:

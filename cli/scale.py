@@ -13,7 +13,6 @@ Ray and pyarrow come with the `scale` extra; this module imports them only when 
 from __future__ import annotations
 
 import asyncio
-import csv
 import dataclasses
 import logging
 import os
@@ -23,31 +22,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.results import classify_files, csv_columns, face_text, iter_images, result_row
+from cli.results import classify_files, csv_columns, face_text, read_image_file, result_row
+from cli.storage import (
+    ScaleError,
+    first_line,
+    is_uri,
+    list_work,
+    open_place,
+    output_format,
+    read_object,
+    result_schema,
+    written_rows,
+)
 from models.answers import ImageAnswer
 from models.checkpoint import load_checkpoint
 from models.config import EngineConfig
 from models.engine import Engine
-from models.errors import FerError
 from models.precision import resolve_precision
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
-MANIFEST_SUFFIXES = (".csv", ".parquet")
 # The local cluster's shared-memory object store: it holds the list of paths and the result tables,
 # never images (each actor reads its own files), so a small store leaves the RAM to the actors; Ray
 # spills to disk past it. (The driver holds every path listed, about 100 bytes each.)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 ADDRESS_TIMEOUT_S = 5.0  # how long a cluster's address may take to accept a connection
 ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
-
-
-def first_line(exc: BaseException, *, last: bool = False) -> str:
-    """An exception's first (or last) non-empty line, or its type's name: what a one-line refusal quotes."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
+OBJECT_READS_AHEAD = 8  # reads of object storage in flight per worker, each bounded by MAX_FILE_BYTES
 
 
 # Lines Ray adds around a task's error: advice on retries and tracebacks, not the cause.
@@ -77,16 +79,12 @@ def failure_reason(exc: BaseException) -> str:
     return type(innermost).__name__
 
 
-class ScaleError(FerError):
-    """A Ray run that cannot start or finish: Ray missing, a bad output, a manifest without paths."""
-
-
 @dataclass(frozen=True)
 class RayJob:
     """What one `fer predict --engine ray` run does."""
 
-    inputs: tuple[Path, ...]  # folders, image files, or CSV/Parquet manifests with a `path` column
-    output: Path  # a folder of part files, named like a file: results.parquet or results.csv
+    inputs: tuple[str, ...]  # folders, image files, CSV/Parquet manifests with a `path` column; paths or URIs
+    output: str  # a folder of part files named like a file (results.parquet, results.csv); a path or a URI
     config: EngineConfig  # the engine each worker runs: checkpoint, precision, TTA, detector, limits, batch size
     workers: int | None = None  # None: as many as the cluster's CPUs allow at cpus_per_worker each
     cpus_per_worker: int = 1
@@ -103,24 +101,6 @@ class RayRun:
     skipped: int
     failed: int
     precision: str
-
-
-def output_format(output: Path) -> str:
-    """ "parquet" or "csv", from the output's name."""
-    try:
-        return OUTPUT_FORMATS[output.suffix.lower()]
-    except KeyError:
-        raise ScaleError(
-            f"--output {output}: name it *.parquet or *.csv (a folder of part files in that format)"
-        ) from None
-
-
-def result_schema(classes: Sequence[str]) -> pa.Schema:
-    """`fer predict --format csv`'s columns, typed: one float64 per class, nulls where a file failed."""
-    import pyarrow as pa
-
-    types = {"path": pa.string(), "label": pa.string(), "face": pa.string(), "error": pa.string()}
-    return pa.schema([(name, types.get(name, pa.float64())) for name in csv_columns(classes)])
 
 
 def result_table(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> pa.Table:
@@ -150,10 +130,16 @@ class Classifier:
         self._engine = Engine.load(config.checkpoint, config)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        sources = [Path(str(source)) for source in batch["source"]]
+        sources = [str(source) for source in batch["source"]]
+        # Object storage answers each read after a round trip: a few reads wait on the network at
+        # once, ahead of the engine. A local file is read when its turn comes, as `fer predict` does.
+        remote = any(is_uri(source) for source in sources)
 
         async def answers() -> list[ImageAnswer | Exception]:
-            return [answer async for _, answer in classify_files(self._engine, sources)]
+            files = classify_files(
+                self._engine, sources, read=read_source, read_ahead=OBJECT_READS_AHEAD if remote else 0
+            )
+            return [answer async for _, answer in files]
 
         # The path exactly as listed (a manifest's own text): it is what --resume matches on.
         rows = [
@@ -163,114 +149,9 @@ class Classifier:
         return result_table(rows, self._engine.model.classes)
 
 
-def list_work(inputs: Sequence[Path]) -> list[tuple[str, str]]:
-    """(path as written in the results, absolute path to read) for every image the inputs name.
-
-    Folders and image files are listed as `fer predict` lists them. A manifest's paths are read
-    relative to the manifest's own folder, so a manifest travels with its images; the results
-    keep each path as the manifest writes it.
-    """
-    work: list[tuple[str, str]] = []
-    for item in inputs:
-        if item.is_file() and item.suffix.lower() in MANIFEST_SUFFIXES:
-            base = item.resolve().parent
-            work += [(text, str(base / text)) for text in manifest_paths(item)]
-        else:
-            work += [(str(path), str(path.resolve())) for path in iter_images([item])]
-    return work
-
-
-def manifest_paths(manifest: Path) -> list[str]:
-    """The `path` column of a CSV or Parquet manifest, as text."""
-    import pyarrow as pa
-    import pyarrow.csv
-    import pyarrow.parquet
-
-    try:
-        if manifest.suffix.lower() == ".csv":
-            # Typed as text: a column of names like 001, 002 would otherwise become the integers 1, 2.
-            options = pyarrow.csv.ConvertOptions(include_columns=["path"], column_types={"path": pa.string()})
-            table = pyarrow.csv.read_csv(manifest, convert_options=options)
-        else:
-            table = pyarrow.parquet.read_table(manifest, columns=["path"])
-    except (KeyError, pa.ArrowException, OSError) as exc:  # a missing column is a KeyError or ArrowInvalid
-        raise ScaleError(f"manifest {manifest}: needs a `path` column of image paths ({exc})") from None
-    column = table.column("path")
-    if pa.types.is_dictionary(column.type):  # pandas' categoricals
-        column = column.cast(column.type.value_type)
-    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
-    if not any(is_text(column.type) for is_text in text):
-        raise ScaleError(f"manifest {manifest}: its `path` column holds {column.type}, not text")
-    return [str(value) for value in column.to_pylist() if value]
-
-
-def read_results(output: Path, classes: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
-    """Every row the runs so far wrote under `output` (an empty table when there are none), typed as written.
-
-    Refuses, in one line, a part whose columns are not these classes' (another model's run) or that
-    cannot be read (cut short by an interrupted run), naming it.
-    """
-    import pyarrow as pa
-    import pyarrow.csv
-    import pyarrow.dataset
-    import pyarrow.parquet
-
-    schema = result_schema(classes)
-    wanted = list(columns or schema.names)
-    parts = sorted(p for p in output.iterdir() if p.suffix.lower() == output.suffix.lower()) if output.is_dir() else []
-    if not parts:
-        return schema.empty_table().select(wanted)
-    file_format: Any = "parquet"
-    if output_format(output) == "csv":
-        # Typed from the result schema, not guessed per file: a part whose error column (or, with
-        # only errors, whose class columns) is all empty would be read as nulls of no type.
-        file_format = pyarrow.dataset.CsvFileFormat(
-            convert_options=pyarrow.csv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True))),
-            parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),  # a path may hold one
-        )
-    for part in parts:
-        try:
-            if file_format == "parquet":
-                names = pyarrow.parquet.read_schema(part).names
-            else:
-                with part.open(newline="") as opened:
-                    names = next(csv.reader(opened), [])
-        except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise cut_short(output, part, exc) from None
-        if names != schema.names:
-            raise ScaleError(
-                f"--output {output}: {part.name} has the columns of another model's results "
-                f"({', '.join(names[:10])}): name another output for this checkpoint"
-            )
-    try:
-        return pyarrow.dataset.dataset([str(part) for part in parts], schema=schema, format=file_format).to_table(
-            columns=wanted
-        )
-    except (pa.ArrowException, OSError) as exc:
-        for part in parts:  # name the part that fails
-            try:
-                pyarrow.dataset.dataset(str(part), schema=schema, format=file_format).to_table(columns=["path"])
-            except (pa.ArrowException, OSError) as part_exc:
-                raise cut_short(output, part, part_exc) from None
-        raise cut_short(output, None, exc) from None
-
-
-def cut_short(output: Path, part: Path | None, exc: BaseException) -> ScaleError:
-    """The refusal for a part file that cannot be read."""
-    which = f"{part.name} cannot be read" if part else "a part file cannot be read"
-    return ScaleError(
-        f"--output {output}: {which}, likely cut short by an interrupted run; delete it and run again with "
-        f"--resume ({first_line(exc)})"
-    )
-
-
-def written_rows(output: Path, classes: Sequence[str]) -> dict[str, str]:
-    """Path → error ("" for a result) of every row the runs so far wrote under `output`."""
-    table = read_results(output, classes, ["path", "error"])
-    return {
-        str(path): str(error or "")
-        for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True)
-    }
+def read_source(source: str) -> bytes | OSError:
+    """A listed file's bytes: through its filesystem for a URI, else from the local file."""
+    return read_object(source) if is_uri(source) else read_image_file(Path(source))
 
 
 def resolve_model(config: EngineConfig) -> tuple[str, str, tuple[str, ...]]:
@@ -406,12 +287,14 @@ def run_on_ray(job: RayJob) -> RayRun:
     except ImportError:
         raise ScaleError("--engine ray needs Ray: pip install 'fer-service[scale]'") from None
 
-    output_format(job.output)  # refuse a bad name before any work
-    if job.output.exists() and not job.output.is_dir():
+    output = open_place(job.output)
+    output_format(output)  # refuse a bad name before any work
+    kind = output.file_type()
+    if kind == "file":
         raise ScaleError(
             f"--output {job.output} is a file: --engine ray writes a folder of part files, name one that is not a file"
         )
-    if job.output.is_dir() and any(job.output.iterdir()) and not job.resume:
+    if kind == "directory" and output.children() and not job.resume:
         raise ScaleError(
             f"--output {job.output} already holds results: add --resume to classify only the files not in it, "
             "or name another output"
@@ -433,12 +316,12 @@ def run_on_ray(job: RayJob) -> RayRun:
         raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
     precision, runtime, classes = resolve_model(job.config)
     batch_size = job.config.max_batch
-    done = written_rows(job.output, classes) if job.resume else {}
+    done = written_rows(output, classes) if job.resume else {}
     pending = [(path, source) for path, source in work.items() if path not in done]
     if not pending:
         return RayRun(classified=0, skipped=len(work), failed=0, precision=precision)
     try:
-        job.output.mkdir(parents=True, exist_ok=True)
+        output.filesystem.create_dir(output.path, recursive=True)
     except OSError as exc:
         raise ScaleError(f"--output {job.output}: cannot create it ({first_line(exc)})") from None
 
@@ -476,11 +359,9 @@ def run_on_ray(job: RayJob) -> RayRun:
             concurrency=(1, workers, workers),  # starts with `workers`; may shrink to one as the work runs out
             num_cpus=job.cpus_per_worker,
         )
-        target = str(job.output.resolve())
-        if output_format(job.output) == "parquet":
-            results.write_parquet(target, min_rows_per_file=ROWS_PER_PART_FILE)
-        else:
-            results.write_csv(target, min_rows_per_file=ROWS_PER_PART_FILE)
+        # Written by the workers, each through its own copy of the output's filesystem.
+        write = results.write_parquet if output_format(output) == "parquet" else results.write_csv
+        write(output.path, filesystem=output.filesystem, min_rows_per_file=ROWS_PER_PART_FILE)
     except ScaleError:
         raise
     except Exception as exc:
@@ -491,7 +372,7 @@ def run_on_ray(job: RayJob) -> RayRun:
     finally:
         if started_here:
             ray.shutdown()
-    written = written_rows(job.output, classes)
+    written = written_rows(output, classes)
     missing = [path for path, _ in pending if path not in written]
     if missing:  # Ray retries failed tasks; a row still missing means a write was lost
         raise ScaleError(

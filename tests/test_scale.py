@@ -31,7 +31,8 @@ import pyarrow.csv  # noqa: E402
 import pyarrow.parquet  # noqa: E402
 import ray  # noqa: E402
 
-from cli.scale import ScaleError, connect, list_work, read_results  # noqa: E402
+from cli.scale import connect  # noqa: E402
+from cli.storage import ScaleError, list_work, read_results  # noqa: E402
 
 
 def write_images(folder: Path, seeds: range) -> list[Path]:
