@@ -289,6 +289,7 @@ def run_on_ray(job: RayJob) -> RayRun:
 
     output = open_place(job.output)
     output_format(output)  # refuse a bad name before any work
+    output.check_bucket()
     kind = output.file_type()
     if kind == "file":
         raise ScaleError(

@@ -93,6 +93,17 @@ class Place:
             raise ScaleError(f"{self.text}: cannot list it ({first_line(exc)}); {STORAGE_ADVICE}") from None
         return sorted((info.path, info.size) for info in found if info.type == pyarrow.fs.FileType.File)
 
+    def check_bucket(self) -> None:
+        """Refuse, in one line, a URI whose bucket (its scheme://netloc) is not there to write under."""
+        if self.is_local:
+            return
+        scheme, rest = self.text.split("://", 1)
+        root = f"{scheme}://{rest.split('/', 1)[0]}"
+        if rest.split("/", 1)[0] and open_place(root).file_type() != "directory":
+            raise ScaleError(
+                f"{self.text}: {root} does not exist or cannot be seen with these credentials; {STORAGE_ADVICE}"
+            )
+
     def uri_of(self, path: str) -> str:
         """The text that names `path` of this place's filesystem: a URI for a remote place, else the path."""
         if self.is_local:
@@ -197,6 +208,7 @@ def list_work(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
         elif kind == "file":
             work.append((item, item))
         elif kind == "missing":
+            place.check_bucket()
             raise ScaleError(f"{item}: no such object or prefix; {STORAGE_ADVICE}")
         else:
             work += [
