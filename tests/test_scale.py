@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +214,7 @@ def test_refusals_need_no_cluster(
 @pytest.mark.slow(seconds=40)
 def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Path) -> None:
     """`ray start --head` where a token exists turns token authentication on (Ray 2.59+): the command finds the token."""
-    import os
     import socket
-    import subprocess
 
     from tests.server import ROOT, free_port, wait_for
 
@@ -262,16 +264,27 @@ def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Pa
     assert "Token authentication is enabled" in (tmp_path / "head.log").read_text()
 
 
-@contextlib.contextmanager
-def two_node_cluster(home: Path, log_dir: Path) -> Iterator[str]:
-    """A head and a second node on loopback, one CPU each, as `ray start` makes them; yields the address.
+@dataclass
+class TwoNodes:
+    """A head and a second node on loopback, one CPU each, as `ray start` makes them."""
 
-    Each node runs as a `ray start --block` child and takes its processes down when stopped: `ray
-    stop` would stop every Ray process of this user, other tests' clusters included.
+    address: str
+    worker: subprocess.Popen[bytes]  # the second node's `ray start --block`, leading its own process group
+
+    def power_off_worker(self) -> None:
+        """Every process of the second node killed at once (its raylet, its workers): a machine that lost power."""
+        os.killpg(self.worker.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def two_node_cluster(home: Path, log_dir: Path) -> Iterator[TwoNodes]:
+    """A head and a second node on loopback, one CPU each, as `ray start` makes them.
+
+    Each node runs as a `ray start --block` child in a session of its own and takes its processes
+    down when stopped: `ray stop` would stop every Ray process of this user, other tests' clusters
+    included.
     """
-    import os
     import socket
-    import subprocess
 
     from tests.server import free_port, wait_for
 
@@ -280,24 +293,31 @@ def two_node_cluster(home: Path, log_dir: Path) -> Iterator[str]:
     common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1"]
     nodes: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, arguments: list[str]) -> None:
+    def start(name: str, arguments: list[str]) -> subprocess.Popen[bytes]:
         with (log_dir / f"{name}.log").open("wb") as log:
-            nodes.append(subprocess.Popen([ray_cli, "start", *arguments, *common], env=env, stdout=log, stderr=log))
+            nodes.append(
+                subprocess.Popen(
+                    [ray_cli, "start", *arguments, *common], env=env, stdout=log, stderr=log, start_new_session=True
+                )
+            )
+        return nodes[-1]
 
     def listening() -> bool:
-        assert all(node.poll() is None for node in nodes), (log_dir / "head.log").read_text()
+        assert nodes[0].poll() is None, (log_dir / "head.log").read_text()
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
     try:
         start("head", ["--head", "--port", str(port), "--include-dashboard=false"])
         wait_for(listening, "the Ray head listening")
-        start("worker", ["--address", f"127.0.0.1:{port}"])
-        yield f"127.0.0.1:{port}"
+        yield TwoNodes(f"127.0.0.1:{port}", start("worker", ["--address", f"127.0.0.1:{port}"]))
     finally:
         for node in reversed(nodes):
             node.terminate()
             node.wait(120)
+        for node in nodes:  # anything a stopped node left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow(seconds=40)
@@ -315,7 +335,8 @@ def test_a_cluster_of_two_nodes_runs_actors_on_both_and_answers_as_local_predict
     images = tmp_path / "images"
     write_images(images, range(64))
     output = tmp_path / "out.parquet"
-    with two_node_cluster(tmp_path / "home", tmp_path) as address:
+    with two_node_cluster(tmp_path / "home", tmp_path) as cluster:
+        address = cluster.address
         connect(address)
         try:
             wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, "both nodes joined")
@@ -330,3 +351,52 @@ def test_a_cluster_of_two_nodes_runs_actors_on_both_and_answers_as_local_predict
     assert answered.keys() == local.keys()
     for path, expected in local.items():
         assert_same_row(answered[path], expected)
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second node powers off while its worker classifies: Ray retries its blocks on the head, every row once."""
+    from ray._private.state import actors as actor_table
+
+    from tests.server import ROOT, wait_for
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    images = tmp_path / "images"
+    images.mkdir()
+    photo, _ = scene_with_face(180, 120, 160)  # photos: seconds of face search for two workers
+    for index in range(1500):
+        (images / f"photo-{index:04d}.png").write_bytes(photo)
+    output = tmp_path / "out.parquet"
+    with two_node_cluster(tmp_path / "home", tmp_path) as cluster:
+        connect(cluster.address)
+        try:
+            wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, "both nodes joined")
+            head = next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
+            run = subprocess.Popen(
+                [sys.executable, "-m", "cli", "predict", str(images), "--engine", "ray", "--address", cluster.address,
+                 "--workers", "2", "--batch-size", "8", "--precision", "fp32", "--output", str(output)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+
+            def working_on_second_node() -> bool:
+                assert run.poll() is None, run.communicate()
+                return any(
+                    "MapWorker" in actor["ActorClassName"]
+                    and actor["State"] == "ALIVE"
+                    and actor["Address"]["NodeID"] != head
+                    for actor in actor_table().values()
+                )
+
+            wait_for(working_on_second_node, "a worker classifying on the second node", deadline_s=120)
+            cluster.power_off_worker()
+            still_running = run.poll() is None  # the kill landed mid-run, not after the last row
+            _, err = run.communicate(timeout=600)
+        finally:
+            ray.shutdown()
+    assert still_running
+    assert run.returncode == 0, err
+    assert "1500 files classified (0 with an error)" in err
+    rows = read_results(output, CLASSES).to_pylist()
+    assert len(rows) == 1500 and len({row["path"] for row in rows}) == 1500  # none lost, none twice
+    assert {row["label"] for row in rows} == {rows[0]["label"]} and all(row["error"] is None for row in rows)
