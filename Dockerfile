@@ -5,6 +5,9 @@
 #         beside the checkpoint; torch is not installed.
 #   torch (docker build --target torch): adds torch (CPU wheels) for FER_RUNTIME=torch (bf16 on
 #         AMX), and for training, evaluation and export inside the container.
+#   ray   (docker build --target ray): the lean image plus Ray (with its dashboard, which KubeRay's
+#         job submission and probes talk to) and pyarrow, for `fer predict --engine ray` on a
+#         KubeRay cluster (deploy/kuberay/, docs/scale.md).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS source
@@ -26,6 +29,10 @@ FROM source AS build-torch
 # CPU-only PyTorch wheels for real users (about 1 GB smaller than the CUDA build); overridable.
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir ".[train]"
+
+FROM source AS build-ray
+RUN pip install --no-cache-dir ".[scale]" "ray[default]" \
+    && pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE_IMAGE} AS serving
 ENV PATH=/opt/venv/bin:$PATH \
@@ -49,6 +56,12 @@ CMD ["python", "-m", "app"]
 
 FROM serving AS torch
 COPY --from=build-torch /opt/venv /opt/venv
+
+FROM serving AS ray
+COPY --from=build-ray /opt/venv /opt/venv
+# Ray keeps its sockets, logs and spilled objects under /tmp/ray: a writable /tmp (an emptyDir on
+# Kubernetes) is all it needs; the root filesystem may stay read-only.
+HEALTHCHECK NONE
 
 # The last stage is what `docker build .` makes.
 FROM serving AS lean
