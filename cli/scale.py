@@ -101,6 +101,7 @@ class RayRun:
     skipped: int
     failed: int
     precision: str
+    repeated: int = 0  # rows in the output that repeat a path (a retried block written twice)
 
 
 def result_table(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> pa.Table:
@@ -317,7 +318,7 @@ def run_on_ray(job: RayJob) -> RayRun:
         raise ScaleError(f"no images in {', '.join(map(str, job.inputs))}: nothing to classify")
     precision, runtime, classes = resolve_model(job.config)
     batch_size = job.config.max_batch
-    done = written_rows(output, classes) if job.resume else {}
+    done = written_rows(output, classes)[0] if job.resume else {}
     pending = [(path, source) for path, source in work.items() if path not in done]
     if not pending:
         return RayRun(classified=0, skipped=len(work), failed=0, precision=precision)
@@ -373,14 +374,16 @@ def run_on_ray(job: RayJob) -> RayRun:
     finally:
         if started_here:
             ray.shutdown()
-    written = written_rows(output, classes)
+    written, repeated = written_rows(output, classes)
     missing = [path for path, _ in pending if path not in written]
     if missing:  # Ray retries failed tasks; a row still missing means a write was lost
         raise ScaleError(
             f"{len(missing)} files have no row in {job.output}, e.g. {missing[0]}: run again with --resume"
         )
     failed = sum(1 for path, _ in pending if written[path])
-    return RayRun(classified=len(pending), skipped=len(work) - len(pending), failed=failed, precision=precision)
+    return RayRun(
+        classified=len(pending), skipped=len(work) - len(pending), failed=failed, precision=precision, repeated=repeated
+    )
 
 
 def ray_predict_command(job: RayJob) -> int:
@@ -391,4 +394,10 @@ def ray_predict_command(job: RayJob) -> int:
         f"{job.output} skipped; precision {run.precision}",
         file=sys.stderr,
     )
+    if run.repeated:
+        print(
+            f"{run.repeated} rows in {job.output} repeat a path (a block Ray retried after its first write landed): "
+            "the rows of one path are the same answer, read by path or drop duplicates",
+            file=sys.stderr,
+        )
     return 1 if run.classified and run.failed == run.classified else 0

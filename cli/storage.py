@@ -321,10 +321,15 @@ def cut_short(output: Place, part: str | None, exc: BaseException) -> ScaleError
     )
 
 
-def written_rows(output: Place, classes: Sequence[str]) -> dict[str, str]:
-    """Path → error ("" for a result) of every row the runs so far wrote under `output`."""
+def written_rows(output: Place, classes: Sequence[str]) -> tuple[dict[str, str], int]:
+    """Path → error ("" for a result) of every row the runs so far wrote under `output`, and how many rows repeat a path.
+
+    A repeat means a part file was written twice: a block whose task Ray retried after its first
+    write had landed (a worker lost between writing and reporting).
+    """
     table = read_results(output, classes, ["path", "error"])
-    return {
+    rows = {
         str(path): str(error or "")
         for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True)
     }
+    return rows, table.num_rows - len(rows)

@@ -396,7 +396,21 @@ def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path: Path, monkeyp
             ray.shutdown()
     assert still_running
     assert run.returncode == 0, err
-    assert "1500 files classified (0 with an error)" in err
+    assert "1500 files classified (0 with an error)" in err and "repeat a path" not in err
     rows = read_results(output, CLASSES).to_pylist()
     assert len(rows) == 1500 and len({row["path"] for row in rows}) == 1500  # none lost, none twice
     assert {row["label"] for row in rows} == {rows[0]["label"]} and all(row["error"] is None for row in rows)
+
+
+def test_rows_that_repeat_a_path_are_counted_not_hidden(tmp_path: Path) -> None:
+    """A block retried after its first write landed leaves two part files with the same rows: the count says so."""
+    from cli.scale import result_table
+    from cli.storage import open_place, written_rows
+
+    output = tmp_path / "out.parquet"
+    output.mkdir()
+    rows = [{"path": "a.png", "error": "unreadable"}, {"path": "b.png", "error": "unreadable"}]
+    for part in ("0.parquet", "1.parquet"):
+        pyarrow.parquet.write_table(result_table(rows[: 1 if part == "0.parquet" else 2], CLASSES), output / part)
+    written, repeated = written_rows(open_place(output), CLASSES)
+    assert written == {"a.png": "unreadable", "b.png": "unreadable"} and repeated == 1
