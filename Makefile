@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # The stamp re-runs the install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[train,export,scale,dev]"
+	$(BIN)/pip install --quiet -e ".[train,export,scale,haar,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,7 +1,7 @@
 """How to share the cores between decoding, face detection and the forward pass, measured.
 
 Starts the service once per combination of torch threads (FER_THREADS), prepare workers
-(FER_PREPARE_WORKERS) and OpenCV threads (FER_OPENCV_THREADS), and drives it at 8 clients with a
+(FER_PREPARE_WORKERS) and the detector's threads (FER_DETECTOR_THREADS), and drives it at 8 clients with a
 kdef-dev photo and a 48×48 face crop, one after the other.
 
 python -m benchmarks.threads --kdef ../shared/datasets/kdef-dev --json benchmarks/results/threads.json
@@ -39,12 +39,12 @@ def main() -> int:
         path.write_bytes(multipart("file", [blob]))
         workloads.append((name, "/predict", path, content_type))
     rows: list[dict[str, Any]] = []
-    for torch_threads, workers, opencv_threads in itertools.product((1, 2), (1, 2), (1, 2)):
-        label = f"torch {torch_threads} prepare {workers} opencv {opencv_threads}"
+    for torch_threads, workers, detector_threads in itertools.product((1, 2), (1, 2), (1, 2)):
+        label = f"torch {torch_threads} prepare {workers} detector {detector_threads}"
         port = free_port()
         env = {
             **os.environ, "FER_PORT": str(port), "FER_LOG_LEVEL": "warning", "FER_THREADS": str(torch_threads),
-            "FER_PREPARE_WORKERS": str(workers), "FER_OPENCV_THREADS": str(opencv_threads),
+            "FER_PREPARE_WORKERS": str(workers), "FER_DETECTOR_THREADS": str(detector_threads),
         }  # fmt: skip
         process, _ = start_server([sys.executable, "-m", "app"], env, port, "/ready")
         try:
@@ -54,7 +54,7 @@ def main() -> int:
                         **row,
                         "torch_threads": torch_threads,
                         "prepare_workers": workers,
-                        "opencv_threads": opencv_threads,
+                        "detector_threads": detector_threads,
                     }
                 )
         finally:

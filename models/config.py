@@ -46,9 +46,10 @@ class EngineConfig:
     threads: Annotated[int, Field(ge=1, le=256)] = field(
         default_factory=cpu_count
     )  # the forward pass's threads (ONNX Runtime or torch)
-    # OpenCV's own threads per detection: 1, since photos are already searched on `prepare_workers`
-    # threads at once, and OpenCV's pool on top of them oversubscribed the cores (docs/photos.md).
-    opencv_threads: Annotated[int, Field(ge=1, le=256)] = 1
+    # The face detector's own threads per search (ONNX Runtime's, inside one photo): 1, since photos
+    # are already searched on `prepare_workers` threads at once, and a pool on top of them
+    # oversubscribed the cores (docs/photos.md, measured with OpenCV's).
+    detector_threads: Annotated[int, Field(ge=1, le=256)] = 1
     # Decoding and face detection of photos: one thread per core keeps the cores busy without
     # dozens of threads contending (and each holding decode buffers) under load.
     prepare_workers: Annotated[int, Field(ge=1, le=256)] = field(default_factory=cpu_count)

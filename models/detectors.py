@@ -10,8 +10,8 @@ from models.faces import FaceDetector
 DetectorName = Literal["yunet", "haar"]
 
 
-def build_detector(name: DetectorName, model_file: Path | None = None) -> FaceDetector:
-    """The detector called `name`, its model file (default: the shipped one) checked.
+def build_detector(name: DetectorName, model_file: Path | None = None, *, threads: int = 1) -> FaceDetector:
+    """The detector called `name`, its model file (default: the shipped one) checked; `threads` within one search.
 
     Raises:
         DetectorError: one line saying what is wrong with the model file or the detector.
@@ -19,7 +19,7 @@ def build_detector(name: DetectorName, model_file: Path | None = None) -> FaceDe
     if name == "yunet":
         from models.yunet import MODEL_FILE, YuNetDetector
 
-        return YuNetDetector(model_file or MODEL_FILE)
+        return YuNetDetector(model_file or MODEL_FILE, threads=threads)
     if name == "haar":
         from models.haar import HaarDetector
 

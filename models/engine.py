@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from models.answers import FaceAnswer, ImageAnswer, ModelInfo
 from models.batching import BatchResult, MicroBatcher
 from models.config import EngineConfig
@@ -43,7 +41,7 @@ class Engine:
     def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
         self.config = config
         self.predictor = predictor
-        self.detector = build_detector(config.detector, config.detector_model)
+        self.detector = build_detector(config.detector, config.detector_model, threads=config.detector_threads)
         self._batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.queue_size)
         self.scheduler = Scheduler(self._batcher, config)
         self._ready = threading.Event()
@@ -52,7 +50,6 @@ class Engine:
     def load(cls, checkpoint: Path, config: EngineConfig | None = None) -> Engine:
         """Load the checkpoint and the face detector; raises `CheckpointError` or `DetectorError` with one line."""
         config = config or EngineConfig()
-        cv2.setNumThreads(config.opencv_threads)  # process-wide
         predictor = Predictor.from_checkpoint(
             checkpoint, precision=config.precision, runtime=config.runtime, tta=config.tta, threads=config.threads
         )

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -138,11 +137,30 @@ def frame_face(gray: np.ndarray, face: DetectedFace, framing: Framing = DEFAULT_
     """
     (cx, cy), side, angle = crop_geometry(face, framing)
     size = max(1, round(side))
-    # Rotate by `angle` about the crop's centre, then move that centre to the output's centre.
-    matrix = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
-    matrix[:, 2] += np.array([size / 2 - cx, size / 2 - cy])
-    crop = cv2.warpAffine(gray, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return Image.fromarray(crop, mode="L")
+    # Output pixel (x, y) samples the image at centre + R·((x, y) − size/2): R turns by `angle`
+    # (counter-clockwise in the image, as OpenCV's getRotationMatrix2D does) about the crop's centre.
+    radians = math.radians(angle)
+    cos, sin = math.cos(radians), math.sin(radians)
+    a, b, d, e = cos, -sin, sin, cos
+    c, f = cx - a * size / 2 - b * size / 2, cy - d * size / 2 - e * size / 2
+    # The part of the image the crop reads, a pixel wider than its corners, with the border pixels
+    # repeated past the image's edge: Pillow's transform would fill there with black.
+    corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, size) for y in (0, size)]
+    left = math.floor(min(x for x, _ in corners)) - 2
+    top = math.floor(min(y for _, y in corners)) - 2
+    right = math.ceil(max(x for x, _ in corners)) + 3
+    bottom = math.ceil(max(y for _, y in corners)) + 3
+    height, width = gray.shape
+    y0, x0 = min(max(top, 0), height - 1), min(max(left, 0), width - 1)
+    y1, x1 = max(min(bottom, height), y0 + 1), max(min(right, width), x0 + 1)
+    above, before = max(0, y0 - top), max(0, x0 - left)
+    region = np.pad(gray[y0:y1, x0:x1], ((above, max(0, bottom - y1)), (before, max(0, right - x1))), mode="edge")
+    # Pillow samples output pixel centres (x + 0.5) and reads input pixel centres: move its origin
+    # so that output pixel x reads the region at a·x + b·y + c, as the geometry above says.
+    c_region, f_region = c - (x0 - before), f - (y0 - above)
+    data = (a, b, c_region + 0.5 - 0.5 * (a + b), d, e, f_region + 0.5 - 0.5 * (d + e))
+    source = Image.fromarray(np.ascontiguousarray(region), mode="L")
+    return source.transform((size, size), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR)
 
 
 def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_max_side: int) -> list[DetectedFace]:
@@ -151,9 +169,10 @@ def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_max_side: int) 
     scale = min(1.0, detect_max_side / max(width, height))
     small = rgb
     if scale < 1.0:
-        # INTER_AREA averages, so no aliasing: a bilinear shrink gave a false face on tests/data/astronaut.jpg.
+        # An area average (Pillow's box filter, OpenCV's INTER_AREA), so no aliasing: a bilinear
+        # shrink gave a false face on tests/data/astronaut.jpg.
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
     found = detector.detect(np.ascontiguousarray(small[..., ::-1]))  # RGB → BGR, as OpenCV's models expect
     faces = [face.scaled(1 / scale, width, height) for face in found] if scale < 1.0 else found
     return sorted(faces, key=lambda face: face.box.area, reverse=True)

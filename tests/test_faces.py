@@ -10,10 +10,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from models.checkpoint import SHIPPED_CHECKPOINT
 from models.config import ENGINE_DEFAULTS, EngineConfig
@@ -63,6 +62,37 @@ def test_the_detector_finds_a_face_turned_by_twenty_degrees(detector: YuNetDetec
     assert -30 <= math.degrees(math.atan2(ly - ry, lx - rx)) <= -5
 
 
+def test_yunet_in_onnx_runtime_finds_the_faces_opencv_finds(detector: YuNetDetector) -> None:
+    """The service runs YuNet without OpenCV: the same boxes, landmarks and scores as `cv2.FaceDetectorYN`."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (the haar extra) is the reference: pip install -e '.[haar]'")
+    from models.yunet import NMS_THRESHOLD, SCORE_THRESHOLD, TOP_K
+
+    pictures = [
+        np.asarray(scene((800, 600), [(500, 60, 60), (120, 180, 220)])),
+        np.asarray(scene((641, 479), [(300, 200, 110)]).rotate(20, fillcolor=(120, 130, 140))),  # not a multiple of 32
+        np.asarray(Image.open(ROOT / "tests" / "data" / "astronaut.jpg").convert("RGB")),
+        np.full((240, 320, 3), 128, np.uint8),
+    ]
+    if KDEF.is_dir():  # and 42 real photos, frontal and half profile, where kdef-dev is here
+        photos = sorted(KDEF.glob("*/*.JPG"))[::20]
+        pictures += [np.asarray(to_rgb(decode_photo(p.read_bytes(), max_side=640).image)) for p in photos]
+    reference = cv2.FaceDetectorYN.create(str(MODEL_FILE), "", (320, 320), SCORE_THRESHOLD, NMS_THRESHOLD, TOP_K)
+    found_any = 0
+    for rgb in pictures:
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        height, width = bgr.shape[:2]
+        reference.setInputSize((width, height))
+        rows = reference.detect(bgr)[1]
+        expected = [] if rows is None else list(rows)
+        ours = detector.detect(bgr)
+        assert len(ours) == len(expected)
+        for face, row in zip(ours, expected, strict=True):
+            assert face.box == FaceBox.from_float(*map(float, row[:4]), width, height)
+            assert np.allclose(np.ravel(face.landmarks), row[4:14], atol=1e-3) and abs(face.score - row[14]) < 1e-4
+        found_any += len(ours)
+    assert found_any >= 3
+
+
 def test_a_grey_scene_has_no_face(detector: YuNetDetector) -> None:
     assert detect_faces(detector, np.full((480, 640, 3), 128, np.uint8), detect_max_side=320) == []
 
@@ -72,8 +102,10 @@ def synthetic_face(angle: float) -> tuple[np.ndarray, DetectedFace]:
     gray = np.zeros((400, 400), np.uint8)
     rad = math.radians(angle)
     eyes = [(200 + dx * math.cos(rad), 200 + dx * math.sin(rad)) for dx in (-50, 50)]
+    picture = Image.fromarray(gray)
     for x, y in eyes:
-        cv2.circle(gray, (round(x), round(y)), 6, 255, -1)
+        ImageDraw.Draw(picture).ellipse((round(x) - 6, round(y) - 6, round(x) + 6, round(y) + 6), fill=255)
+    gray = np.asarray(picture)
     mouth = [(200 - 30, 280), (200 + 30, 280)]
     landmarks = (eyes[0], eyes[1], (200.0, 240.0), (float(mouth[0][0]), 280.0), (float(mouth[1][0]), 280.0))
     return gray, DetectedFace(FaceBox(100, 100, 200, 200), 0.99, landmarks)
@@ -246,12 +278,13 @@ def test_heic_is_decoded_with_the_pixel_limit() -> None:
         decode_image(data, max_pixels=50_000)
 
 
+KDEF = Path(os.environ.get("KDEF_DIR", str(ROOT.parent / "shared" / "datasets" / "kdef-dev")))
+
+
 def kdef_dir() -> Path:
-    value = os.environ.get("KDEF_DIR", str(ROOT.parent / "shared" / "datasets" / "kdef-dev"))
-    path = Path(value)
-    if not path.is_dir():
-        pytest.skip(f"KDEF_DIR={value} does not exist: the real-photo detection check needs kdef-dev")
-    return path
+    if not KDEF.is_dir():
+        pytest.skip(f"KDEF_DIR={KDEF} does not exist: the real-photo detection check needs kdef-dev")
+    return KDEF
 
 
 @pytest.mark.slow
@@ -262,13 +295,8 @@ def test_a_face_is_found_in_nearly_every_kdef_dev_photo_at_every_angle(detector:
         photo = decode_photo(path.read_bytes(), max_side=ENGINE_DEFAULTS.decode_max_side)  # as the engine does
         return len(detect_faces(detector, np.asarray(to_rgb(photo.image)), ENGINE_DEFAULTS.detect_max_side))
 
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # one photo a core, as the engine's pool runs them: the detector keeps one net a thread
-    try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            counts = list(pool.map(faces_in, paths))
-    finally:
-        cv2.setNumThreads(threads)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one photo a core, as the engine's pool runs them
+        counts = list(pool.map(faces_in, paths))
     found: dict[str, list[int]] = {"S": [], "HL": [], "HR": []}
     for path, count in zip(paths, counts, strict=True):
         found[path.stem[6:]].append(int(count > 0))
@@ -281,6 +309,7 @@ def test_a_face_is_found_in_nearly_every_kdef_dev_photo_at_every_angle(detector:
 def test_the_haar_option_works_on_opencv_4_and_is_refused_in_one_line_on_5() -> None:
     from models.detectors import build_detector
 
+    cv2 = pytest.importorskip("cv2", reason="OpenCV is the haar extra's: pip install -e '.[haar]'")
     if hasattr(cv2, "CascadeClassifier"):
         picture = scene((800, 600), [(380, 200, 140)])
         found = detect_faces(build_detector("haar"), np.asarray(picture), detect_max_side=400)
