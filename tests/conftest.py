@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CHECKPOINT = ROOT / "models" / "checkpoint.pth"
 
+# Ray reads its authentication mode once per process, when it first starts or joins a cluster, and
+# a local `ray.init()` where a token exists turns token mode on in os.environ for good: the tests
+# that drive Ray in this process (a local cluster, the loopback clusters of `ray start`) would
+# then each meet the mode an earlier one left. One mode for all of them; the test of joining with
+# a token runs its clusters and commands in child processes with their own environment.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `slow` first, the longest (`seconds=`) first of all, so that `make test`'s two
@@ -68,6 +75,21 @@ def write_dataset(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
         for n in range(per_class[name]):
             make_face(seed * 1000 + index * 100 + n).save(folder / f"{n}.png")
     return root
+
+
+@pytest.fixture
+def ray_turn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One Ray cluster at a time across the suite's workers (`make test` runs two).
+
+    Two clusters starting at once on two cores starve each other: a GCS that misses its start-up
+    deadline ("Failed to start GCS"). The lock file lives in the run's temporary root, which
+    every worker shares.
+    """
+    import fcntl
+
+    with (tmp_path_factory.getbasetemp().parent / "ray-clusters.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,7 @@ def upload(folder: Path, prefix: str) -> None:
         client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
 
 
+@pytest.mark.usefixtures("ray_turn")
 @pytest.mark.slow(seconds=40)
 def test_s3_in_and_out_answers_as_local_predict_and_resumes_there(
     s3: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -83,6 +83,7 @@ def local_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.mark.usefixtures("ray_turn")
 @pytest.mark.slow(seconds=20)
 def test_ray_answers_as_local_fer_predict_and_a_rerun_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -211,6 +212,7 @@ def test_refusals_need_no_cluster(
     assert read_results(tmp_path / "nothing.parquet", CLASSES).num_rows == 0
 
 
+@pytest.mark.usefixtures("ray_turn")
 @pytest.mark.slow(seconds=40)
 def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Path) -> None:
     """`ray start --head` where a token exists turns token authentication on (Ray 2.59+): the command finds the token."""
@@ -231,7 +233,7 @@ def test_joining_a_ray_start_head_cluster_with_token_authentication(tmp_path: Pa
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
-         "--node-ip-address", "127.0.0.1"],
+         "--node-ip-address", "127.0.0.1", "--object-store-memory", str(2**28)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
@@ -290,7 +292,8 @@ def two_node_cluster(home: Path, log_dir: Path) -> Iterator[TwoNodes]:
 
     port, ray_cli = free_port(), str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1"]
+    # A small object store: Ray's default reserves 30% of the machine's memory per node.
+    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(2**28)]
     nodes: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, arguments: list[str]) -> subprocess.Popen[bytes]:
@@ -320,6 +323,7 @@ def two_node_cluster(home: Path, log_dir: Path) -> Iterator[TwoNodes]:
                 os.killpg(node.pid, signal.SIGKILL)
 
 
+@pytest.mark.usefixtures("ray_turn")
 @pytest.mark.slow(seconds=40)
 def test_a_cluster_of_two_nodes_runs_actors_on_both_and_answers_as_local_predict(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -353,6 +357,7 @@ def test_a_cluster_of_two_nodes_runs_actors_on_both_and_answers_as_local_predict
         assert_same_row(answered[path], expected)
 
 
+@pytest.mark.usefixtures("ray_turn")
 @pytest.mark.slow(seconds=60)
 def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second node powers off while its worker classifies: Ray retries its blocks on the head, every row once."""
@@ -388,10 +393,15 @@ def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path: Path, monkeyp
                     for actor in actor_table().values()
                 )
 
-            wait_for(working_on_second_node, "a worker classifying on the second node", deadline_s=120)
-            cluster.power_off_worker()
-            still_running = run.poll() is None  # the kill landed mid-run, not after the last row
-            _, err = run.communicate(timeout=600)
+            try:
+                wait_for(working_on_second_node, "a worker classifying on the second node", deadline_s=120)
+                cluster.power_off_worker()
+                still_running = run.poll() is None  # the kill landed mid-run, not after the last row
+                _, err = run.communicate(timeout=600)
+            finally:
+                if run.poll() is None:
+                    run.kill()
+                    run.communicate()
         finally:
             ray.shutdown()
     assert still_running
