@@ -38,7 +38,9 @@ ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir ".[train]"
 
 FROM source AS build-ray
-RUN pip install --no-cache-dir ".[scale]" "ray[default]" \
+# The Ray of deploy/kuberay/rayjob.yaml's rayVersion: a cluster's nodes and driver must agree.
+ARG RAY_VERSION=2.60.0
+RUN pip install --no-cache-dir ".[scale]" "ray[default]==${RAY_VERSION}" \
     && pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE_IMAGE} AS runtime
@@ -84,6 +86,8 @@ COPY --from=build-torch /opt/venv /opt/venv
 
 FROM serving AS ray
 COPY --from=build-ray /opt/venv /opt/venv
+# The image's user owns no home: Ray keeps its token and state under HOME, here the writable /tmp.
+ENV HOME=/tmp
 # Ray keeps its sockets, logs and spilled objects under /tmp/ray: a writable /tmp (an emptyDir on
 # Kubernetes) is all it needs; the root filesystem may stay read-only.
 HEALTHCHECK NONE

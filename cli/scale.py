@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 ADDRESS_TIMEOUT_S = 5.0  # how long a cluster's address may take to accept a connection
 ROWS_PER_PART_FILE = 10_000  # fewer, larger files for what reads them next, rather than one per batch
-OBJECT_READS_AHEAD = 8  # reads of object storage in flight per worker, each bounded by MAX_FILE_BYTES
+# Reads of object storage in flight per worker: at most this many objects of up to
+# LARGE_OBJECT_BYTES, and one larger (up to MAX_FILE_BYTES) at a time (cli/storage.read_object).
+OBJECT_READS_AHEAD = 8
 
 
 # Lines Ray adds around a task's error: advice on retries and tracebacks, not the cause.
@@ -323,7 +325,8 @@ def run_on_ray(job: RayJob) -> RayRun:
     if not pending:
         return RayRun(classified=0, skipped=len(work), failed=0, precision=precision)
     try:
-        output.filesystem.create_dir(output.path, recursive=True)
+        if output.is_local:  # an object store's prefixes need no creating (and a marker per parent may be refused)
+            output.filesystem.create_dir(output.path, recursive=True)
     except OSError as exc:
         raise ScaleError(f"--output {job.output}: cannot create it ({first_line(exc)})") from None
 

@@ -14,14 +14,17 @@ pyarrow comes with the `scale` extra; it is imported when a place is first opene
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from cli.results import MAX_FILE_BYTES, csv_columns, iter_images, too_large
 from models.decoding import IMAGE_SUFFIXES
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+LARGE_OBJECT_BYTES = 8 * 2**20  # above a phone photo's size: read one at a time
+_LARGE_READS = threading.BoundedSemaphore(1)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 STORAGE_ADVICE = "check the bucket or path and the AWS_* settings (AWS_ENDPOINT_URL for an S3-compatible store)"
@@ -59,10 +64,14 @@ class Place:
     text: str
     filesystem: pyarrow.fs.FileSystem
     path: str
+    # A remote place's scheme://netloc and that root's path in the filesystem: a listed path is
+    # named again as root_uri + what follows root_path (the host of hdfs://nn:8020 included).
+    root_uri: str | None = None
+    root_path: str = ""
 
     @property
     def is_local(self) -> bool:
-        return not is_uri(self.text)
+        return self.root_uri is None
 
     @property
     def name(self) -> str:
@@ -95,39 +104,45 @@ class Place:
 
     def check_bucket(self) -> None:
         """Refuse, in one line, a URI whose bucket (its scheme://netloc) is not there to write under."""
-        if self.is_local:
+        if self.root_uri is None:
             return
-        scheme, rest = self.text.split("://", 1)
-        root = f"{scheme}://{rest.split('/', 1)[0]}"
-        if rest.split("/", 1)[0] and open_place(root).file_type() != "directory":
+        if self.root_path.strip("/") and open_place(self.root_uri).file_type() != "directory":
             raise ScaleError(
-                f"{self.text}: {root} does not exist or cannot be seen with these credentials; {STORAGE_ADVICE}"
+                f"{self.text}: {self.root_uri} does not exist or cannot be seen with these credentials; "
+                f"{STORAGE_ADVICE}"
             )
 
     def uri_of(self, path: str) -> str:
         """The text that names `path` of this place's filesystem: a URI for a remote place, else the path."""
-        if self.is_local:
+        if self.root_uri is None:
             return path
-        scheme = self.text.split("://", 1)[0]
-        return f"{scheme}://{path}"
+        root = self.root_path.rstrip("/")
+        if root and not (path == root or path.startswith(root + "/")):
+            raise ScaleError(f"{path}: not under {self.root_uri}")
+        return self.root_uri + "/" + path[len(root) :].lstrip("/")
 
 
 def open_place(text: str | Path) -> Place:
-    """The place `text` names; a URI whose filesystem cannot be opened is one ScaleError."""
+    """The place `text` names; a URI whose filesystem cannot be opened is one ScaleError.
+
+    `file://` URIs are local paths (percent-decoded): read and listed as the folders they are.
+    """
     import pyarrow.fs
 
     text = str(text)
+    if text.startswith("file://"):
+        return Place(text, pyarrow.fs.LocalFileSystem(), str(Path(unquote(urlsplit(text).path)).resolve()))
     if not is_uri(text):
         return Place(text, pyarrow.fs.LocalFileSystem(), str(Path(text).resolve()))
     scheme, rest = text.split("://", 1)
     netloc, _, key = rest.partition("/")
-    if not netloc:  # file:///path and the like: nothing to share between keys
-        return Place(text, *_open_filesystem(text))
+    root_uri = f"{scheme}://{netloc}"
     # One filesystem (an S3 client, its region resolved once) serves every key of a bucket; the
     # environment is part of the key, since it holds the credentials and the endpoint.
     settings = tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("AWS_")))
-    filesystem, root = _shared_filesystem(f"{scheme}://{netloc}", settings)
-    return Place(text, filesystem, f"{root.rstrip('/')}/{key}".rstrip("/") if key else root)
+    filesystem, root = _shared_filesystem(root_uri, settings)
+    path = f"{root.rstrip('/')}/{key}".rstrip("/") if key else root
+    return Place(text, filesystem, path, root_uri, root)
 
 
 @functools.lru_cache(maxsize=64)
@@ -143,8 +158,10 @@ def _open_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     try:
         opened: tuple[pyarrow.fs.FileSystem, str] = pyarrow.fs.FileSystem.from_uri(uri)
         return opened
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # a scheme pyarrow has no filesystem for
         reason = first_line(exc)
+    except OSError as exc:  # pyarrow's own store, unreachable or refusing (a region lookup, credentials)
+        raise ScaleError(f"{uri}: cannot be opened ({first_line(exc)}); {STORAGE_ADVICE}") from None
     try:
         from fsspec.core import url_to_fs
     except ImportError:
@@ -169,7 +186,10 @@ def read_object(uri: str) -> bytes | OSError:
             return OSError(f"{uri}: not found")
         if info.size > MAX_FILE_BYTES:
             return too_large(uri)
-        with place.filesystem.open_input_stream(place.path) as stream:
+        # Reads run ahead of the engine on a few threads (cli/scale.py): past LARGE_OBJECT_BYTES
+        # they take turns, so a worker holds at most that many small objects and one large one.
+        turn = _LARGE_READS if info.size > LARGE_OBJECT_BYTES else contextlib.nullcontext()
+        with turn, place.filesystem.open_input_stream(place.path) as stream:
             data = stream.read(MAX_FILE_BYTES + 1)
     except (OSError, ScaleError) as exc:
         return OSError(f"{uri}: {first_line(exc)}")
@@ -201,10 +221,10 @@ def list_work(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
         place = open_place(item)
         kind = place.file_type()
         if kind == "file" and place.suffix in MANIFEST_SUFFIXES:
-            base = place.uri_of(posixpath.dirname(place.path))
-            work += [(text, text if is_uri(text) else posixpath.join(base, text)) for text in manifest_paths(place)]
+            work += [(text, manifest_entry(place, text)) for text in manifest_paths(place)]
         elif place.is_local:
-            work += [(str(path), str(path.resolve())) for path in iter_images([Path(item)])]
+            folder = Path(place.path) if is_uri(item) else Path(item)  # file:// names a local folder
+            work += [(str(path), str(path.resolve())) for path in iter_images([folder])]
         elif kind == "file":
             work.append((item, item))
         elif kind == "missing":
@@ -217,6 +237,27 @@ def list_work(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
                 if posixpath.splitext(uri)[1].lower() in IMAGE_SUFFIXES
             ]
     return work
+
+
+def manifest_entry(manifest: Place, entry: str) -> str:
+    """What a manifest's entry names: a URI as it is, else a path relative to the manifest's folder or prefix.
+
+    In a bucket, an entry is a key below the manifest's prefix: one that is absolute or climbs
+    out of the bucket (`..`) is refused in one line, since a worker would read it from its own
+    disk or from nowhere.
+    """
+    if is_uri(entry):
+        return entry
+    folder = posixpath.dirname(manifest.path)
+    if manifest.is_local:
+        return posixpath.join(folder, entry)
+    joined = posixpath.normpath(posixpath.join(folder, entry))
+    if posixpath.isabs(entry) or not (joined + "/").startswith(manifest.root_path.rstrip("/") + "/"):
+        raise ScaleError(
+            f"manifest {manifest.text}: {entry} is not a key below the manifest's bucket; list keys relative "
+            "to the manifest, or URIs"
+        )
+    return manifest.uri_of(joined)
 
 
 def manifest_paths(manifest: Place) -> list[str]:
@@ -233,8 +274,12 @@ def manifest_paths(manifest: Place) -> list[str]:
                 table = pyarrow.csv.read_csv(stream, convert_options=options)
         else:
             table = pyarrow.parquet.read_table(manifest.path, columns=["path"], filesystem=manifest.filesystem)
-    except (KeyError, pa.ArrowException, OSError) as exc:  # a missing column is a KeyError or ArrowInvalid
-        raise ScaleError(f"manifest {manifest.text}: needs a `path` column of image paths ({exc})") from None
+    except OSError as exc:  # unreadable, refused (pyarrow's ArrowInvalid is not an OSError)
+        raise ScaleError(f"manifest {manifest.text}: cannot be read ({first_line(exc)})") from None
+    except (KeyError, pa.ArrowException) as exc:  # a missing column is a KeyError or ArrowInvalid
+        raise ScaleError(
+            f"manifest {manifest.text}: needs a `path` column of image paths ({first_line(exc)})"
+        ) from None
     column = table.column("path")
     if pa.types.is_dictionary(column.type):  # pandas' categoricals
         column = column.cast(column.type.value_type)

@@ -115,7 +115,11 @@ def test_worker_pods_fit_the_workers_they_run() -> None:
 def test_every_pod_runs_the_ray_image_with_the_storage_credentials_as_the_images_user() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM serving AS ray$", dockerfile, re.M)
-    assert '"ray[default]"' in dockerfile  # the dashboard: KubeRay submits the job and probes through it
+    assert (
+        '"ray[default]==${RAY_VERSION}"' in dockerfile
+    )  # the dashboard: KubeRay submits the job and probes through it
+    pinned = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M).group(1)  # type: ignore[union-attr]
+    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == pinned  # the nodes and the driver agree
     uid = re.search(r"useradd --system --uid (\d+)", dockerfile).group(1)  # type: ignore[union-attr]
     for name, group in groups():
         spec = group["template"]["spec"]
@@ -124,4 +128,8 @@ def test_every_pod_runs_the_ray_image_with_the_storage_credentials_as_the_images
         assert {"secretRef": {"name": "fer-object-storage"}} in container["envFrom"], name  # every node reads objects
         assert str(spec["securityContext"]["runAsUser"]) == uid
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
-        assert mounts["/tmp"] in {volume["name"] for volume in spec["volumes"] if "emptyDir" in volume}  # Ray's files
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]  # Ray's files
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]  # the object store, past the pod's default 64 MiB
+        object_store = int(group["rayStartParams"]["object-store-memory"]) / 2**20
+        assert shm["medium"] == "Memory" and mebibytes(shm["sizeLimit"]) >= object_store

@@ -158,3 +158,35 @@ def test_local_predict_refuses_uris_in_one_line(tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().err.strip() == (
         "fer: s3://bucket/in: object storage is read and written by --engine ray (fer-service[scale])"
     )
+
+
+def test_a_manifest_in_a_bucket_names_keys_below_it_and_nothing_else(s3: str, tmp_path: Path) -> None:
+    from cli.storage import ScaleError, list_work
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=BUCKET, Key="sets/a/list.csv", Body=b"path\n./x.png\n../b/y.png\ns3://elsewhere/z.png\n")
+    assert list_work([f"s3://{BUCKET}/sets/a/list.csv"]) == [
+        ("./x.png", f"s3://{BUCKET}/sets/a/x.png"),
+        ("../b/y.png", f"s3://{BUCKET}/sets/b/y.png"),
+        ("s3://elsewhere/z.png", "s3://elsewhere/z.png"),
+    ]
+    for entry in ("/etc/passwd", "../../../outside.png"):  # a worker's own disk, or above the bucket
+        client.put_object(Bucket=BUCKET, Key="sets/a/bad.csv", Body=f"path\n{entry}\n".encode())
+        with pytest.raises(ScaleError, match="is not a key below the manifest's bucket") as refused:
+            list_work([f"s3://{BUCKET}/sets/a/bad.csv"])
+        assert "\n" not in str(refused.value)
+
+
+def test_file_uris_are_local_folders_and_listed_paths_keep_their_host() -> None:
+    import pyarrow.fs
+
+    from cli.storage import Place, list_work
+
+    folder = Path(__file__).parent / "data"
+    local = list_work([folder.as_uri()])
+    assert [source for _, source in local] == [str((folder / "astronaut.jpg").resolve())]
+    # hdfs://namenode:8020/… lists paths without the host: naming them again keeps it.
+    place = Place("hdfs://nn:8020/data", pyarrow.fs.LocalFileSystem(), "/data", "hdfs://nn:8020", "")
+    assert place.uri_of("/data/a b.png") == "hdfs://nn:8020/data/a b.png"
+    bucket = Place("s3://b/in", pyarrow.fs.LocalFileSystem(), "b/in", "s3://b", "b")
+    assert bucket.uri_of("b/in/x.png") == "s3://b/in/x.png"

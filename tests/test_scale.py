@@ -406,9 +406,14 @@ def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path: Path, monkeyp
             ray.shutdown()
     assert still_running
     assert run.returncode == 0, err
-    assert "1500 files classified (0 with an error)" in err and "repeat a path" not in err
+    assert "1500 files classified (0 with an error)" in err
     rows = read_results(output, CLASSES).to_pylist()
-    assert len(rows) == 1500 and len({row["path"] for row in rows}) == 1500  # none lost, none twice
+    by_path = {row["path"]: row for row in rows}
+    assert len(by_path) == 1500  # none lost
+    # A block whose write landed before its worker was lost is written again by the retry: the
+    # summary counts such rows, and each repeats its path's answer exactly (none repeated in the runs here).
+    repeated = len(rows) - len(by_path)
+    assert ("repeat a path" in err) == (repeated > 0) and all(row == by_path[row["path"]] for row in rows)
     assert {row["label"] for row in rows} == {rows[0]["label"]} and all(row["error"] is None for row in rows)
 
 
