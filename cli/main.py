@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from cli.engine_options import add_engine_flags, cli_engine_config
 from cli.results import UNBOUNDED_REQUEST_PIXELS, classify_files, csv_columns, face_text, iter_images, result_row
+from cli.storage import is_uri
 from cli.video import add_video_parser, video_command
 from models.checkpoint import load_checkpoint
 from models.config import config_error_line, engine_config
@@ -63,7 +64,7 @@ def predict_command(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"fer: {flag} is for --engine ray", file=sys.stderr)
             return 2
-    remote = next((name for name in (*args.paths, args.output or "") if "://" in name), None)
+    remote = next((name for name in (*args.paths, args.output or "") if is_uri(name)), None)
     if remote is not None:
         print(
             f"fer: {remote}: object storage is read and written by --engine ray (fer-service[scale])", file=sys.stderr

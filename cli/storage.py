@@ -51,10 +51,10 @@ def is_uri(text: str) -> bool:
     return _URI.match(text) is not None
 
 
-def first_line(exc: BaseException, *, last: bool = False) -> str:
-    """An exception's first (or last) line of text, or its type where it has none."""
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, or its type's name: what a one-line refusal quotes."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
+    return lines[0] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ class Place:
             raise ScaleError(f"{self.text}: cannot be read ({first_line(exc)}); {STORAGE_ADVICE}") from None
         return {pyarrow.fs.FileType.File: "file", pyarrow.fs.FileType.Directory: "directory"}.get(kind, "missing")
 
-    def children(self) -> list[tuple[str, int | None]]:
-        """(path in the filesystem, size) of every file under this folder or prefix, recursively, sorted."""
+    def children(self) -> list[str]:
+        """The path in the filesystem of every file under this folder or prefix, recursively, sorted."""
         import pyarrow.fs
 
         selector = pyarrow.fs.FileSelector(self.path, recursive=True, allow_not_found=True)
@@ -100,7 +100,7 @@ class Place:
             found = self.filesystem.get_file_info(selector)
         except OSError as exc:  # a missing bucket, a refused listing, an endpoint that does not answer
             raise ScaleError(f"{self.text}: cannot list it ({first_line(exc)}); {STORAGE_ADVICE}") from None
-        return sorted((info.path, info.size) for info in found if info.type == pyarrow.fs.FileType.File)
+        return sorted(info.path for info in found if info.type == pyarrow.fs.FileType.File)
 
     def check_bucket(self) -> None:
         """Refuse, in one line, a URI whose bucket (its scheme://netloc) is not there to write under."""
@@ -233,7 +233,7 @@ def list_work(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
         else:
             work += [
                 (uri, uri)
-                for uri in (place.uri_of(path) for path, _ in place.children())
+                for uri in map(place.uri_of, place.children())
                 if posixpath.splitext(uri)[1].lower() in IMAGE_SUFFIXES
             ]
     return work
@@ -299,7 +299,7 @@ def result_schema(classes: Sequence[str]) -> pa.Schema:
 
 def part_files(output: Place) -> list[str]:
     """The output's part files (paths in its filesystem), sorted; none when the output does not exist yet."""
-    return [path for path, _ in output.children() if posixpath.splitext(path)[1].lower() == output.suffix]
+    return [path for path in output.children() if posixpath.splitext(path)[1].lower() == output.suffix]
 
 
 def read_results(output: Place | str | Path, classes: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:

@@ -2,8 +2,9 @@
 
 It ships inside the opencv-python-headless 4.x wheels, which the `haar` extra installs (the
 service itself needs no OpenCV); without them, or with OpenCV 5 (which removed
-`CascadeClassifier`), `FER_DETECTOR=haar` stops start-up with a one-line reason. It gives no landmarks, so its
-faces are framed from the box alone, with the margin measured for it when it was the default.
+`CascadeClassifier`), `FER_DETECTOR=haar` stops start-up with a one-line reason. It gives no
+landmarks, so its faces are framed from the box alone, with the margin measured for it when it
+was the default.
 """
 
 from __future__ import annotations
