@@ -28,6 +28,10 @@ class TrainConfig:
     # "votes" distribution; original_weight mixes the folder's one-hot into a FER+ target.
     label_mode: str = "original"
     original_weight: float = 0.0
+    # Knowledge distillation (training/teacher.py): the target becomes (1 - w) * the label mode's
+    # target + w * a teacher's probabilities from this file ("" = no teacher).
+    teacher: str = ""
+    teacher_weight: float = 0.0
     # Logit-adjusted loss (Menon et al. 2021, "Long-tail learning via logit adjustment"): the
     # loss sees logits + tau * log(prior of the training targets), so the raw logits the service
     # serves assume a prior of prior^(1 - tau): 1 = every class equally likely, 0 = the training prior.
@@ -138,6 +142,10 @@ def check_config(config: TrainConfig) -> None:
         )
     if not 0.0 <= config.original_weight <= 1.0:
         raise ValueError(f"--original-weight must be within [0, 1], not {config.original_weight}")
+    if not 0.0 <= config.teacher_weight <= 1.0:
+        raise ValueError(f"--teacher-weight must be within [0, 1], not {config.teacher_weight}")
+    if bool(config.teacher) != bool(config.teacher_weight):
+        raise ValueError("--teacher FILE and --teacher-weight w (above 0) go together")
     if not 0.0 <= config.perspective < 1.0 or not 0.0 <= config.contrast_range <= 1.0 or config.gamma_range < 0:
         raise ValueError("--perspective must be within [0, 1), --contrast-range within [0, 1], --gamma-range >= 0")
     if not 0.0 <= config.blur_probability <= 1.0:

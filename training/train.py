@@ -31,6 +31,7 @@ from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_vot
 from training.helpformat import DefaultsHelpFormatter
 from training.loop import starting_weights, target_prior, train
 from training.speed import keep_freed_memory
+from training.teacher import read_teacher, with_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the folder's one-hot label mixed into a FER+ target (0 = FER+ alone)",
     )
     parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="a teacher's probabilities for the training images (training/teacher.py), for distillation",
+    )
+    parser.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=None,
+        help="share of the teacher's probabilities in each target: (1-w)*label mode's + w*teacher's",
+    )
+    parser.add_argument(
         "--logit-adjustment",
         type=float,
         default=None,
@@ -186,7 +199,7 @@ def labelled(
     votes_file = data_dir / VOTES_FILE
     if config.label_mode == "original":
         one_hot = training_targets(train_split.labels, train_split.classes, "original", None)[0]
-        return train_split, one_hot, split_majority(data_dir / "val", val_split)
+        return train_split, taught(config, train_split, one_hot), split_majority(data_dir / "val", val_split)
     train_votes = read_votes(votes_file, "train", train_split.paths)
     targets, keep = training_targets(
         train_split.labels, train_split.classes, config.label_mode, train_votes, config.original_weight
@@ -200,7 +213,16 @@ def labelled(
             classes=train_split.classes,
             paths=tuple(path for path, kept in zip(train_split.paths, keep, strict=True) if kept),
         )
-    return train_split, targets[keep], val_majority
+    return train_split, taught(config, train_split, targets[keep]), val_majority
+
+
+def taught(config: TrainConfig, train_split: Split, targets: np.ndarray) -> np.ndarray:
+    """`targets` with the teacher's probabilities mixed in (TrainConfig.teacher), or as they are."""
+    if not config.teacher:
+        return targets
+    teacher = read_teacher(Path(config.teacher), "train", train_split.paths, train_split.classes)
+    logger.info("teacher %s: weight %.2f in every target", config.teacher, config.teacher_weight)
+    return with_teacher(targets, teacher, config.teacher_weight)
 
 
 @contextmanager
@@ -242,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         erase_probability=args.erase_probability,
         label_mode=args.label_mode,
         original_weight=args.original_weight,
+        teacher=None if args.teacher is None else str(args.teacher),
+        teacher_weight=args.teacher_weight,
         logit_adjustment=args.logit_adjustment,
         init_from=None if args.init_from is None else str(args.init_from),
         interpolation=args.interpolation,

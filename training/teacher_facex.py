@@ -1,0 +1,134 @@
+"""Write a teacher file (training/teacher.py) from the `facex` package's expression model.
+
+facex (PyPI `facex` 1.1.0, MIT licence, Hasby Fahrudin) ships a TensorFlow Lite classifier of
+the same seven classes in the same order as ours, trained on photos (its training data is not
+stated). On kdef-dev's detected faces it reads turned disgust and fear far better than the
+FER2013 network (docs/training.md), while it scores only about 0.44 on FER2013's own 48-px val
+crops: real-photo knowledge that FER2013's labels do not carry.
+
+Only training uses it, never the service. Its model file is read from the installed wheel, so
+nothing is downloaded at run time and nothing of it enters the repository. facex itself imports
+TensorFlow and OpenCV; only its model file is needed here, run by LiteRT:
+
+    pip install --no-deps facex==1.1.0 && pip install ai-edge-litert      # or: make teacher
+    python -m training.teacher_facex --out runs/teacher-facex.npz
+
+Each image goes in as facex feeds its own crops: grey, resized to 200×200, repeated over three
+channels, scaled to [0, 1]; the probabilities of the image and of its mirror image are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from training.data import default_data_dir, load_split
+from training.helpformat import DefaultsHelpFormatter
+
+logger = logging.getLogger("training.teacher_facex")
+
+FACEX_MODEL = "assets/model_optimized.tflite"
+FACEX_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")  # its order, our names
+FACEX_SIDE = 200
+INSTALL = "pip install --no-deps facex==1.1.0 && pip install ai-edge-litert"
+
+
+def facex_model_file() -> Path:
+    """The installed facex wheel's model file, found without importing facex (which imports TensorFlow).
+
+    Raises:
+        FileNotFoundError: facex is not installed, or its wheel has no model file.
+    """
+    spec = importlib.util.find_spec("facex")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the facex package is not installed: {INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / FACEX_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the installed facex has no model file (facex 1.1.0 has one)")
+    return path
+
+
+class FacexModel:
+    """facex's classifier in LiteRT: grey 48-px (or any size) faces in, seven probabilities out."""
+
+    def __init__(self, model_file: Path, threads: int = 1) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 (training-only dependency)
+        except ImportError:
+            raise FileNotFoundError(f"LiteRT is not installed: {INSTALL}") from None
+        self._interpreter = Interpreter(model_path=str(model_file), num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+
+    def probabilities(self, face: np.ndarray) -> np.ndarray:
+        """(7,) float32 for one grey uint8 face (H, W): the mean over the face and its mirror image."""
+        resized = np.asarray(
+            Image.fromarray(face).resize((FACEX_SIDE, FACEX_SIDE), Image.Resampling.BILINEAR), np.float32
+        )
+        resized /= 255.0
+        total = np.zeros(len(FACEX_CLASSES), np.float64)
+        for view in (resized, resized[:, ::-1]):
+            batch = np.ascontiguousarray(np.repeat(view[None, :, :, None], 3, axis=3))
+            self._interpreter.set_tensor(self._input, batch)
+            self._interpreter.invoke()
+            total += self._interpreter.get_tensor(self._output)[0]
+        mean: np.ndarray = (total / total.sum()).astype(np.float32)
+        return mean
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=None, help="FER2013 folder (default $FER2013_DIR)")
+    parser.add_argument("--split", default="train", help="the split folder to label")
+    parser.add_argument("--out", type=Path, required=True, help="the teacher file to write (.npz, under runs/)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-split cache")
+    parser.add_argument("--threads", type=int, default=2, help="LiteRT threads")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model = FacexModel(facex_model_file(), threads=args.threads)
+        spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing
+        split = load_split((args.data_dir or default_data_dir()) / args.split, spec, cache_dir=args.cache_dir)
+        if split.classes != FACEX_CLASSES:
+            raise ValueError(f"the split's classes {split.classes} are not facex's {FACEX_CLASSES}")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    probabilities = np.empty((len(split), len(FACEX_CLASSES)), np.float32)
+    for index, face in enumerate(split.pixels):
+        probabilities[index] = model.probabilities(face)
+        if (index + 1) % 2000 == 0:
+            logger.info("%d of %d images, %.0f s", index + 1, len(split), time.monotonic() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        args.out,
+        split=np.array(args.split),
+        classes=np.array(FACEX_CLASSES),
+        paths=np.array(split.paths),
+        probabilities=probabilities,
+    )
+    agreement = float((probabilities.argmax(1) == split.labels).mean())
+    print(f"{args.out}: {len(split)} images of {args.split}, facex agrees with the folder label on {agreement:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
