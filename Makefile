@@ -14,7 +14,8 @@ $(BIN)/python:
 
 # The stamp re-runs the install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[train,export,scale,haar,dev]"
+	$(BIN)/pip install --quiet -e ".[train,export,scale,haar,teacher,dev]"
+	$(BIN)/pip install --quiet --no-deps facex==1.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.checkpoint import CLASSES
-from training import train
+from training import teacher_facex, train
+from training.augment import turned_faces
 from training.data import list_split
 from training.teacher import read_teacher, with_teacher
 
@@ -47,7 +49,7 @@ def test_the_reader_puts_rows_in_the_split_order_whatever_the_files_order(tiny_d
     rows = rng.dirichlet(np.ones(len(CLASSES)), size=len(paths)).astype(np.float32)
     order = rng.permutation(len(paths))
     file = write_teacher(tmp_path / "t.npz", tuple(paths[i] for i in order), rows[order])
-    assert np.array_equal(read_teacher(file, "train", paths, CLASSES), rows)
+    assert np.array_equal(read_teacher(file, "train", paths, CLASSES)[0], rows)
     mixed = with_teacher(np.eye(len(CLASSES), dtype=np.float32)[np.zeros(len(paths), int)], rows, 0.25)
     assert np.allclose(mixed[:, 0], 0.75 + 0.25 * rows[:, 0]) and np.allclose(mixed.sum(1), 1.0)
 
@@ -106,3 +108,67 @@ def test_a_tiny_run_trains_on_the_teachers_probabilities(tiny_dataset: Path, tmp
     happy = CLASSES.index("happy")
     expected = [0.4 / len(CLASSES) + 0.6 * (0.9 if i == happy else 0.1 / 6) for i in range(len(CLASSES))]
     assert list(raw["training"]["target_prior"].values()) == pytest.approx(expected, abs=1e-4)
+
+
+def test_turned_faces_keep_an_upright_face_and_squeeze_the_far_side() -> None:
+    face = torch.full((1, 48, 48), 200, dtype=torch.uint8)
+    assert torch.equal(turned_faces(face, torch.zeros(1)), face)
+    turned = turned_faces(face.expand(2, 48, 48), torch.tensor([0.4, -0.4]))
+    # turned right, the right edge's rows sample beyond the face at top and bottom: black corners there
+    assert turned[0, 0, -1] < 100 < turned[0, 0, 0] and turned[0, 24, 24] == 200
+    assert torch.equal(turned[1], turned[0].flip(-1))
+
+
+def test_turned_views_join_the_training_images_with_their_sources_labels(tiny_dataset: Path, tmp_path: Path) -> None:
+    paths = split_paths(tiny_dataset)
+    views = {"view_of": np.array(paths[:3]), "view_pixels": np.zeros((3, 48, 48), np.uint8)}
+    file = write_teacher(tmp_path / "t.npz", paths, says_happy(len(paths)), **views, view_probabilities=says_happy(3))
+    probabilities, taught_views = read_teacher(file, "train", paths, CLASSES)
+    assert taught_views is not None and taught_views.sources.tolist() == [0, 1, 2]
+    # a label mode that dropped the first image drops its view too
+    assert read_teacher(file, "train", paths[1:], CLASSES)[1].sources.tolist() == [0, 1]  # type: ignore[union-attr]
+    half = write_teacher(tmp_path / "half.npz", paths, says_happy(len(paths)), view_of=np.array(paths[:3]))
+    with pytest.raises(ValueError, match="turned views need all of view_of, view_pixels, view_probabilities"):
+        read_teacher(half, "train", paths, CLASSES)
+    stray = {**views, "view_of": np.array(["angry/absent.png", *paths[1:3]])}
+    file = write_teacher(
+        tmp_path / "stray.npz", paths, says_happy(len(paths)), **stray, view_probabilities=says_happy(3)
+    )
+    with pytest.raises(ValueError, match="a turned view of angry/absent.png, which has no teacher row"):
+        read_teacher(file, "train", paths, CLASSES)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_trains_on_the_turned_views_too(tiny_dataset: Path, tmp_path: Path) -> None:
+    paths = split_paths(tiny_dataset)
+    views = {"view_of": np.array(paths[:10]), "view_pixels": np.zeros((10, 48, 48), np.uint8)}
+    neutral = np.full((10, len(CLASSES)), 0.0, np.float32)
+    neutral[:, CLASSES.index("neutral")] = 1.0
+    file = write_teacher(tmp_path / "t.npz", paths, says_happy(len(paths)), **views, view_probabilities=neutral)
+    output = tmp_path / "model.pth"
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--output", str(output)]
+    argv += ["--teacher", str(file), "--teacher-weight", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert train.main([*argv, *TINY_FLAGS]) == 0
+    raw = torch.load(output, map_location="cpu", weights_only=True)
+    assert raw["training"]["images"] == len(paths) + 10
+    prior = raw["training"]["target_prior"]
+    assert prior["neutral"] == pytest.approx((len(paths) * 0.1 / 6 + 10) / (len(paths) + 10), abs=1e-4)
+
+
+def test_facex_labels_a_split_and_its_turned_views(tiny_dataset: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert", reason="LiteRT is not installed (make install puts it in)")
+    try:
+        teacher_facex.facex_model_file()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "facex.npz"
+    argv = ["--data-dir", str(tiny_dataset), "--out", str(out), "--turned-views", "--cache-dir", str(tmp_path / "c")]
+    assert teacher_facex.main([*argv, "--threads", "1", "--log-level", "WARNING"]) == 0
+    paths = split_paths(tiny_dataset)
+    probabilities, views = read_teacher(out, "train", paths, CLASSES)
+    assert probabilities.shape == (len(paths), len(CLASSES)) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert views is not None and views.sources.tolist() == list(range(len(paths)))
+    assert views.pixels.shape == (len(paths), 48, 48) and views.probabilities.shape == probabilities.shape
+    # each view is its source seen turned: never the same pixels
+    pixels = np.stack([np.asarray(Image.open(tiny_dataset / "train" / p).convert("L")) for p in paths])
+    assert (views.pixels != pixels).any(axis=(1, 2)).all()

@@ -88,6 +88,19 @@ _BLUR_1D = torch.tensor([0.2261, 0.5478, 0.2261])
 _BLUR_KERNEL = (_BLUR_1D[:, None] * _BLUR_1D[None, :])[None, None]  # (1, 1, 3, 3)
 
 
+def turned_faces(pixels: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """uint8 faces (N, H, W) seen with each head turned by `turns` (N,), as `augment_batch`'s keystone does; uint8.
+
+    Pixels moved in from outside are black, as in training. The teacher file's turned views
+    (training/teacher_facex.py) are cut this way, so a teacher can say what a turned face shows.
+    """
+    images = pixels[:, None].float()
+    identity = torch.eye(2, 3, dtype=images.dtype).expand(images.shape[0], 2, 3)
+    grid = _turn_head(F.affine_grid(identity, list(images.shape), align_corners=False), turns.to(images.dtype))
+    turned = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return turned[:, 0].round().clamp(0, 255).to(torch.uint8)
+
+
 def _turn_head(grid: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     """A keystone warp of the sampling grid (N, H, W, 2), as if each head turned by `turn` (N,) about its vertical axis.
 

@@ -9,19 +9,40 @@ knowledge in a neural network"). `--teacher FILE --teacher-weight w` trains on
 The file is an `.npz` written by `python -m training.teacher_facex` (or any tool that writes the
 same): `paths`, the split-relative paths of the images as `training.data.Split` holds them;
 `classes`, the class names in the columns' order; `probabilities`, (N, C) float32 rows summing
-to 1; and `split`, the split folder it was computed on. It is derived from the dataset: keep it
-under `runs/`, never in the repository.
+to 1; and `split`, the split folder it was computed on. It may also hold turned views: more
+training images, each one of the split's faces seen with the head turned (`view_of`, the
+source's path; `view_pixels`, (M, H, W) uint8; `view_probabilities`, (M, C)). A teacher that
+knows turned faces then says what each turned face shows, where the keystone augmentation alone
+keeps the upright face's label. A view trains with its source's label-mode target, mixed with the
+teacher's probabilities for the view itself. The file is derived from the dataset: keep it under
+`runs/`, never in the repository.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+VIEW_ARRAYS = ("view_of", "view_pixels", "view_probabilities")
 
-def read_teacher(path: Path, split: str, paths: tuple[str, ...], classes: tuple[str, ...]) -> np.ndarray:
-    """The teacher's probabilities (N, C) float32 for `split`'s images, in `paths` order.
+
+@dataclass(frozen=True)
+class TeacherViews:
+    """Extra training faces: `sources` (M,) indices into the split, `pixels` (M, H, W) uint8, `probabilities` (M, C)."""
+
+    sources: np.ndarray
+    pixels: np.ndarray
+    probabilities: np.ndarray
+
+
+def read_teacher(
+    path: Path, split: str, paths: tuple[str, ...], classes: tuple[str, ...]
+) -> tuple[np.ndarray, TeacherViews | None]:
+    """The teacher's probabilities (N, C) float32 for `split`'s images, in `paths` order, and its turned views.
+
+    Views of images that are not in `paths` (dropped by the label mode) are left out.
 
     Raises:
         FileNotFoundError: no such file.
@@ -37,6 +58,12 @@ def read_teacher(path: Path, split: str, paths: tuple[str, ...], classes: tuple[
             file_classes = tuple(str(name) for name in stored["classes"])
             file_paths = [str(name) for name in stored["paths"]]
             probabilities = np.asarray(stored["probabilities"], dtype=np.float32)
+            present = [name for name in VIEW_ARRAYS if name in stored.files]
+            if present and len(present) != len(VIEW_ARRAYS):
+                raise ValueError(f"turned views need all of {', '.join(VIEW_ARRAYS)}")
+            view_of = [str(name) for name in stored["view_of"]] if present else []
+            view_pixels = np.asarray(stored["view_pixels"], dtype=np.uint8) if present else None
+            view_probabilities = np.asarray(stored["view_probabilities"], dtype=np.float32) if present else None
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}: not a teacher file (split, classes, paths, probabilities): {exc}") from None
     if file_split != split:
@@ -45,17 +72,30 @@ def read_teacher(path: Path, split: str, paths: tuple[str, ...], classes: tuple[
         raise ValueError(f"{path}: the teacher's classes {file_classes} are not the data's {classes}")
     if probabilities.shape != (len(file_paths), len(classes)):
         raise ValueError(f"{path}: probabilities of shape {probabilities.shape} for {len(file_paths)} images")
-    if (
-        not np.isfinite(probabilities).all()
-        or (probabilities < 0).any()
-        or np.abs(probabilities.sum(1) - 1).max() > 1e-3
-    ):
+    if not _are_probabilities(probabilities):
         raise ValueError(f"{path}: the teacher's rows are not probabilities (non-negative, summing to 1)")
     row_of = {name: i for i, name in enumerate(file_paths)}
     missing = [name for name in paths if name not in row_of]
     if missing:
         raise ValueError(f"{path}: no teacher row for {len(missing)} of the split's images, {missing[0]} first")
-    return probabilities[[row_of[name] for name in paths]]
+    taught = probabilities[[row_of[name] for name in paths]]
+    if view_pixels is None or view_probabilities is None:
+        return taught, None
+    if view_probabilities.shape != (len(view_of), len(classes)) or view_pixels.shape[0] != len(view_of):
+        raise ValueError(f"{path}: turned views of mismatched lengths or classes")
+    if not _are_probabilities(view_probabilities):
+        raise ValueError(f"{path}: the turned views' rows are not probabilities (non-negative, summing to 1)")
+    unknown = [name for name in view_of if name not in row_of]
+    if unknown:
+        raise ValueError(f"{path}: a turned view of {unknown[0]}, which has no teacher row")
+    index_of = {name: i for i, name in enumerate(paths)}
+    kept = [i for i, name in enumerate(view_of) if name in index_of]
+    sources = np.array([index_of[view_of[i]] for i in kept], dtype=np.int64)
+    return taught, TeacherViews(sources=sources, pixels=view_pixels[kept], probabilities=view_probabilities[kept])
+
+
+def _are_probabilities(rows: np.ndarray) -> bool:
+    return bool(np.isfinite(rows).all() and (rows >= 0).all() and np.abs(rows.sum(1) - 1).max(initial=0) <= 1e-3)
 
 
 def with_teacher(targets: np.ndarray, teacher: np.ndarray, weight: float) -> np.ndarray:

@@ -15,6 +15,9 @@ TensorFlow and OpenCV; only its model file is needed here, run by LiteRT:
 
 Each image goes in as facex feeds its own crops: grey, resized to 200×200, repeated over three
 channels, scaled to [0, 1]; the probabilities of the image and of its mirror image are averaged.
+With `--turned-views`, every image also gets one turned view (training/teacher.py): the face
+with the head turned by a keystone warp of 0.2-0.45 to a random side (`training.augment`'s), and
+facex's probabilities for that view.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from training.augment import turned_faces
 from training.data import default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
 
@@ -39,6 +44,7 @@ logger = logging.getLogger("training.teacher_facex")
 FACEX_MODEL = "assets/model_optimized.tflite"
 FACEX_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")  # its order, our names
 FACEX_SIDE = 200
+TURN_RANGE = (0.2, 0.45)  # the turned end of the training keystone (up to 0.4 in the R10 runs)
 INSTALL = "pip install --no-deps facex==1.1.0 && pip install ai-edge-litert"
 
 
@@ -86,6 +92,16 @@ class FacexModel:
         return mean
 
 
+def label(model: FacexModel, faces: np.ndarray, started: float) -> np.ndarray:
+    """facex's probabilities (N, 7) for grey faces (N, H, W), with progress in the log."""
+    probabilities = np.empty((len(faces), len(FACEX_CLASSES)), np.float32)
+    for index, face in enumerate(faces):
+        probabilities[index] = model.probabilities(face)
+        if (index + 1) % 2000 == 0:
+            logger.info("%d of %d faces, %.0f s", index + 1, len(faces), time.monotonic() - started)
+    return probabilities
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
@@ -93,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="train", help="the split folder to label")
     parser.add_argument("--out", type=Path, required=True, help="the teacher file to write (.npz, under runs/)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-split cache")
+    parser.add_argument("--turned-views", action="store_true", help="add one turned view of every image")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the turned views' turns")
     parser.add_argument("--threads", type=int, default=2, help="LiteRT threads")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser
@@ -112,19 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    probabilities = np.empty((len(split), len(FACEX_CLASSES)), np.float32)
-    for index, face in enumerate(split.pixels):
-        probabilities[index] = model.probabilities(face)
-        if (index + 1) % 2000 == 0:
-            logger.info("%d of %d images, %.0f s", index + 1, len(split), time.monotonic() - started)
+    arrays = {"split": np.array(args.split), "classes": np.array(FACEX_CLASSES), "paths": np.array(split.paths)}
+    arrays["probabilities"] = label(model, split.pixels, started)
+    if args.turned_views:
+        generator = torch.Generator().manual_seed(args.seed)
+        low, high = TURN_RANGE
+        size = torch.rand(len(split), generator=generator) * (high - low) + low
+        side = torch.where(torch.rand(len(split), generator=generator) < 0.5, -1.0, 1.0)
+        views = turned_faces(torch.from_numpy(split.pixels), size * side).numpy()
+        arrays.update(view_of=np.array(split.paths), view_pixels=views)
+        arrays["view_probabilities"] = label(model, views, started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        args.out,
-        split=np.array(args.split),
-        classes=np.array(FACEX_CLASSES),
-        paths=np.array(split.paths),
-        probabilities=probabilities,
-    )
+    np.savez(args.out, **arrays)  # type: ignore[arg-type]
+    probabilities = arrays["probabilities"]
     agreement = float((probabilities.argmax(1) == split.labels).mean())
     print(f"{args.out}: {len(split)} images of {args.split}, facex agrees with the folder label on {agreement:.3f}")
     return 0

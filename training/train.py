@@ -199,7 +199,7 @@ def labelled(
     votes_file = data_dir / VOTES_FILE
     if config.label_mode == "original":
         one_hot = training_targets(train_split.labels, train_split.classes, "original", None)[0]
-        return train_split, taught(config, train_split, one_hot), split_majority(data_dir / "val", val_split)
+        return (*taught(config, train_split, one_hot), split_majority(data_dir / "val", val_split))
     train_votes = read_votes(votes_file, "train", train_split.paths)
     targets, keep = training_targets(
         train_split.labels, train_split.classes, config.label_mode, train_votes, config.original_weight
@@ -213,16 +213,28 @@ def labelled(
             classes=train_split.classes,
             paths=tuple(path for path, kept in zip(train_split.paths, keep, strict=True) if kept),
         )
-    return train_split, taught(config, train_split, targets[keep]), val_majority
+    return (*taught(config, train_split, targets[keep]), val_majority)
 
 
-def taught(config: TrainConfig, train_split: Split, targets: np.ndarray) -> np.ndarray:
-    """`targets` with the teacher's probabilities mixed in (TrainConfig.teacher), or as they are."""
+def taught(config: TrainConfig, train_split: Split, targets: np.ndarray) -> tuple[Split, np.ndarray]:
+    """The split and its targets with the teacher's probabilities mixed in and its turned views added
+    (TrainConfig.teacher, training/teacher.py), or both as they are."""
     if not config.teacher:
-        return targets
-    teacher = read_teacher(Path(config.teacher), "train", train_split.paths, train_split.classes)
+        return train_split, targets
+    teacher, views = read_teacher(Path(config.teacher), "train", train_split.paths, train_split.classes)
+    mixed = with_teacher(targets, teacher, config.teacher_weight)
     logger.info("teacher %s: weight %.2f in every target", config.teacher, config.teacher_weight)
-    return with_teacher(targets, teacher, config.teacher_weight)
+    if views is None:
+        return train_split, mixed
+    logger.info("teacher %s: %d turned views added to %d images", config.teacher, len(views.sources), len(train_split))
+    grown = Split(
+        pixels=np.concatenate([train_split.pixels, views.pixels]),
+        labels=np.concatenate([train_split.labels, train_split.labels[views.sources]]),
+        classes=train_split.classes,
+        paths=train_split.paths + tuple(f"{train_split.paths[i]}#turned" for i in views.sources),
+    )
+    view_targets = with_teacher(targets[views.sources], views.probabilities, config.teacher_weight)
+    return grown, np.concatenate([mixed, view_targets])
 
 
 @contextmanager
