@@ -13,7 +13,7 @@ from models.checkpoint import CLASSES
 from training import teacher_facex, train
 from training.augment import turned_faces
 from training.data import list_split
-from training.teacher import read_teacher, with_teacher
+from training.teacher import calibrated, read_teacher, with_teacher
 
 TINY_FLAGS = ["--batch-size", "16", "--threads", "2", "--log-level", "WARNING", "--epochs", "1"]
 
@@ -172,3 +172,22 @@ def test_facex_labels_a_split_and_its_turned_views(tiny_dataset: Path, tmp_path:
     # each view is its source seen turned: never the same pixels
     pixels = np.stack([np.asarray(Image.open(tiny_dataset / "train" / p).convert("L")) for p in paths])
     assert (views.pixels != pixels).any(axis=(1, 2)).all()
+
+
+def test_calibration_softens_and_moves_the_class_mix_towards_the_folders() -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.dirichlet(np.full(len(CLASSES), 0.3), size=500)
+    rows[:, CLASSES.index("sad")] += 1.0  # a teacher that leans to sad
+    rows /= rows.sum(1, keepdims=True)
+    assert np.allclose(calibrated(rows, 1.0, None), rows, atol=1e-6)
+    softened = calibrated(rows, 2.0, None)
+    assert softened.max(1).mean() < rows.max(1).mean() and np.allclose(softened.sum(1), 1.0, atol=1e-5)
+    assert (softened.argmax(1) == rows.argmax(1)).all()  # softening never changes the teacher's answer
+    prior = np.full(len(CLASSES), 1 / len(CLASSES))
+    moved = calibrated(rows, 2.0, prior)
+    sad = CLASSES.index("sad")
+    assert (
+        rows.mean(0)[sad] > 0.5 and abs(moved.mean(0)[sad] - prior[sad]) < abs(softened.mean(0)[sad] - prior[sad]) / 2
+    )
+    with pytest.raises(ValueError, match="--temperature must be above 0, not 0"):
+        calibrated(rows, 0.0, None)

@@ -98,6 +98,27 @@ def _are_probabilities(rows: np.ndarray) -> bool:
     return bool(np.isfinite(rows).all() and (rows >= 0).all() and np.abs(rows.sum(1) - 1).max(initial=0) <= 1e-3)
 
 
+def calibrated(probabilities: np.ndarray, temperature: float, prior: np.ndarray | None) -> np.ndarray:
+    """A teacher's rows softened by `temperature` (p^(1/T), renormalised), then moved to `prior`.
+
+    A teacher trained on other photos reads FER2013's crops with its own class bias (facex puts
+    a third of its probability on sad there); multiplying each class by prior / the rows' mean
+    and renormalising keeps its reading of each image relative to the others while the mix of
+    classes it teaches comes close to `prior`, the folder labels' own (one step, not an exact fit).
+
+    Raises:
+        ValueError: a temperature that is not positive.
+    """
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be above 0, not {temperature}")
+    rows = np.asarray(probabilities, dtype=np.float64) ** (1.0 / temperature)
+    rows /= rows.sum(axis=1, keepdims=True)
+    if prior is not None:
+        rows *= np.asarray(prior, dtype=np.float64) / rows.mean(axis=0)
+        rows /= rows.sum(axis=1, keepdims=True)
+    return rows.astype(np.float32)
+
+
 def with_teacher(targets: np.ndarray, teacher: np.ndarray, weight: float) -> np.ndarray:
     """(1 − weight)·targets + weight·teacher, row by row.
 

@@ -38,6 +38,7 @@ from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from training.augment import turned_faces
 from training.data import default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
+from training.teacher import calibrated
 
 logger = logging.getLogger("training.teacher_facex")
 
@@ -109,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="train", help="the split folder to label")
     parser.add_argument("--out", type=Path, required=True, help="the teacher file to write (.npz, under runs/)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-split cache")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="soften facex's probabilities: p^(1/T), renormalised"
+    )
+    parser.add_argument(
+        "--match-folder-prior",
+        action="store_true",
+        help="move the probabilities' class mix to the folder labels' (training/teacher.py: calibrated)",
+    )
     parser.add_argument("--turned-views", action="store_true", help="add one turned view of every image")
     parser.add_argument("--seed", type=int, default=0, help="seed of the turned views' turns")
     parser.add_argument("--threads", type=int, default=2, help="LiteRT threads")
@@ -124,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = FacexModel(facex_model_file(), threads=args.threads)
         spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing
         split = load_split((args.data_dir or default_data_dir()) / args.split, spec, cache_dir=args.cache_dir)
+        if args.temperature <= 0:
+            raise ValueError(f"--temperature must be above 0, not {args.temperature}")
         if split.classes != FACEX_CLASSES:
             raise ValueError(f"the split's classes {split.classes} are not facex's {FACEX_CLASSES}")
     except (FileNotFoundError, ValueError) as exc:
@@ -131,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     arrays = {"split": np.array(args.split), "classes": np.array(FACEX_CLASSES), "paths": np.array(split.paths)}
-    arrays["probabilities"] = label(model, split.pixels, started)
+    prior = np.bincount(split.labels, minlength=len(split.classes)) / len(split) if args.match_folder_prior else None
+    arrays["probabilities"] = calibrated(label(model, split.pixels, started), args.temperature, prior)
     if args.turned_views:
         generator = torch.Generator().manual_seed(args.seed)
         low, high = TURN_RANGE
