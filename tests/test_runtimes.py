@@ -93,10 +93,14 @@ def test_int8_agrees_with_fp32_on_real_faces(fer2013_dir: Path) -> None:
     faces = to_model_input(split.pixels[::6], checkpoint.preprocessing)  # 599 real faces
     fp32 = Predictor(checkpoint, precision="fp32", tta="none").predict_tensors(faces)
     int8 = Predictor(checkpoint, precision="int8", tta="none").predict_tensors(faces)
-    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.99
+    # The distil model's soft targets leave more faces near a tie between two classes, where int8's
+    # rounding can flip the label: on all of val its labels agree with fp32's on 98.9% (the default
+    # model's on 99.6%), at the same accuracy (0.6375 against 0.6369). Calibrating on 1,024 faces or
+    # at another percentile gave 98.8-98.9% too (docs/int8.md).
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.98
     drift = np.abs(fp32 - int8).max(axis=1)
-    assert np.quantile(drift, 0.99) <= 0.05  # all of val: 0.025 at the 99th percentile, 0.074 at worst
-    assert drift.max() <= 0.1
+    assert np.quantile(drift, 0.99) <= 0.05  # all of val: 0.017 at the 99th percentile, 0.110 at worst
+    assert drift.max() <= 0.1  # these 599: 0.038
 
 
 def test_storing_figures_keeps_the_onnx_files_valid(tmp_path: Path) -> None:

@@ -73,6 +73,11 @@ class TrainConfig:
 BASE_CHECKPOINT = "runs/default-recipe.pth"
 BASE_COMMAND = f"mkdir -p runs && git show 3fd1dd3:models/checkpoint.pth > {BASE_CHECKPOINT}"
 
+# What `--recipe distil` learns from: facex's probabilities for FER2013 train and for one turned
+# view of each face (training/teacher_facex.py; derived from the dataset, so never committed).
+TEACHER_FILE = "runs/teacher-facex-turned.npz"
+TEACHER_COMMAND = f"python -m training.teacher_facex --turned-views --out {TEACHER_FILE}"
+
 RECIPES: dict[str, TrainConfig] = {
     # The seed notebook: Adam 1e-4, plateau schedule on val loss, early stop after 205 epochs,
     # flip + affine(±10°, 10%) + Gaussian noise (std 0.05 on the [-1, 1] input: visible grain,
@@ -116,6 +121,27 @@ RECIPES: dict[str, TrainConfig] = {
         init_from=BASE_CHECKPOINT,
         interpolation=0.5,
         perspective=0.2,
+        gamma_range=0.3,
+        contrast_range=0.3,
+        blur_probability=0.3,
+    ),
+    # The shipped model (issue 33, docs/training.md: run D6): the `ferplus` recipe's labels (FER+
+    # votes blended half and half with the folder labels), each target mixed half and half with a
+    # photo-trained teacher's probabilities (facex), whose turned views join the training images;
+    # 5 epochs over the doubled set, τ = 0.5, the head-turn keystone up to 0.4, no WiSE blend.
+    "distil": TrainConfig(
+        recipe="distil",
+        epochs=5,
+        lr=2e-4,
+        warmup_epochs=1,
+        label_smoothing=0.05,
+        label_mode="votes",
+        original_weight=0.5,
+        teacher=TEACHER_FILE,
+        teacher_weight=0.5,
+        logit_adjustment=0.5,
+        init_from=BASE_CHECKPOINT,
+        perspective=0.4,
         gamma_range=0.3,
         contrast_range=0.3,
         blur_probability=0.3,

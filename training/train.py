@@ -24,7 +24,16 @@ from models.errors import CheckpointError
 from models.network import ARCHITECTURES, build_network
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
-from training.config import BASE_CHECKPOINT, BASE_COMMAND, RECIPES, TrainConfig, check_config, config_for
+from training.config import (
+    BASE_CHECKPOINT,
+    BASE_COMMAND,
+    RECIPES,
+    TEACHER_COMMAND,
+    TEACHER_FILE,
+    TrainConfig,
+    check_config,
+    config_for,
+)
 from training.data import Split, default_data_dir, load_split
 from training.evaluate import evaluate_predictor, format_table, split_majority
 from training.ferplus import LABEL_MODES, VOTES_FILE, ferplus_majority, read_votes, training_targets
@@ -47,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=sorted(RECIPES),
         default="default",
-        help="'seed' reproduces the seed notebook; 'default' trains the shipped model; 'ferplus' fine-tunes it on FER+ votes",
+        help="'seed' reproduces the seed notebook; 'default' trains the model 'ferplus' and 'distil' fine-tune; "
+        "'distil' (FER+ votes and a photo-trained teacher) trains the shipped model",
     )
     parser.add_argument(
         "--architecture",
@@ -299,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.init_from and not Path(config.init_from).is_file():
         hint = f" ({BASE_COMMAND} restores it)" if config.init_from == BASE_CHECKPOINT else ""
         print(f"error: {config.init_from}: no checkpoint to start from{hint}", file=sys.stderr)
+        return 2
+    if config.teacher and not Path(config.teacher).is_file():
+        hint = f" ({TEACHER_COMMAND} writes it)" if config.teacher == TEACHER_FILE else ""
+        print(f"error: {config.teacher}: no teacher file{hint}", file=sys.stderr)
         return 2
     data_dir = args.data_dir or default_data_dir()
     spec = PreprocessingSpec()
