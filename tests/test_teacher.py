@@ -169,9 +169,12 @@ def test_facex_labels_a_split_and_its_turned_views(tiny_dataset: Path, tmp_path:
     assert probabilities.shape == (len(paths), len(CLASSES)) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     assert views is not None and views.sources.tolist() == list(range(len(paths)))
     assert views.pixels.shape == (len(paths), 48, 48) and views.probabilities.shape == probabilities.shape
-    # each view is its source seen turned: never the same pixels
+    # each view is its source seen turned: the same face, with its far side squeezed into black corners
     pixels = np.stack([np.asarray(Image.open(tiny_dataset / "train" / p).convert("L")) for p in paths])
-    assert (views.pixels != pixels).any(axis=(1, 2)).all()
+    changed = (views.pixels.astype(int) - pixels).__abs__() > 8
+    assert (changed.mean(axis=(1, 2)) > 0.05).all()
+    corners = np.minimum(views.pixels[:, 0, [0, -1]], views.pixels[:, -1, [0, -1]]).min(axis=1)
+    assert (corners < 40).all()
 
 
 def test_calibration_softens_and_moves_the_class_mix_towards_the_folders() -> None:
@@ -191,3 +194,55 @@ def test_calibration_softens_and_moves_the_class_mix_towards_the_folders() -> No
     )
     with pytest.raises(ValueError, match="--temperature must be above 0, not 0"):
         calibrated(rows, 0.0, None)
+
+
+def test_views_follow_their_sources_when_the_label_mode_drops_images(tmp_path: Path) -> None:
+    from training.config import TrainConfig
+    from training.data import Split
+
+    paths = ("angry/a.png", "happy/b.png", "sad/c.png")  # the label mode dropped "fear/x.png"
+    labels = np.array([0, 3, 5])
+    split = Split(pixels=np.zeros((3, 48, 48), np.uint8), labels=labels, classes=CLASSES, paths=paths)
+    targets = np.eye(len(CLASSES), dtype=np.float32)[labels]
+    teacher_rows = np.full((4, len(CLASSES)), 1 / len(CLASSES), np.float32)
+    view_rows = np.eye(len(CLASSES), dtype=np.float32)[[4, 6, 2]]  # each view its own answer
+    file = write_teacher(
+        tmp_path / "t.npz",
+        ("fear/x.png", *paths),
+        teacher_rows,
+        view_of=np.array(["sad/c.png", "fear/x.png", "angry/a.png"]),
+        view_pixels=np.stack([np.full((48, 48), value, np.uint8) for value in (10, 20, 30)]),
+        view_probabilities=view_rows,
+    )
+    config = TrainConfig(teacher=str(file), teacher_weight=0.5)
+    grown, grown_targets = train.taught(config, split, targets)
+    # the view of the dropped image is gone; the others keep their own pixels, answers and sources
+    assert grown.paths[3:] == ("sad/c.png#turned", "angry/a.png#turned")
+    assert grown.labels.tolist() == [0, 3, 5, 5, 0]
+    assert [int(face[0, 0]) for face in grown.pixels[3:]] == [10, 30]
+    assert np.allclose(grown_targets[3], 0.5 * targets[2] + 0.5 * view_rows[0])
+    assert np.allclose(grown_targets[4], 0.5 * targets[0] + 0.5 * view_rows[2])
+    assert np.allclose(grown_targets[1], 0.5 * targets[1] + 0.5 / len(CLASSES))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"PK\x03\x04 truncated", "not a teacher file"),
+        (None, "turned views of (24, 24) pixels, not the training faces' (48, 48)"),
+    ],
+)
+def test_a_broken_teacher_file_stops_the_run_in_one_line(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    paths = split_paths(tiny_dataset)
+    file = tmp_path / "t.npz"
+    if content is None:
+        small = {"view_of": np.array(paths[:1]), "view_pixels": np.zeros((1, 24, 24), np.uint8)}
+        write_teacher(file, paths, says_happy(len(paths)), **small, view_probabilities=says_happy(1))
+    else:
+        file.write_bytes(content)
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), *TINY_FLAGS]
+    assert train.main([*argv, "--teacher", str(file), "--teacher-weight", "0.5", "--cache-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("error: ") and error.count("\n") == 1

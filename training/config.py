@@ -13,7 +13,7 @@ class TrainConfig:
     recipe: str = "default"
     # The network, by its name in `models.network.ARCHITECTURES`; the checkpoint records it too.
     architecture: str = "EmotionRecognitionModelPyTorch"
-    epochs: int = 45  # the shipped model: 45 epochs × 224 steps on a 2-core CPU, about 2 h
+    epochs: int = 45  # 45 epochs × 224 steps on a 2-core CPU, about 2 h (the `default` model ran 200)
     batch_size: int = 128
     optimizer: str = "adamw"  # "adamw", "adam" or "sgd" (Nesterov momentum 0.9)
     lr: float = 2e-3  # peak learning rate
@@ -68,7 +68,7 @@ class TrainConfig:
         return asdict(self)
 
 
-# What `--recipe ferplus` fine-tunes: the `default` recipe's 200-epoch model, the shipped one (its
+# What `--recipe ferplus` and `distil` fine-tune: the `default` recipe's 200-epoch model, shipped until issue 33 (its
 # weights are those of models/checkpoint.pth at 3fd1dd3, which BASE_COMMAND restores).
 BASE_CHECKPOINT = "runs/default-recipe.pth"
 BASE_COMMAND = f"mkdir -p runs && git show 3fd1dd3:models/checkpoint.pth > {BASE_CHECKPOINT}"
@@ -100,7 +100,7 @@ RECIPES: dict[str, TrainConfig] = {
         noise_std=0.05,
         selection="val_loss",
     ),
-    # The shipped model: AdamW with warm-up and per-step cosine decay, label smoothing 0.1,
+    # The model shipped until issue 33: AdamW with warm-up and per-step cosine decay, label smoothing 0.1,
     # affine with zoom, random erasing. Selection takes the final weights: with label smoothing
     # the lowest val loss picks a poor epoch, and choosing on val accuracy would bias the
     # reported val figure upwards.
@@ -108,7 +108,7 @@ RECIPES: dict[str, TrainConfig] = {
     # The best of the FER+ fine-tunes measured (issue 33, docs/training.md: run R1 blended halfway
     # back, val 0.663, FER+ val 0.717, kdef-dev 0.768 / 0.627, measured with the first keystone warp): the default recipe's network on FER+
     # vote distributions blended with the folder labels, logit-adjusted, with the photo
-    # augmentations. Within a point of the shipped model everywhere, so it does not replace it.
+    # augmentations. Within a point of the `default` model everywhere, so it never replaced it.
     "ferplus": TrainConfig(
         recipe="ferplus",
         epochs=8,

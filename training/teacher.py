@@ -20,6 +20,7 @@ teacher's probabilities for the view itself. The file is derived from the datase
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class TeacherViews:
 
 
 def read_teacher(
-    path: Path, split: str, paths: tuple[str, ...], classes: tuple[str, ...]
+    path: Path, split: str, paths: tuple[str, ...], classes: tuple[str, ...], face_shape: tuple[int, ...] = (48, 48)
 ) -> tuple[np.ndarray, TeacherViews | None]:
     """The teacher's probabilities (N, C) float32 for `split`'s images, in `paths` order, and its turned views.
 
@@ -53,7 +54,11 @@ def read_teacher(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher file")
     try:
-        with np.load(path, allow_pickle=False) as stored:
+        # Our own handle, closed whatever np.load makes of the bytes (it leaks its own on a bad zip).
+        with path.open("rb") as handle:
+            stored = np.load(handle, allow_pickle=False)
+            if not isinstance(stored, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
             file_split = str(stored["split"])
             file_classes = tuple(str(name) for name in stored["classes"])
             file_paths = [str(name) for name in stored["paths"]]
@@ -64,7 +69,7 @@ def read_teacher(
             view_of = [str(name) for name in stored["view_of"]] if present else []
             view_pixels = np.asarray(stored["view_pixels"], dtype=np.uint8) if present else None
             view_probabilities = np.asarray(stored["view_probabilities"], dtype=np.float32) if present else None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a teacher file (split, classes, paths, probabilities): {exc}") from None
     if file_split != split:
         raise ValueError(f"{path}: the teacher's probabilities are for split {file_split!r}, not {split!r}")
@@ -83,6 +88,10 @@ def read_teacher(
         return taught, None
     if view_probabilities.shape != (len(view_of), len(classes)) or view_pixels.shape[0] != len(view_of):
         raise ValueError(f"{path}: turned views of mismatched lengths or classes")
+    if view_pixels.shape[1:] != face_shape:
+        raise ValueError(
+            f"{path}: turned views of {view_pixels.shape[1:]} pixels, not the training faces' {face_shape}"
+        )
     if not _are_probabilities(view_probabilities):
         raise ValueError(f"{path}: the turned views' rows are not probabilities (non-negative, summing to 1)")
     unknown = [name for name in view_of if name not in row_of]

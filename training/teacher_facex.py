@@ -10,7 +10,7 @@ Only training uses it, never the service. Its model file is read from the instal
 nothing is downloaded at run time and nothing of it enters the repository. facex itself imports
 TensorFlow and OpenCV; only its model file is needed here, run by LiteRT:
 
-    pip install --no-deps facex==1.1.0 && pip install ai-edge-litert      # or: make teacher
+    pip install --no-deps facex==1.1.0 && pip install ai-edge-litert      # make install does both
     python -m training.teacher_facex --out runs/teacher-facex.npz
 
 Each image goes in as facex feeds its own crops: grey, resized to 200×200, repeated over three
@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from models.preprocessing import PreprocessingSpec
 from training.augment import turned_faces
 from training.data import default_data_dir, load_split
 from training.helpformat import DefaultsHelpFormatter
@@ -131,14 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model = FacexModel(facex_model_file(), threads=args.threads)
-        spec = load_checkpoint(SHIPPED_CHECKPOINT).preprocessing
-        split = load_split((args.data_dir or default_data_dir()) / args.split, spec, cache_dir=args.cache_dir)
         if args.temperature <= 0:
             raise ValueError(f"--temperature must be above 0, not {args.temperature}")
+        if args.out.suffix != ".npz":
+            raise ValueError(f"{args.out}: name the teacher file with its .npz suffix")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        model = FacexModel(facex_model_file(), threads=args.threads)
+        # the faces training reads: training.train decodes the splits with the same default spec
+        split = load_split((args.data_dir or default_data_dir()) / args.split, PreprocessingSpec(), args.cache_dir)
         if split.classes != FACEX_CLASSES:
             raise ValueError(f"the split's classes {split.classes} are not facex's {FACEX_CLASSES}")
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.monotonic()
@@ -156,8 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # of FER2013 train, a third on the faces themselves): the views keep the faces' class mix.
         plain_mix = arrays["probabilities"].mean(axis=0)
         arrays["view_probabilities"] = calibrated(label(model, views, started), args.temperature, plain_mix)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **arrays)  # type: ignore[arg-type]
+    # Written whole or not at all: a run killed while writing must not leave a file that looks usable.
+    handle, name = tempfile.mkstemp(dir=args.out.parent, prefix=f"{args.out.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        os.replace(name, args.out)
+    finally:
+        Path(name).unlink(missing_ok=True)
     probabilities = arrays["probabilities"]
     agreement = float((probabilities.argmax(1) == split.labels).mean())
     print(f"{args.out}: {len(split)} images of {args.split}, facex agrees with the folder label on {agreement:.3f}")

@@ -231,7 +231,9 @@ def taught(config: TrainConfig, train_split: Split, targets: np.ndarray) -> tupl
     (TrainConfig.teacher, training/teacher.py), or both as they are."""
     if not config.teacher:
         return train_split, targets
-    teacher, views = read_teacher(Path(config.teacher), "train", train_split.paths, train_split.classes)
+    teacher, views = read_teacher(
+        Path(config.teacher), "train", train_split.paths, train_split.classes, train_split.pixels.shape[1:]
+    )
     mixed = with_teacher(targets, teacher, config.teacher_weight)
     logger.info("teacher %s: weight %.2f in every target", config.teacher, config.teacher_weight)
     if views is None:
