@@ -246,3 +246,16 @@ def test_a_broken_teacher_file_stops_the_run_in_one_line(
     assert train.main([*argv, "--teacher", str(file), "--teacher-weight", "0.5", "--cache-dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert message in error and error.startswith("error: ") and error.count("\n") == 1
+
+
+def test_the_distil_recipe_without_its_teacher_file_says_how_to_write_it(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.checkpoint import SHIPPED_CHECKPOINT
+    from training.config import TEACHER_COMMAND, TEACHER_FILE
+
+    start = SHIPPED_CHECKPOINT.resolve()
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", "run", "--recipe", "distil", "--init-from", str(start)]
+    assert train.main([*argv, *TINY_FLAGS]) == 2
+    assert capsys.readouterr().err == f"error: {TEACHER_FILE}: no teacher file ({TEACHER_COMMAND} writes it)\n"

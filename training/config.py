@@ -78,6 +78,27 @@ BASE_COMMAND = f"mkdir -p runs && git show 3fd1dd3:models/checkpoint.pth > {BASE
 TEACHER_FILE = "runs/teacher-facex-turned.npz"
 TEACHER_COMMAND = f"python -m training.teacher_facex --turned-views --out {TEACHER_FILE}"
 
+# The best of the FER+ fine-tunes measured (issue 33, docs/training.md: run R1 blended halfway
+# back, val 0.663, FER+ val 0.717, kdef-dev 0.768 / 0.627, measured with the first keystone warp): the default recipe's network on FER+
+# vote distributions blended with the folder labels, logit-adjusted, with the photo
+# augmentations. Within a point of the `default` model everywhere, so it never replaced it.
+FERPLUS = TrainConfig(
+    recipe="ferplus",
+    epochs=8,
+    lr=2e-4,
+    warmup_epochs=1,
+    label_smoothing=0.05,
+    label_mode="votes",
+    original_weight=0.5,
+    logit_adjustment=1.0,
+    init_from=BASE_CHECKPOINT,
+    interpolation=0.5,
+    perspective=0.2,
+    gamma_range=0.3,
+    contrast_range=0.3,
+    blur_probability=0.3,
+)
+
 RECIPES: dict[str, TrainConfig] = {
     # The seed notebook: Adam 1e-4, plateau schedule on val loss, early stop after 205 epochs,
     # flip + affine(±10°, 10%) + Gaussian noise (std 0.05 on the [-1, 1] input: visible grain,
@@ -105,46 +126,20 @@ RECIPES: dict[str, TrainConfig] = {
     # the lowest val loss picks a poor epoch, and choosing on val accuracy would bias the
     # reported val figure upwards.
     "default": TrainConfig(),
-    # The best of the FER+ fine-tunes measured (issue 33, docs/training.md: run R1 blended halfway
-    # back, val 0.663, FER+ val 0.717, kdef-dev 0.768 / 0.627, measured with the first keystone warp): the default recipe's network on FER+
-    # vote distributions blended with the folder labels, logit-adjusted, with the photo
-    # augmentations. Within a point of the `default` model everywhere, so it never replaced it.
-    "ferplus": TrainConfig(
-        recipe="ferplus",
-        epochs=8,
-        lr=2e-4,
-        warmup_epochs=1,
-        label_smoothing=0.05,
-        label_mode="votes",
-        original_weight=0.5,
-        logit_adjustment=1.0,
-        init_from=BASE_CHECKPOINT,
-        interpolation=0.5,
-        perspective=0.2,
-        gamma_range=0.3,
-        contrast_range=0.3,
-        blur_probability=0.3,
-    ),
+    "ferplus": FERPLUS,
     # The shipped model (issue 33, docs/training.md: run D6): the `ferplus` recipe's labels (FER+
     # votes blended half and half with the folder labels), each target mixed half and half with a
     # photo-trained teacher's probabilities (facex), whose turned views join the training images;
     # 5 epochs over the doubled set, τ = 0.5, the head-turn keystone up to 0.4, no WiSE blend.
-    "distil": TrainConfig(
+    "distil": replace(
+        FERPLUS,
         recipe="distil",
         epochs=5,
-        lr=2e-4,
-        warmup_epochs=1,
-        label_smoothing=0.05,
-        label_mode="votes",
-        original_weight=0.5,
         teacher=TEACHER_FILE,
         teacher_weight=0.5,
         logit_adjustment=0.5,
-        init_from=BASE_CHECKPOINT,
+        interpolation=1.0,
         perspective=0.4,
-        gamma_range=0.3,
-        contrast_range=0.3,
-        blur_probability=0.3,
     ),
 }
 
