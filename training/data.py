@@ -65,6 +65,22 @@ def _fingerprint(split_dir: Path, files: list[tuple[Path, int]], spec: Preproces
     return digest.hexdigest()[:16]
 
 
+def save_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` to a temporary file beside `path`, then renamed into place: whole or not at all.
+
+    A temporary name of its own for each writer: torchrun ranks build the same cache at the same
+    time, and a shared name let one rank rename the file away under the other. A run killed while
+    writing leaves no file that looks usable.
+    """
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def load_split(split_dir: Path, spec: PreprocessingSpec, cache_dir: Path | None = None) -> Split:
     """Decode a split folder into memory, through the cache when `cache_dir` is given."""
     split_dir = Path(split_dir)
@@ -89,15 +105,6 @@ def load_split(split_dir: Path, spec: PreprocessingSpec, cache_dir: Path | None 
     split = Split(pixels=pixels, labels=labels, classes=classes, paths=paths)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary name of its own for each writer: torchrun ranks build the same cache at the
-        # same time, and a shared name let one rank rename the file away under the other.
-        handle, name = tempfile.mkstemp(dir=cache_file.parent, prefix=f"{cache_file.stem}.", suffix=".tmp")
-        tmp_path = Path(name)
-        try:
-            with os.fdopen(handle, "wb") as tmp:
-                np.savez(tmp, pixels=pixels, labels=labels, classes=np.array(classes), paths=np.array(paths))
-            os.replace(tmp_path, cache_file)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        save_npz_atomically(cache_file, pixels=pixels, labels=labels, classes=np.array(classes), paths=np.array(paths))
         logger.info("cached %d images of %s in %s", len(split), split_dir, cache_file)
     return split

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +37,7 @@ from PIL import Image
 
 from models.preprocessing import PreprocessingSpec
 from training.augment import turned_faces
-from training.data import default_data_dir, load_split
+from training.data import default_data_dir, load_split, save_npz_atomically
 from training.helpformat import DefaultsHelpFormatter
 from training.teacher import calibrated
 
@@ -161,14 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # of FER2013 train, a third on the faces themselves): the views keep the faces' class mix.
         plain_mix = arrays["probabilities"].mean(axis=0)
         arrays["view_probabilities"] = calibrated(label(model, views, started), args.temperature, plain_mix)
-    # Written whole or not at all: a run killed while writing must not leave a file that looks usable.
-    handle, name = tempfile.mkstemp(dir=args.out.parent, prefix=f"{args.out.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        os.replace(name, args.out)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    save_npz_atomically(args.out, **arrays)
     probabilities = arrays["probabilities"]
     agreement = float((probabilities.argmax(1) == split.labels).mean())
     print(f"{args.out}: {len(split)} images of {args.split}, facex agrees with the folder label on {agreement:.3f}")
