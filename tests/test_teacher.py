@@ -110,6 +110,24 @@ def test_a_tiny_run_trains_on_the_teachers_probabilities(tiny_dataset: Path, tmp
     assert list(raw["training"]["target_prior"].values()) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_a_resume_on_a_rewritten_teacher_file_is_refused(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = split_paths(tiny_dataset)
+    file = write_teacher(tmp_path / "teacher.npz", paths, says_happy(len(paths)))
+    argv = ["--data-dir", str(tiny_dataset), "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    argv += ["--teacher", str(file), "--teacher-weight", "0.5", *TINY_FLAGS]
+    assert train.main(argv) == 0
+    says_sad = np.roll(says_happy(len(paths)), 2, axis=1)  # the same flags, another teacher's rows
+    write_teacher(file, paths, says_sad)
+    assert train.main([*argv, "--epochs", "2", "--resume"]) == 2
+    assert "started on other training images or targets" in capsys.readouterr().err
+    write_teacher(file, paths, says_happy(len(paths)))  # the file it started with: the run goes on
+    assert train.main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 2
+
+
 def test_turned_faces_keep_an_upright_face_and_squeeze_the_far_side() -> None:
     face = torch.full((1, 48, 48), 200, dtype=torch.uint8)
     assert torch.equal(turned_faces(face, torch.zeros(1)), face)

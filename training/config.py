@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from training.teacher import check_teacher_weight
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -163,8 +165,7 @@ def check_config(config: TrainConfig) -> None:
         )
     if not 0.0 <= config.original_weight <= 1.0:
         raise ValueError(f"--original-weight must be within [0, 1], not {config.original_weight}")
-    if not 0.0 <= config.teacher_weight <= 1.0:
-        raise ValueError(f"--teacher-weight must be within [0, 1], not {config.teacher_weight}")
+    check_teacher_weight(config.teacher_weight)
     if bool(config.teacher) != bool(config.teacher_weight):
         raise ValueError("--teacher FILE and --teacher-weight w (above 0) go together")
     if not 0.0 <= config.perspective < 1.0 or not 0.0 <= config.contrast_range <= 1.0 or config.gamma_range < 0:

@@ -34,7 +34,7 @@ from training.config import TrainConfig
 from training.data import Split
 from training.metrics import mean_cross_entropy
 from training.speed import speed_up_for_training
-from training.state import STATE_FILE, RunState, select_epoch
+from training.state import STATE_FILE, RunState, select_epoch, training_data_digest
 
 logger = logging.getLogger(__name__)
 
@@ -313,13 +313,14 @@ def train(
     generator, augment_generator = seed_generators(config.seed, device, rank, world)
     if initial_weights is None:
         initial_weights = starting_weights(config, train_split.classes)
+    if targets is None:
+        targets = np.eye(len(train_split.classes), dtype=np.float32)[train_split.labels]
     state = start_run(config, len(train_split.classes), device, generator, initial_weights)
+    state.data_digest = training_data_digest(train_split.pixels, targets)
     if resume:
         state.load(run_dir / STATE_FILE)
         logger.info("resumed %s at epoch %d", run_dir, state.epoch + 1)
     train_pixels = torch.from_numpy(train_split.pixels).to(device)  # (N, 48, 48) uint8
-    if targets is None:
-        targets = np.eye(len(train_split.classes), dtype=np.float32)[train_split.labels]
     train_targets = torch.from_numpy(targets).to(device)  # (N, classes) float32
     log_prior = torch.from_numpy(np.log(target_prior(targets))).float().to(device)
     log_prior_shift = config.logit_adjustment * log_prior

@@ -4,17 +4,21 @@ State (`state.pt` in the run folder) is written atomically after every epoch and
 model, optimiser, scheduler, early-stopping counters, RNG states and history, as plain types
 and tensors so that it too loads with `weights_only=True`. Older files still resume: one
 without `schedule` gets its one-segment schedule, and a config without a field added since
-(such as `architecture`) counts as that field's default.
+(such as `architecture`) counts as that field's default. A state also holds a digest of the
+training images and targets, so that a resume on others (the same flags, a rewritten file) is
+refused; one written before the digest existed resumes unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +63,15 @@ def select_epoch(
     )
 
 
+def training_data_digest(pixels: np.ndarray, targets: np.ndarray) -> str:
+    """SHA-256 of a run's training images (N, H, W) uint8 and targets (N, classes) float32, in order."""
+    digest = hashlib.sha256()
+    for array in (pixels, targets):
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A saved config as the current code reads it, less what a resume may change.
 
@@ -89,6 +102,9 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     selection: Selection = field(default_factory=Selection)
     schedule: list[dict[str, int]] = field(default_factory=list)
+    # `training_data_digest` of the images and targets the run trains on: a resume on other ones
+    # (a rewritten teacher, votes or data file) would mix two runs in one. "" = not known.
+    data_digest: str = ""
 
     def __post_init__(self) -> None:
         if not self.schedule:
@@ -117,6 +133,7 @@ class RunState:
                 "best": best,
                 "epochs_since_improvement": self.selection.epochs_since_improvement,
                 "schedule": self.schedule,
+                "data_digest": self.data_digest,
             },
             path,
         )
@@ -126,13 +143,20 @@ class RunState:
 
         Raises:
             FileNotFoundError: there is no state to resume.
-            ValueError: the run was started with other settings (only `epochs` may change).
+            ValueError: the run was started with other settings (only `epochs` may change), or on
+                other training images or targets.
         """
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no state to resume; start the run without --resume")
         state = torch.load(path, map_location=self.device, weights_only=True)
         if _comparable(state["config"]) != _comparable(self.config.to_dict()):
             raise ValueError(f"{path}: the run was started with other settings; resume with the same flags")
+        saved_digest = str(state.get("data_digest", ""))  # states written before the digest existed have none
+        if saved_digest and self.data_digest and saved_digest != self.data_digest:
+            raise ValueError(
+                f"{path}: the run was started on other training images or targets (a data, votes or teacher "
+                "file changed since); restore that file or start a new run"
+            )
         saved_epochs = int(state["config"]["epochs"])
         if saved_epochs != self.config.epochs:
             # Allowed so that a CPU run can be extended; the cosine schedule stretches from here on.

@@ -107,6 +107,26 @@ def _are_probabilities(rows: np.ndarray) -> bool:
     return bool(np.isfinite(rows).all() and (rows >= 0).all() and np.abs(rows.sum(1) - 1).max(initial=0) <= 1e-3)
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse a temperature that is not positive, in one line (the CLI checks before labelling for minutes).
+
+    Raises:
+        ValueError: a temperature at or below 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be above 0, not {temperature}")
+
+
+def check_teacher_weight(weight: float) -> None:
+    """Refuse a teacher weight outside [0, 1], in one line (the training CLI checks before reading data).
+
+    Raises:
+        ValueError: a weight outside [0, 1].
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"--teacher-weight must be within [0, 1], not {weight}")
+
+
 def calibrated(probabilities: np.ndarray, temperature: float, prior: np.ndarray | None) -> np.ndarray:
     """A teacher's rows softened by `temperature` (p^(1/T), renormalised), then moved to `prior`.
 
@@ -118,8 +138,7 @@ def calibrated(probabilities: np.ndarray, temperature: float, prior: np.ndarray 
     Raises:
         ValueError: a temperature that is not positive.
     """
-    if temperature <= 0:
-        raise ValueError(f"--temperature must be above 0, not {temperature}")
+    check_temperature(temperature)
     rows = np.asarray(probabilities, dtype=np.float64) ** (1.0 / temperature)
     rows /= rows.sum(axis=1, keepdims=True)
     if prior is not None:
@@ -134,6 +153,5 @@ def with_teacher(targets: np.ndarray, teacher: np.ndarray, weight: float) -> np.
     Raises:
         ValueError: a weight outside [0, 1].
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"--teacher-weight must be within [0, 1], not {weight}")
+    check_teacher_weight(weight)
     return ((1.0 - weight) * targets + weight * teacher).astype(np.float32)

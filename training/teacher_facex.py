@@ -39,7 +39,7 @@ from models.preprocessing import PreprocessingSpec
 from training.augment import turned_faces
 from training.data import default_data_dir, load_split, save_npz_atomically
 from training.helpformat import DefaultsHelpFormatter
-from training.teacher import calibrated
+from training.teacher import calibrated, check_temperature
 
 logger = logging.getLogger("training.teacher_facex")
 
@@ -131,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.temperature <= 0:
-            raise ValueError(f"--temperature must be above 0, not {args.temperature}")
+        check_temperature(args.temperature)
         if args.out.suffix != ".npz":
             raise ValueError(f"{args.out}: name the teacher file with its .npz suffix")
         args.out.parent.mkdir(parents=True, exist_ok=True)
