@@ -6,7 +6,12 @@ each checkpoint then classifies the same 840 model inputs in fp32. This is the q
 for choosing a training recipe; `benchmarks.photos` measures the shipped model through the whole
 engine. kdef-dev is for measuring only: nothing here trains on it.
 
-python -m benchmarks.kdef models/checkpoint.pth runs/ferplus/checkpoint.pth
+`--facex` also scores the distillation teacher (training/teacher_facex.py) on the same 48-px
+faces, fed as training feeds it FER2013's: what the teacher can know about a face at the
+resolution the student learns from (it needs the `teacher` extra and facex, as `make install`
+puts them in).
+
+python -m benchmarks.kdef models/checkpoint.pth runs/ferplus/checkpoint.pth [--facex]
 """
 
 from __future__ import annotations
@@ -79,12 +84,32 @@ def recall_table(
     return table
 
 
+def print_table(title: str, table: dict[str, dict[str, float]], classes: tuple[str, ...]) -> None:
+    """One markdown table: accuracy and per-class recall for each view."""
+    print(f"\n{title}")
+    print(f"| view | accuracy | {' | '.join(classes)} |")
+    print(f"| --- | ---: |{' ---: |' * len(classes)}")
+    for view, figures in table.items():
+        recalls = " | ".join(f"{figures[name]:.2f}" for name in classes)
+        print(f"| {view} | {figures['accuracy']:.3f} | {recalls} |")
+
+
+def facex_on_faces(inputs: torch.Tensor, mean: float, std: float) -> np.ndarray:
+    """facex's probabilities (N, 7) for the model inputs (N, 1, 48, 48), turned back into grey uint8 faces."""
+    from training.teacher_facex import FacexModel, facex_model_file  # noqa: PLC0415 (training-only extra)
+
+    faces = ((inputs[:, 0].numpy() * std + mean) * 255.0).round().clip(0, 255).astype(np.uint8)
+    model = FacexModel(facex_model_file())
+    return np.stack([model.probabilities(face) for face in faces])
+
+
 def main() -> int:
     """Print each checkpoint's table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", type=Path, nargs="*", default=[SHIPPED_CHECKPOINT])
     parser.add_argument("--kdef", type=Path, default=Path(os.environ.get("KDEF_DIR", "../shared/datasets/kdef-dev")))
     parser.add_argument("--tta", default="none", choices=("none", "flip", "tencrop"), help="test-time augmentation")
+    parser.add_argument("--facex", action="store_true", help="also score the facex teacher on the same 48-px faces")
     args = parser.parse_args()
     if not args.kdef.is_dir():
         parser.error(f"{args.kdef}: no kdef-dev here (set KDEF_DIR or --kdef)")
@@ -100,12 +125,19 @@ def main() -> int:
         probabilities = predictor.predict_tensors(inputs)
         predicted = [predictor.classes[i] for i in probabilities.argmax(1)]
         table = recall_table(predicted, labels, angles, found, predictor.classes)
-        print(f"\n{path} (fp32, tta {args.tta})")
-        print(f"| view | accuracy | {' | '.join(predictor.classes)} |")
-        print(f"| --- | ---: |{' ---: |' * len(predictor.classes)}")
-        for view, figures in table.items():
-            recalls = " | ".join(f"{figures[name]:.2f}" for name in predictor.classes)
-            print(f"| {view} | {figures['accuracy']:.3f} | {recalls} |")
+        print_table(f"{path} (fp32, tta {args.tta})", table, predictor.classes)
+    if args.facex:
+        from training.teacher_facex import FACEX_CLASSES  # noqa: PLC0415 (training-only extra)
+
+        try:
+            probabilities = facex_on_faces(inputs, shipped_spec.mean, shipped_spec.std)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
+        predicted = [FACEX_CLASSES[i] for i in probabilities.argmax(1)]
+        table = recall_table(predicted, labels, angles, found, FACEX_CLASSES)
+        print_table(
+            "facex on the same 48-px faces (the face and its mirror image, as a teacher file)", table, FACEX_CLASSES
+        )
     return 0
 
 
