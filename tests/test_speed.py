@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from models.network import build_network
-from training.speed import MaskDropout, speed_up_for_training
+from training.speed import MaskDropout, PatchStatsBlock, speed_up_for_training
 
 
 def test_the_sped_up_network_has_the_same_weights_and_the_same_eval_function() -> None:
@@ -26,6 +28,46 @@ def test_the_sped_up_network_has_the_same_weights_and_the_same_eval_function() -
     again.load_state_dict(fast.state_dict())
     with torch.inference_mode():
         assert torch.equal(again(faces), plain(faces))
+
+
+def test_the_sped_up_network_trains_with_the_same_outputs_gradients_and_running_statistics() -> None:
+    torch.manual_seed(2)
+    plain = build_network("EmotionRecognitionModelPyTorch").train()
+    fast = speed_up_for_training(copy.deepcopy(plain))
+    assert isinstance(fast.features[0], PatchStatsBlock)  # the first block's BatchNorm folds into its conv
+    for network in (plain, fast):
+        for module in network.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # the two draw their dropout masks differently
+    faces = torch.rand(32, 1, 48, 48) * 2 - 1
+    plain_out, fast_out = plain(faces), fast(faces)
+    assert torch.allclose(fast_out, plain_out, rtol=1e-4, atol=1e-4)
+    plain_out.square().sum().backward()
+    fast_out.square().sum().backward()
+    # A bias right before BatchNorm cancels: its gradient is rounding noise, and where the
+    # BatchNorm folds into the conv (the first block) an exact zero.
+    cancelled = {
+        f"{name}.{index}.bias"
+        for name, sequence in plain.named_modules()
+        if isinstance(sequence, nn.Sequential)
+        for index in range(len(sequence) - 1)
+        if isinstance(sequence[index + 1], nn.BatchNorm1d | nn.BatchNorm2d)
+    }
+    assert "features.0.0.bias" in cancelled
+    for (name, slow), quick in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        assert slow.grad is not None and quick.grad is not None
+        if name in cancelled:
+            weight_grad = plain.get_parameter(name.replace(".bias", ".weight")).grad
+            assert weight_grad is not None
+            scale = float(weight_grad.abs().max())
+            assert float(slow.grad.abs().max()) < 1e-3 * scale
+            assert float(quick.grad.abs().max()) < 1e-3 * scale
+            if name == "features.0.0.bias":
+                assert not quick.grad.any()
+            continue
+        assert torch.allclose(quick.grad, slow.grad, rtol=1e-3, atol=1e-4 * float(slow.grad.abs().max())), name
+    for (name, slow), quick in zip(plain.named_buffers(), fast.buffers(), strict=True):
+        assert torch.allclose(quick.float(), slow.float(), rtol=1e-5, atol=1e-6), name
 
 
 def test_mask_dropout_drops_at_its_rate_and_keeps_the_mean() -> None:
