@@ -1,9 +1,12 @@
-"""The same network, trained faster on a CPU: a cheaper dropout mask, pooling before ReLU, no mmap churn.
+"""The same network, trained faster on a CPU: a cheaper dropout mask, pooling before ReLU, the first
+BatchNorm folded into its convolution, no mmap churn.
 
 Profiled on a 2-core Xeon (AMX) at batch 128 with bf16 autocast, a step was mostly memory-bound
 element-wise work, not convolution: `bernoulli_` (dropout masks) 17% of the time, BatchNorm and
 ReLU backward over the first block's 128×64×48×48 activations, and zero-filling freshly
-mmap-ed buffers every step. `benchmarks/train_speed.py` measures before and after in one run.
+mmap-ed buffers every step. Once those were cut, the first block's BatchNorm forward and
+backward were still a fifth of a step; `PatchStatsBlock` removes them. `benchmarks/train_speed.py`
+measures before and after in one run.
 The rewritten network has the same weights under the same names, so a checkpoint trained this way
 is an ordinary checkpoint of the same architecture. It computes the same function except that its
 first block runs in bf16 under autocast (its per-epoch val figures differ from the stored fp32
