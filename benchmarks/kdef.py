@@ -113,6 +113,13 @@ def main() -> int:
     args = parser.parse_args()
     if not args.kdef.is_dir():
         parser.error(f"{args.kdef}: no kdef-dev here (set KDEF_DIR or --kdef)")
+    if args.facex:
+        from training.teacher_facex import facex_model_file  # noqa: PLC0415 (training-only extra)
+
+        try:
+            facex_model_file()  # before the checkpoints' tables, not after
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
     print(machine_line())
     inputs, labels, angles, found = detected_faces(args.kdef)
     print(f"{len(labels)} photos, a face found in {found.mean():.3f}")
@@ -129,10 +136,7 @@ def main() -> int:
     if args.facex:
         from training.teacher_facex import FACEX_CLASSES  # noqa: PLC0415 (training-only extra)
 
-        try:
-            probabilities = facex_on_faces(inputs, shipped_spec.mean, shipped_spec.std)
-        except FileNotFoundError as exc:
-            parser.error(str(exc))
+        probabilities = facex_on_faces(inputs, shipped_spec.mean, shipped_spec.std)
         predicted = [FACEX_CLASSES[i] for i in probabilities.argmax(1)]
         table = recall_table(predicted, labels, angles, found, FACEX_CLASSES)
         print_table(
