@@ -29,6 +29,7 @@ from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from models.config import EngineConfig
 from models.engine import Engine
 from models.predictor import Predictor
+from models.preprocessing import PreprocessingSpec
 
 HALF_PROFILE = ("HL", "HR")
 CACHE = Path(".cache/kdef-faces.npz")
@@ -94,12 +95,12 @@ def print_table(title: str, table: dict[str, dict[str, float]], classes: tuple[s
         print(f"| {view} | {figures['accuracy']:.3f} | {recalls} |")
 
 
-def facex_on_faces(inputs: torch.Tensor, mean: float, std: float) -> np.ndarray:
+def facex_on_faces(inputs: torch.Tensor, spec: PreprocessingSpec, model_file: Path) -> np.ndarray:
     """facex's probabilities (N, 7) for the model inputs (N, 1, 48, 48), turned back into grey uint8 faces."""
-    from training.teacher_facex import FacexModel, facex_model_file  # noqa: PLC0415 (training-only extra)
+    from training.teacher_facex import FacexModel  # noqa: PLC0415 (training-only extra)
 
-    faces = ((inputs[:, 0].numpy() * std + mean) * 255.0).round().clip(0, 255).astype(np.uint8)
-    model = FacexModel(facex_model_file())
+    faces = ((inputs[:, 0].numpy() * spec.std + spec.mean) * 255.0).round().clip(0, 255).astype(np.uint8)
+    model = FacexModel(model_file)
     return np.stack([model.probabilities(face) for face in faces])
 
 
@@ -113,11 +114,12 @@ def main() -> int:
     args = parser.parse_args()
     if not args.kdef.is_dir():
         parser.error(f"{args.kdef}: no kdef-dev here (set KDEF_DIR or --kdef)")
+    facex_file = None
     if args.facex:
         from training.teacher_facex import facex_model_file  # noqa: PLC0415 (training-only extra)
 
         try:
-            facex_model_file()  # before the checkpoints' tables, not after
+            facex_file = facex_model_file()  # before the checkpoints' tables, not after
         except FileNotFoundError as exc:
             parser.error(str(exc))
     print(machine_line())
@@ -133,10 +135,10 @@ def main() -> int:
         predicted = [predictor.classes[i] for i in probabilities.argmax(1)]
         table = recall_table(predicted, labels, angles, found, predictor.classes)
         print_table(f"{path} (fp32, tta {args.tta})", table, predictor.classes)
-    if args.facex:
+    if facex_file is not None:
         from training.teacher_facex import FACEX_CLASSES  # noqa: PLC0415 (training-only extra)
 
-        probabilities = facex_on_faces(inputs, shipped_spec.mean, shipped_spec.std)
+        probabilities = facex_on_faces(inputs, shipped_spec, facex_file)
         predicted = [FACEX_CLASSES[i] for i in probabilities.argmax(1)]
         table = recall_table(predicted, labels, angles, found, FACEX_CLASSES)
         print_table(
