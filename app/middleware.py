@@ -153,7 +153,10 @@ class RequestGuard:
                 return await receive()
             remaining = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), timeout=min(self.body_timeout_s, max(0.0, remaining)))
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands
+                # as the read completes (models/pixel_admission.py).
+                async with asyncio.timeout(min(self.body_timeout_s, max(0.0, remaining))):
+                    message = await receive()
             except TimeoutError:
                 if remaining <= self.body_timeout_s:
                     raise UploadStalled(

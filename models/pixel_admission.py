@@ -73,8 +73,12 @@ class PixelAdmission:
                         f"the service had no room to decode this image's {pixels:,} pixels before the deadline "
                         "(other uploads were being decoded): retry in a moment, or send smaller images"
                     )
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+                # wake-up and an outside cancel (Ctrl-C in `fer predict`) land together, and the
+                # cancel is lost; timeout() tells its own cancel from the caller's.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await wakeup.wait()
         finally:
             with self._lock:
                 if waiter in self._line:

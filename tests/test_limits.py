@@ -216,6 +216,36 @@ def test_a_waiting_batch_image_is_refused_in_one_line_at_its_deadline() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("turns", range(6))
+def test_a_waiting_image_cancelled_as_room_frees_up_stays_cancelled(turns: int) -> None:
+    """A cancel (Ctrl-C in `fer predict`, a client gone) that lands as the wake-up does is not lost.
+
+    Python 3.11's `asyncio.wait_for` returned the wake-up's result in that moment and dropped the
+    cancel, so `fer predict` once ran on to the end after Ctrl-C. Each `turns` lands the cancel at
+    another step of the wake-up; whenever it is accepted, the wait must end cancelled, holding nothing.
+    """
+    admission = PixelAdmission(max_pending_pixels=16_000_000)
+    photo, batch = object(), object()
+
+    async def run() -> None:
+        admission.admit_now(photo, 16_000_000)
+        waiting = asyncio.ensure_future(admission.admit_waiting(batch, 8_000_000, deadline=math.inf))
+        await asyncio.sleep(0)  # in line
+        admission.release(photo, 16_000_000)  # room: the wake-up is on its way
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        accepted = waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            admission.admit_now(object(), 16_000_000)  # it took no pixels with it
+            return
+        assert not accepted, "the wait was cancelled but went on and admitted the image"
+        admission.release(batch, 8_000_000)
+
+    asyncio.run(run())
+
+
 def test_a_decode_whose_request_went_away_stops() -> None:
     import threading
 
