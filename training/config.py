@@ -129,15 +129,15 @@ RECIPES: dict[str, TrainConfig] = {
     # reported val figure upwards.
     "default": TrainConfig(),
     "ferplus": FERPLUS,
-    # The shipped model (issue 33, docs/training.md: run D11): the `ferplus` recipe's labels (FER+
+    # The shipped model (issue 33, docs/training.md: run D13): the `ferplus` recipe's labels (FER+
     # votes blended half and half with the folder labels), each target mixed half and half with a
     # photo-trained teacher's probabilities (facex), whose turned views join the training images;
-    # 45 epochs over the doubled set (shipped before it: D6 with 5, D9 with 15), τ = 0.5, the
-    # head-turn keystone up to 0.4, no WiSE blend.
+    # 60 epochs over the doubled set (shipped before it: D6 with 5, D9 with 15, D11 with 45),
+    # τ = 0.5, the head-turn keystone up to 0.4, no WiSE blend.
     "distil": replace(
         FERPLUS,
         recipe="distil",
-        epochs=45,
+        epochs=60,
         teacher=TEACHER_FILE,
         teacher_weight=0.5,
         logit_adjustment=0.5,
