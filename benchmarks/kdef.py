@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,13 @@ def photo_list(kdef_dir: Path) -> list[tuple[Path, str]]:
     return sorted((path, path.parent.name) for path in kdef_dir.glob("*/*.JPG"))
 
 
+# The engine settings that change which faces are cut and how (the rest: threads, queues, limits).
+FACE_SETTINGS = ("detector", "detector_model", "detect_max_side", "decode_max_side", "max_faces", "min_face_px")
+
+
 def inference_core_digest() -> str:
-    """A digest of the inference core's source (`models/*.py`) and the engine's settings.
+    """A digest of what cuts the faces: the inference core's source (`models/*.py`), its ONNX files
+    (YuNet among them), the engine's face settings and the versions of the libraries it decodes with.
 
     Part of the cache key: a cache written before a change to how the engine decodes, finds or
     cuts faces would otherwise be read back as if it were today's faces. That happened once: the
@@ -50,8 +56,12 @@ def inference_core_digest() -> str:
     uncached path then failed on), and gave the shipped checkpoint two frontal photos fewer than
     the faces the engine cuts now (docs/training.md, D14).
     """
-    digest = hashlib.sha256(repr(EngineConfig()).encode())
-    for source in sorted(Path(models.__file__).parent.glob("*.py")):
+    config = EngineConfig()
+    settings = {name: getattr(config, name) for name in FACE_SETTINGS}
+    versions = {name: metadata.version(name) for name in ("numpy", "pillow", "onnxruntime")}
+    digest = hashlib.sha256(repr((sorted(settings.items()), sorted(versions.items()))).encode())
+    core = Path(models.__file__).parent
+    for source in sorted([*core.glob("*.py"), *core.glob("*.onnx")]):
         digest.update(source.name.encode() + source.read_bytes())
     return digest.hexdigest()
 

@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from benchmarks import kdef
 from benchmarks.kdef import detected_faces
+from models.config import EngineConfig
 
 ASTRONAUT = Path(__file__).parent / "data" / "astronaut.jpg"
 
@@ -44,17 +47,29 @@ def test_faces_are_cut_through_the_engine_then_read_back_from_the_cache(tmp_path
     np.testing.assert_array_equal(again[3], found)
 
 
-def test_a_cache_cut_by_other_code_or_settings_is_cut_again(tmp_path: Path) -> None:
+def test_a_cache_cut_by_another_inference_core_is_cut_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = kdef_like_folder(tmp_path / "kdef")
     cache = tmp_path / "faces.npz"
     fresh = detected_faces(folder, cache)
     with np.load(cache) as stored:
         arrays = dict(stored)
-    # The same photos, but faces cut by another version of the engine: the key differs, the inputs are stale.
-    np.savez(cache, **{**arrays, "key": "0123456789ab", "inputs": np.zeros_like(arrays["inputs"])})
+    # Stale inputs under today's key are read back as they are: the cache is trusted by its key.
+    np.savez(cache, **{**arrays, "inputs": np.zeros_like(arrays["inputs"])})
+    assert not detected_faces(folder, cache)[0].any()
 
+    # The same photos and preprocessing, but another engine source: the key differs, the faces are cut again.
+    monkeypatch.setattr(kdef, "inference_core_digest", lambda: "another engine")
     again = detected_faces(folder, cache)
 
     assert torch.equal(again[0], fresh[0])
     with np.load(cache) as stored:
-        assert str(stored["key"]) == str(arrays["key"])
+        assert str(stored["key"]) != str(arrays["key"])
+
+
+def test_the_digest_covers_the_face_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    today = kdef.inference_core_digest()
+    assert kdef.inference_core_digest() == today  # stable within a process and checkout
+    monkeypatch.setattr(kdef, "EngineConfig", lambda: EngineConfig(threads=1, queue_size=7))
+    assert kdef.inference_core_digest() == today  # threads and queues cut the same faces
+    monkeypatch.setattr(kdef, "EngineConfig", lambda: EngineConfig(detect_max_side=640))
+    assert kdef.inference_core_digest() != today
