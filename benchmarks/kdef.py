@@ -30,6 +30,7 @@ from benchmarks.machine import machine_line
 from models.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from models.config import EngineConfig
 from models.engine import Engine
+from models.face_pipeline import FacePolicy
 from models.predictor import Predictor
 from models.preprocessing import PreprocessingSpec
 
@@ -40,10 +41,6 @@ CACHE = Path(".cache/kdef-faces.npz")
 def photo_list(kdef_dir: Path) -> list[tuple[Path, str]]:
     """(photo, class folder) for every kdef-dev JPEG, in sorted order."""
     return sorted((path, path.parent.name) for path in kdef_dir.glob("*/*.JPG"))
-
-
-# The engine settings that change which faces are cut and how (the rest: threads, queues, limits).
-FACE_SETTINGS = ("detector", "detector_model", "detect_max_side", "decode_max_side", "max_faces", "min_face_px")
 
 
 def inference_core_digest() -> str:
@@ -57,9 +54,10 @@ def inference_core_digest() -> str:
     the faces the engine cuts now (docs/training.md, D14).
     """
     config = EngineConfig()
-    settings = {name: getattr(config, name) for name in FACE_SETTINGS}
-    versions = {name: metadata.version(name) for name in ("numpy", "pillow", "onnxruntime")}
-    digest = hashlib.sha256(repr((sorted(settings.items()), sorted(versions.items()))).encode())
+    # The engine's own face policy, and what finds and decodes (threads, queues and limits cut the same faces).
+    settings = (FacePolicy.of(config, all_faces=True), config.detector, config.detector_model, config.decode_max_side)
+    versions = [metadata.version(name) for name in ("numpy", "pillow", "onnxruntime")]
+    digest = hashlib.sha256(repr((settings, versions)).encode())
     core = Path(models.__file__).parent
     for source in sorted([*core.glob("*.py"), *core.glob("*.onnx")]):
         digest.update(source.name.encode() + source.read_bytes())
@@ -87,14 +85,13 @@ def detected_faces(kdef_dir: Path, cache: Path = CACHE) -> tuple[torch.Tensor, l
         prepared = [engine.prepare(path.read_bytes(), all_faces=True, require_face=False) for path, _ in photos]
     finally:
         engine.close()
-    # The engine hands numpy model inputs (it serves without torch, issue 29).
-    inputs = torch.from_numpy(np.stack([np.asarray(image.faces[0].inputs) for image in prepared]))
+    inputs = np.stack([image.faces[0].inputs for image in prepared])  # numpy since issue 29
     found = np.array([image.faces[0].detected is not None for image in prepared])
     labels = [label for _, label in photos]
     angles = [path.stem[6:] for path, _ in photos]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, key=key, inputs=inputs.numpy(), labels=labels, angles=angles, found=found)
-    return inputs, labels, angles, found
+    np.savez(cache, key=key, inputs=inputs, labels=labels, angles=angles, found=found)
+    return torch.from_numpy(inputs), labels, angles, found
 
 
 def recall_table(
