@@ -9,11 +9,11 @@ buffers) to fewer steps, which lowers the faster side's figure more (40 batches:
 whole epoch gives 2.13×, docs/training.md). The figure is the loop's own
 `train_images_per_second`; both sides alternate `--rounds` times and the median is reported.
 
-`--profile` says where a step's time goes instead: each side trains `--images` (default 40
-batches) under torch's profiler, and the convolutions' share (forward and backward, with the
-forward's GFLOP/s) is printed beside the step. A rewrite that leaves the convolutions as they
-are cannot beat the before side's step divided by the after side's convolution time, so that
-bound is printed too: it is why the speed-up differs between CPUs (docs/training.md).
+`--profile` says where a step's time goes instead: each side times an epoch of `--images`
+(default 40 batches), then profiles one more, and every convolution's forward and backward time
+and GFLOP/s are printed beside the step (medians of `--rounds`). A rewrite that leaves the after
+side's convolutions as they are cannot beat the before side's step divided by their time, so that
+bound is printed too: it is why the speed-up differs between CPUs (benchmarks/RESULTS.md §11).
 
 python -m benchmarks.train_speed --recipe default --json benchmarks/results/train_speed.json
 python -m benchmarks.train_speed --profile
@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.machine import machine_line, write_results
 from models.checkpoint import CLASSES
@@ -66,62 +69,97 @@ def one_epoch(recipe: str, is_fast: bool, images: int, val_images: int = 256) ->
     return float(result.history[0]["train_images_per_second"])
 
 
+# The profiled epoch stops here: the profiler keeps every event, and a whole epoch's outgrew 24 GiB.
 PROFILED_STEPS = 40
 
 
-def conv_profile(recipe: str, is_fast: bool, images: int) -> dict[str, float]:
-    """ms per step (an epoch of `images`), then its convolutions' ms and forward GFLOP/s (a second, profiled one).
+def profile_convolutions(recipe: str, is_fast: bool, images: int) -> dict[str, Any]:
+    """ms per step (an epoch of `images`), then each convolution's ms and GFLOP per step (a second, profiled epoch).
 
     The profiler slows the many small operations around the convolutions (the before side's step
-    by a third), so the step is timed without it. The profiled epoch stops at `PROFILED_STEPS`
-    batches: the profiler keeps every event, and a whole epoch's outgrew 24 GiB.
+    by a third), so the step is timed without it. A convolution's time is the self time of its
+    oneDNN forward (`aten::mkldnn_convolution`) and backward (`aten::convolution_backward`); its
+    work is counted from the shapes: two FLOPs per multiply-add, and the backward does one
+    convolution's worth for the input's gradient (none for the network's input) and one for the weight's.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    rate = one_epoch(recipe, is_fast, images)
+    images_per_second = one_epoch(recipe, is_fast, images)
     batch = RECIPES[recipe].batch_size
     steps = min(images // batch, PROFILED_STEPS)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
-        one_epoch(recipe, is_fast, steps * batch, val_images=8)  # a token val split: its forward is not a step's
-    forward_ms, backward_ms, forward_flops = 0.0, 0.0, 0.0
+        one_epoch(recipe, is_fast, steps * batch, val_images=8)
+    layers: dict[str, dict[str, float]] = {}
     for event in profiler.events():
         if event.name == "aten::mkldnn_convolution":
-            forward_ms += event.self_cpu_time_total / 1000
-            (n, _, h, w), (k, c, kh, kw) = event.input_shapes[0], event.input_shapes[1]
-            forward_flops += 2.0 * n * k * c * kh * kw * h * w  # stride 1, "same" padding: output h × w
+            (n, _, height, width), weight = event.input_shapes[0], event.input_shapes[1]
+            padding, stride, dilation = event.concrete_inputs[3:6]
+            out_height, out_width = (
+                (size + 2 * pad - step * (kernel - 1) - 1) // move + 1
+                for size, pad, step, kernel, move in zip(
+                    (height, width), padding, dilation, weight[2:], stride, strict=True
+                )
+            )
+            passes, side = 1, "forward"
         elif event.name == "aten::convolution_backward":
-            backward_ms += event.self_cpu_time_total / 1000
-    return {
-        "step_ms": 1000 * batch / rate,
-        "conv_forward_ms": forward_ms / steps,
-        "conv_backward_ms": backward_ms / steps,
-        "conv_forward_gflops": forward_flops / forward_ms / 1e6 if forward_ms else 0.0,
+            (n, _, out_height, out_width), weight = event.input_shapes[0], event.input_shapes[2]
+            output_mask = event.concrete_inputs[-1]  # (input, weight, bias) gradients wanted
+            passes, side = int(output_mask[0]) + int(output_mask[1]), "backward"
+        else:
+            continue
+        if n != batch:
+            continue  # the token val split's forward
+        multiply_adds = n * math.prod(weight) * out_height * out_width  # weight: (out, in / groups, kh, kw)
+        layer = layers.setdefault("x".join(map(str, weight)), {})
+        layer[f"{side}_ms"] = layer.get(f"{side}_ms", 0.0) + event.self_cpu_time_total / 1000 / steps
+        layer[f"{side}_gflop"] = layer.get(f"{side}_gflop", 0.0) + 2e-9 * multiply_adds * passes / steps
+    return {"step_ms": 1000 * batch / images_per_second, "layers": layers}
+
+
+def median_profile(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over `runs` of one side."""
+    layers = {
+        name: {key: statistics.median(run["layers"][name][key] for run in runs) for key in figures}
+        for name, figures in runs[0]["layers"].items()
     }
+    return {"step_ms": statistics.median(run["step_ms"] for run in runs), "layers": layers}
 
 
-def print_profiles(recipe: str, images: int) -> dict[str, dict[str, float]]:
-    """Profile both sides in child processes; print each step's split and the bound it sets."""
-    profiles = {}
-    for side in ("before", "after"):
-        command = [sys.executable, "-m", "benchmarks.train_speed", "--recipe", recipe, "--images", str(images)]
-        output = subprocess.run([*command, "--child", side, "--profile"], check=True, capture_output=True, text=True)
-        profiles[side] = json.loads(output.stdout.strip().splitlines()[-1])
-    print(f"recipe {recipe}, batch {RECIPES[recipe].batch_size}, {images} images profiled a side")
-    for side, figures in profiles.items():
-        conv = figures["conv_forward_ms"] + figures["conv_backward_ms"]
-        print(
-            f"{side:6s} step {figures['step_ms']:6.1f} ms: convolutions {conv:6.1f} ms "
-            f"({100 * conv / figures['step_ms']:.0f}%; forward {figures['conv_forward_ms']:.1f} ms at "
-            f"{figures['conv_forward_gflops']:.0f} GFLOP/s, backward {figures['conv_backward_ms']:.1f} ms), "
-            f"the rest {figures['step_ms'] - conv:.1f} ms"
+def print_profiles(recipe: str, images: int, rounds: int) -> dict[str, Any]:
+    """Profile both sides, alternating, in child processes; print the medians' split and the bound they set."""
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for side in runs:
+            command = [sys.executable, "-m", "benchmarks.train_speed", "--recipe", recipe, "--images", str(images)]
+            output = subprocess.run([*command, "--child", side, "--profile"], check=True, stdout=subprocess.PIPE)
+            runs[side].append(json.loads(output.stdout.decode().strip().splitlines()[-1]))
+    medians = {side: median_profile(side_runs) for side, side_runs in runs.items()}
+    print(f"recipe {recipe}, batch {RECIPES[recipe].batch_size}, {images} images timed a side, medians of {rounds}")
+    for side, figures in medians.items():
+        layers = figures["layers"].values()
+        forward_ms, backward_ms = (sum(layer[f"{pass_}_ms"] for layer in layers) for pass_ in ("forward", "backward"))
+        forward_gflop, backward_gflop = (
+            sum(layer[f"{pass_}_gflop"] for layer in layers) for pass_ in ("forward", "backward")
         )
-    after_conv = profiles["after"]["conv_forward_ms"] + profiles["after"]["conv_backward_ms"]
-    print(f"bound on the speed-up with these convolutions: {profiles['before']['step_ms'] / after_conv:.2f}x")
-    return profiles
+        conv_ms = forward_ms + backward_ms
+        print(
+            f"{side:6s} step {figures['step_ms']:6.1f} ms: convolutions {conv_ms:6.1f} ms "
+            f"({100 * conv_ms / figures['step_ms']:.0f}%; forward {forward_ms:.1f} ms at "
+            f"{forward_gflop / forward_ms * 1000:.0f} GFLOP/s, backward {backward_ms:.1f} ms at "
+            f"{backward_gflop / backward_ms * 1000:.0f} GFLOP/s), the rest {figures['step_ms'] - conv_ms:.1f} ms"
+        )
+        for name, layer in figures["layers"].items():
+            print(
+                f"    weight {name:>12s}: forward {layer['forward_ms']:5.1f} ms "
+                f"({layer['forward_gflop'] / layer['forward_ms'] * 1000:4.0f} GFLOP/s), backward "
+                f"{layer['backward_ms']:5.1f} ms ({layer['backward_gflop'] / layer['backward_ms'] * 1000:4.0f} GFLOP/s)"
+            )
+    after_conv_ms = sum(layer["forward_ms"] + layer["backward_ms"] for layer in medians["after"]["layers"].values())
+    bound = medians["before"]["step_ms"] / after_conv_ms
+    print(f"bound on the speed-up with the after side's convolutions as they are: {bound:.2f}x")
+    return {"medians": medians, "runs": runs, "bound": bound}
 
 
 def main() -> int:
-    """Alternate the two sides in child processes and print the medians and their ratio."""
+    """Alternate the two sides in child processes; print the medians and their ratio, or with --profile their split."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     parser.add_argument(
@@ -136,16 +174,15 @@ def main() -> int:
     parser.add_argument("--child", choices=("before", "after"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.images is None:
-        args.images = RECIPES[args.recipe].batch_size * (40 if args.profile else 224)
+        args.images = RECIPES[args.recipe].batch_size * (PROFILED_STEPS if args.profile else 224)
     if args.child:
-        measure = conv_profile if args.profile else one_epoch
+        measure = profile_convolutions if args.profile else one_epoch
         print(json.dumps(measure(args.recipe, args.child == "after", args.images)))
         return 0
     print(machine_line())
     if args.profile:
-        write_results(
-            args.json, recipe=args.recipe, images=args.images, profiles=print_profiles(args.recipe, args.images)
-        )
+        profiles = print_profiles(args.recipe, args.images, args.rounds)
+        write_results(args.json, recipe=args.recipe, images=args.images, **profiles)
         return 0
     rates: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(args.rounds):
