@@ -8,7 +8,10 @@ keeps a connection open indefinitely. `GuardedHttpToolsProtocol` counts the byte
 request's head and gives it a deadline from the moment the connection is idle; past either, the
 connection gets a JSON 431 (too large) or 408 (too slow) and is closed. A client that pipelines
 requests without reading the answers queues them in the protocol: past `max_pipelined` the
-connection is closed.
+connection is closed. A request answered before its body has arrived (a 422 for its query, a 503
+when busy) has the rest of its body read and dropped, as uvicorn does, within `head_timeout_s`;
+those bytes are not the next request's head, so they never earn the same request a second
+answer (431 or 408). Past the deadline the connection is closed without one.
 
 `server_options(settings)` is the one place where the service's uvicorn options are set, for
 `python -m app` and the in-process test server alike.
@@ -59,6 +62,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        # The current request's body is still arriving (its head is parsed, its end is not).
+        self._reading_body = False
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._dropped = False
         self._arm_head_timer()
 
@@ -115,6 +121,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        self._reading_body = True
         self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -128,8 +135,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.abort()  # what it sent is dropped, and it is not reading what we send
             raise TooManyPipelined
 
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        super().on_message_complete()
+        if self._drain_timer is not None:  # an answered request's body, now all read and dropped
+            self._drain_timer.cancel()
+            self._drain_timer = None
+            self._await_head_if_idle()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        answered_early = self._reading_body and self.cycle is not None and self.cycle.response_complete
+        if answered_early and not self.transport.is_closing():
+            # Answered before its body ended (not a pipelined request's body arriving behind another's
+            # answer): the rest is read and dropped (uvicorn's on_body), up to a deadline.
+            self._drain_timer = self.loop.call_later(self.head_timeout_s, self.transport.close)
+            return
+        self._await_head_if_idle()
+
+    def _await_head_if_idle(self) -> None:
         # Idle only if no queued request was just started (the parser's latest cycle is done):
         # a running request's body bytes are not a head, and its run time is not a head's wait.
         idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
@@ -138,10 +162,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._write_timer):
+        for timer in (self._head_timer, self._write_timer, self._drain_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._write_timer = None
+        self._head_timer = self._write_timer = self._drain_timer = None
         super().connection_lost(exc)
 
 

@@ -273,6 +273,46 @@ def test_a_body_that_trickles_past_the_whole_body_deadline_gets_408(strict_serve
     assert answer.startswith(b"HTTP/1.1 408 ") and b"took longer than 1.5 s" in answer
 
 
+def read_one_answer(sock: socket.socket) -> bytes:
+    """One whole response (head and its content-length body) from a kept-alive connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536) or b"<closed>"
+        assert not answer.endswith(b"<closed>"), answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+VIDEO_REFUSED_BY_ITS_QUERY = (
+    b"POST /predict/video?fps=100 HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\nContent-Length: 200000\r\n\r\n"
+)
+
+
+def test_a_request_answered_before_its_body_gets_one_answer_and_the_connection_goes_on(server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(VIDEO_REFUSED_BY_ITS_QUERY)
+        first = read_one_answer(sock)
+        sock.sendall(b"\0" * 200_000)  # the body, after its answer: read and dropped, not taken for a head
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = read_one_answer(sock)
+    assert first.startswith(b"HTTP/1.1 422 ") and b"fps may be at most" in first
+    assert second.startswith(b"HTTP/1.1 200 "), second  # not a 431 for the body's bytes
+
+
+def test_the_rest_of_an_answered_requests_body_has_a_deadline_and_no_second_answer(strict_server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
+        sock.sendall(VIDEO_REFUSED_BY_ITS_QUERY + b"\0" * 1000)
+        first = read_one_answer(sock)
+        rest = read_until_closed(sock)  # the body never ends: closed after the 1 s head deadline
+    assert first.startswith(b"HTTP/1.1 422 ")
+    assert rest == b""  # no 408 for the same request
+
+
 def test_a_client_that_pipelines_without_reading_is_disconnected(strict_server: AppServer) -> None:
     with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
