@@ -109,7 +109,7 @@ class ImageHeader:
 MAX_ISPE_BOXES = 64
 # Magic numbers of the formats accepted: an upload that starts with one of these but whose size
 # cannot be found counts as the largest image (it may be one); anything else is no image at all.
-_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # +: BigTIFF
 
 
 def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
@@ -164,7 +164,7 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
         if len(entry) < 12:
             return None
         tag, kind = int.from_bytes(entry[:2], order), int.from_bytes(entry[2:4], order)
-        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+        if tag in (256, 257) and tag not in size:  # ImageWidth, ImageLength: the first, as Pillow keeps it
             size[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
     return (size[256], size[257]) if size.get(256) and size.get(257) else None
 
@@ -319,7 +319,9 @@ def decode_photo(
     """Decode image bytes into a loaded, upright PIL image, a JPEG at reduced scale when it is large.
 
     The pixel count is checked from the header, before any pixel is decoded, so a tiny file
-    that claims 60000×60000 costs nothing. Animated images give their first frame. With
+    that claims 60000×60000 costs nothing; and the image Pillow opens may not be larger than
+    that header (`read_header`, what admission counted), so a file that declares a face crop
+    and holds a photo is refused before it is decoded. Animated images give their first frame. With
     `max_side`, a JPEG whose longer side is more than twice that is decoded at the smallest of
     1/2, 1/4 or 1/8 scale that keeps its longer side at least `max_side` (libjpeg's DCT scaling:
     a 12-megapixel photo decodes in about a tenth of the time); other formats decode whole.
@@ -334,12 +336,14 @@ def decode_photo(
     """
     if not data:
         raise InvalidImageError(f"the upload is empty: send a {FORMAT_NAMES} image")
-    declared = declared_bmff_size(data)
-    if declared is not None and max_pixels is not None and declared[0] * declared[1] > max_pixels:
-        width, height = declared
+    # What admission counted this upload as (the scheduler reads the same header from the same
+    # bytes): the image Pillow opens must not be larger, or a file that declares one size and
+    # holds another would be decoded beyond what was admitted, inline as a face crop even.
+    header = read_header(data, max_side)
+    if header is not None and max_pixels is not None and header.width * header.height > max_pixels:
         raise ImageTooLargeError(
-            f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}: downscale it before sending"
+            f"the image is {header.width}×{header.height} = {header.width * header.height:,} pixels, over the "
+            f"limit of {max_pixels:,}: downscale it before sending"
         )
     try:
         with warnings.catch_warnings():
@@ -370,6 +374,13 @@ def decode_photo(
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidImageError(f"the image claims a size of {width}×{height} pixels")
+    if header is None and not looks_like_image(data):
+        raise InvalidImageError(f"the data is not a recognisable image: send a {FORMAT_NAMES} file")  # admitted as free
+    if header is not None and width * height > header.width * header.height:
+        raise InvalidImageError(
+            f"the file declares {header.width}×{header.height} pixels but holds a {width}×{height} image: "
+            "it is inconsistent or damaged"
+        )
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "

@@ -66,6 +66,98 @@ def bmff_claiming(fmt: str, width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int, int]]:
+    """The ISO-BMFF boxes between `start` and `end`: (type, offset, size, header length)."""
+    found, position = [], start
+    while position + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[position : position + 8])
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", data[position + 8 : position + 16])[0], 16
+        found.append((kind, position, size or end - position, header))
+        position += size or end - position
+    return found
+
+
+def _shift_item_offsets(data: bytes, delta: int) -> bytes:
+    """The file with its `iloc` box's absolute file offsets moved by `delta` (bytes were inserted before them)."""
+    out = bytearray(data)
+    meta = next(box for box in _boxes(data, 0, len(data)) if box[0] == b"meta")
+    iloc = next(box for box in _boxes(data, meta[1] + meta[3] + 4, meta[1] + meta[2]) if box[0] == b"iloc")
+    position = iloc[1] + iloc[3]
+    version = out[position]
+    position += 4
+    offset_size, length_size = out[position] >> 4, out[position] & 15
+    base_size, index_size = out[position + 1] >> 4, (out[position + 1] & 15) if version in (1, 2) else 0
+    position += 2
+
+    def read(size: int) -> tuple[int, int]:
+        nonlocal position
+        at, position = position, position + size
+        return at, int.from_bytes(out[at:position], "big") if size else 0
+
+    def shift(at: int, size: int) -> None:
+        out[at : at + size] = (int.from_bytes(out[at : at + size], "big") + delta).to_bytes(size, "big")
+
+    _, items = read(2 if version < 2 else 4)
+    for _ in range(items):
+        read(2 if version < 2 else 4)  # item id
+        construction = read(2)[1] & 15 if version in (1, 2) else 0
+        read(2)  # data reference index
+        base_at, base = read(base_size)
+        _, extents = read(2)
+        if construction == 0 and base_size and base:
+            shift(base_at, base_size)
+        for _ in range(extents):
+            read(index_size)
+            offset_at, _ = read(offset_size)
+            read(length_size)
+            if construction == 0 and not (base_size and base) and offset_size:
+                shift(offset_at, offset_size)
+    return bytes(out)
+
+
+def bmff_disguised_as_a_crop(fmt: str, width: int = 320, height: int = 240) -> bytes:
+    """An AVIF or HEIC of `width`×`height` with 64 `ispe` boxes claiming 64×48 in a `free` box before its real one.
+
+    A reader that stops at the first 64 `ispe` boxes takes it for a face crop; its decoder opens the real image.
+    """
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    data = encode(Image.effect_noise((width, height), 40).convert("RGB"), fmt)
+    fake = (struct.pack(">I", 20) + b"ispe" + bytes(4) + struct.pack(">II", 64, 48)) * 64
+    free = struct.pack(">I", 8 + len(fake)) + b"free" + fake
+    ftyp_end = struct.unpack(">I", data[:4])[0]
+    return _shift_item_offsets(data[:ftyp_end] + free + data[ftyp_end:], len(free))
+
+
+def crafted_late_tiff(
+    width: int, height: int, *, repeated_size: tuple[int, int] | None = None, big: bool = False
+) -> bytes:
+    """A hand-made grey deflate TIFF (BigTIFF with `big`) whose directory lies past the first 256 KiB of the file
+    (`tests.images.tiff_directory_last` is the plain one Pillow writes).
+
+    `repeated_size`: a second ImageWidth and ImageLength after the first (Pillow keeps the first).
+    """
+    strip = zlib.compress(bytes(range(256)) * (width * height // 256) + bytes(width * height % 256), 9)
+    header_bytes = 16 if big else 8
+    directory_at = header_bytes + len(strip) + 300_000
+    entry = struct.Struct("<HHQQ" if big else "<HHII")
+    entries = [
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1),
+        (273, 4, header_bytes), (277, 3, 1), (278, 4, height), (279, 4, len(strip)),
+    ]  # fmt: skip
+    if repeated_size:
+        entries += [(256, 4, repeated_size[0]), (257, 4, repeated_size[1])]
+    count = struct.pack("<Q" if big else "<H", len(entries))
+    directory = (
+        count + b"".join(entry.pack(tag, kind, 1, value) for tag, kind, value in entries) + bytes(8 if big else 4)
+    )
+    head = b"II+\x00" + struct.pack("<HHQ", 8, 0, directory_at) if big else b"II*\x00" + struct.pack("<I", directory_at)
+    return head + strip + bytes(directory_at - header_bytes - len(strip)) + directory
+
+
 def photo(fmt: str, **params: object) -> bytes:
     return encode(Image.effect_noise((320, 240), 60).convert("RGB"), fmt, **params)
 
@@ -89,6 +181,8 @@ IMAGE_CASES: list[tuple[str, bytes, int, str]] = [
     ("header claims 60000x60000", png_with_header(60000, 60000), 413, "over the limit of"),
     ("avif claims 60000x60000", bmff_claiming("AVIF", 60000, 60000), 413, "60000×60000 = 3,600,000,000 pixels"),
     ("heic claims 60000x60000", bmff_claiming("HEIF", 60000, 60000), 413, "60000×60000 = 3,600,000,000 pixels"),
+    ("avif declares a crop, holds a photo", bmff_disguised_as_a_crop("AVIF"), 400, "declares 64×48 pixels but holds"),
+    ("heic declares a crop, holds a photo", bmff_disguised_as_a_crop("HEIF"), 400, "declares 64×48 pixels but holds"),
     ("1-bit png 12000x12000", encode(Image.new("1", (12000, 12000))), 413, "144,000,000 pixels"),
     ("ico", encode(Image.new("RGB", (32, 32)), "ICO"), 415, "ICO images are not accepted"),
     ("animated gif", animated_gif(), 200, ""),

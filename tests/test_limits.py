@@ -14,10 +14,18 @@ from PIL import Image
 
 from models.checkpoint import SHIPPED_CHECKPOINT
 from models.config import EngineConfig
-from models.decoding import COST_HEADER_BYTES, MAX_JPEG_SCANS, decode_image, decode_photo, read_header
+from models.decoding import (
+    COST_HEADER_BYTES,
+    MAX_JPEG_SCANS,
+    decode_image,
+    decode_photo,
+    looks_like_image,
+    read_header,
+)
 from models.engine import Engine
 from models.errors import ImageTooLargeError, InvalidImageError, QueueFullError
 from models.pixel_admission import PixelAdmission
+from tests.hostile import bmff_disguised_as_a_crop, crafted_late_tiff
 from tests.images import encode, face_png, jpeg_with_segments_first, tiff_directory_last
 
 
@@ -164,6 +172,29 @@ def test_a_header_past_the_first_look_is_still_read_for_admission() -> None:
     assert int.from_bytes(tiff[4:8], "little") > COST_HEADER_BYTES  # its directory comes after the pixels
     header = read_header(tiff)
     assert header is not None and (header.width, header.height) == (2000, 1500)
+
+
+def test_a_late_tiff_directory_that_names_its_size_twice_is_read_as_pillow_reads_it() -> None:
+    tiff = crafted_late_tiff(100, 80, repeated_size=(10, 10))
+    header = read_header(tiff)
+    assert header is not None and (header.width, header.height) == (100, 80)  # the first, not the last
+    assert decode_photo(tiff).image.size == (100, 80)
+
+
+def test_a_bigtiff_whose_size_is_past_the_first_look_counts_as_the_largest_image_not_as_none() -> None:
+    bigtiff = crafted_late_tiff(100, 80, big=True)
+    # No size to read, but an image: admission charges it the pixel limit, as any image of unknown size.
+    assert read_header(bigtiff) is None and looks_like_image(bigtiff)
+    assert decode_photo(bigtiff).image.size == (100, 80)
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_an_image_larger_than_its_header_declares_is_refused_before_decoding(fmt: str) -> None:
+    disguised = bmff_disguised_as_a_crop(fmt, 320, 240)
+    header = read_header(disguised)
+    assert header is not None and (header.width, header.height) == (64, 48)  # what admission would count
+    with pytest.raises(InvalidImageError, match="declares 64×48 pixels but holds a 320×240 image"):
+        decode_photo(disguised, max_pixels=40_000_000)
 
 
 def test_a_batch_of_images_whose_headers_lie_late_is_counted_and_refused_over_its_total() -> None:
