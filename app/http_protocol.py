@@ -11,7 +11,8 @@ requests without reading the answers queues them in the protocol: past `max_pipe
 connection is closed. A request answered before its body has arrived (a 422 for its query, a 503
 when busy) has the rest of its body read and dropped, as uvicorn does, within `head_timeout_s`;
 those bytes are not the next request's head, so they never earn the same request a second
-answer (431 or 408). Past the deadline the connection is closed without one.
+answer (431 or 408). Past the deadline, or past `max_drain_bytes` (the upload limit), the
+connection is closed without one.
 
 `server_options(settings)` is the one place where the service's uvicorn options are set, for
 `python -m app` and the in-process test server alike.
@@ -52,6 +53,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = 16 * 1024
     head_timeout_s = 10.0
     max_pipelined = 32
+    # An answered request's unread body is dropped up to this many bytes; past them, the connection is closed.
+    max_drain_bytes = 10 * 1024 * 1024
     # A client that stops reading its answers: once the write buffer is full, it has this long
     # to read before the connection is aborted (its task, fd and connection slot freed).
     write_timeout_s = 30.0
@@ -65,6 +68,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The current request's body is still arriving (its head is parsed, its end is not).
         self._reading_body = False
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._drained_bytes = 0
         self._dropped = False
         self._arm_head_timer()
 
@@ -101,6 +105,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # the rest of what a dropped connection sent is not parsed
         if self._awaiting_head:
             self._head_bytes += len(data)
+        if self._drain_timer is not None:
+            self._drained_bytes += len(data)
+            if self._drained_bytes > self.max_drain_bytes:  # more than any body the service takes: not a body
+                self._dropped = True
+                self.transport.close()
+                return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -141,6 +151,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._drain_timer is not None:  # an answered request's body, now all read and dropped
             self._drain_timer.cancel()
             self._drain_timer = None
+            if not self.pipeline and not self.transport.is_closing():
+                # Idle as after any answer: uvicorn's keep-alive closes it quietly (the body's bytes had
+                # stopped that timer), before the head deadline would answer a 408 nobody asked for.
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
             self._await_head_if_idle()
 
     def on_response_complete(self) -> None:
@@ -150,6 +167,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Answered before its body ended (not a pipelined request's body arriving behind another's
             # answer): the rest is read and dropped (uvicorn's on_body), up to a deadline.
             self._drain_timer = self.loop.call_later(self.head_timeout_s, self.transport.close)
+            self._drained_bytes = 0
             return
         self._await_head_if_idle()
 
@@ -178,6 +196,7 @@ def guarded_protocol(settings: Settings) -> type[GuardedHttpToolsProtocol]:
             "max_head_bytes": settings.max_header_bytes,
             "head_timeout_s": settings.header_timeout_s,
             "max_pipelined": settings.max_pipelined,
+            "max_drain_bytes": settings.max_upload_bytes,
         },
     )
 

@@ -3,6 +3,7 @@ and a server that has taken every case is healthy and its memory has not grown."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import select
 import socket
@@ -302,6 +303,31 @@ def test_a_request_answered_before_its_body_gets_one_answer_and_the_connection_g
         second = read_one_answer(sock)
     assert first.startswith(b"HTTP/1.1 422 ") and b"fps may be at most" in first
     assert second.startswith(b"HTTP/1.1 200 "), second  # not a 431 for the body's bytes
+
+
+def test_a_connection_idle_after_an_answered_requests_body_is_closed_quietly(server: AppServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(VIDEO_REFUSED_BY_ITS_QUERY)
+        first = read_one_answer(sock)
+        sock.sendall(b"\0" * 200_000)
+        idle = read_until_closed(sock)  # closed by the keep-alive timer, as after any answer
+    assert first.startswith(b"HTTP/1.1 422 ")
+    assert idle == b""  # not a 408 from the head deadline
+
+
+def test_an_answered_requests_body_is_dropped_only_up_to_the_upload_limit(server: AppServer) -> None:
+    head = b"POST /predict/video?fps=100 HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n" % 65536 + b"\0" * 65536 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + chunk)
+        first = read_one_answer(sock)
+        with contextlib.suppress(OSError):  # closed while we send: the point
+            for _ in range(2 * UPLOAD_LIMIT // 65536):
+                sock.sendall(chunk)
+        sock.settimeout(5)  # half the 10 s drain deadline: only the byte limit closes it this soon
+        rest = read_until_closed(sock)
+    assert first.startswith(b"HTTP/1.1 422 ")
+    assert rest == b""
 
 
 def test_the_rest_of_an_answered_requests_body_has_a_deadline_and_no_second_answer(strict_server: AppServer) -> None:
