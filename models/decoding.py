@@ -169,6 +169,45 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return (size[256], size[257]) if size.get(256) and size.get(257) else None
 
 
+# A TIFF tile may hold this many pixels beyond its image (writers use fixed tiles, 256×256 or
+# 512×512, whatever the image's size); libtiff decodes whole tiles, so a larger one is a bomb.
+MAX_TIFF_TILE_PIXELS = 512 * 512
+
+
+def check_tiff_layout(image: Image.Image) -> None:
+    """Refuse a TIFF whose tiles or strips would make libtiff decode more than its image, before any is.
+
+    The size in its header bounds nothing by itself: one 64×48 image can sit in a 22000×22000
+    tile (a 44 KB file that inflates to 1.4 GB), or list thousands of strips over the same rows,
+    each decoded in turn.
+
+    Raises:
+        InvalidImageError: tiles larger than the image allows, or more tiles or strips than it has.
+    """
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return
+    width, height = image.size
+    planes = int(tags.get(277, 1)) if tags.get(284, 1) == 2 else 1  # planar: one set of strips per sample
+    if 322 in tags and 323 in tags:
+        tile_width, tile_height = int(tags[322]), int(tags[323])
+        if tile_width < 1 or tile_height < 1 or tile_width * tile_height > max(width * height, MAX_TIFF_TILE_PIXELS):
+            raise InvalidImageError(
+                f"the TIFF stores its {width}×{height} image in tiles of {tile_width}×{tile_height} pixels: "
+                "the file is malformed"
+            )
+        units = -(-width // tile_width) * -(-height // tile_height) * planes
+        listed, kind = len(tags.get(324, ())), "tiles"
+    else:
+        rows = max(1, min(int(tags.get(278, height)), height))
+        units = -(-height // rows) * planes
+        listed, kind = len(tags.get(273, ())), "strips"
+    if listed > units:
+        raise InvalidImageError(
+            f"the TIFF lists {listed:,} {kind} for a {width}×{height} image that has {units:,}: the file is malformed"
+        )
+
+
 def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
     """The upload's header, as `decode_photo(data, max_side=…)` will see it; None when it cannot be read.
 
@@ -376,6 +415,8 @@ def decode_photo(
         raise InvalidImageError(f"the image claims a size of {width}×{height} pixels")
     if header is None and not looks_like_image(data):
         raise InvalidImageError(f"the data is not a recognisable image: send a {FORMAT_NAMES} file")  # admitted as free
+    if image.format == "TIFF":
+        check_tiff_layout(image)
     if header is not None and width * height > header.width * header.height:
         raise InvalidImageError(
             f"the file declares {header.width}×{header.height} pixels but holds a {width}×{height} image: "

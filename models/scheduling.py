@@ -49,6 +49,10 @@ Result = TypeVar("Result")
 # than handing it to a worker thread and back costs; anything larger goes to a thread.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 128 * 128
+# Formats whose decoding work follows the size their header gives. Not AVIF (its AV1 frame may be
+# far larger than its `ispe` box says: 12000×12000 behind 64×48, 0.4 s and 300 MB), nor HEIF or
+# TIFF (one uninterruptible call; tiles): those crops go to a prepare thread, never the event loop.
+INLINE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
 
 
 # Video threads' niceness: above the prepare threads' 0, so under load a photo's decode gets the
@@ -64,7 +68,7 @@ def lower_thread_priority() -> None:
 
 def runs_inline(data: bytes, header: ImageHeader | None) -> bool:
     """True for a small face crop (by its header) that is cheaper to prepare inline than on a thread."""
-    if len(data) > INLINE_MAX_BYTES or header is None:
+    if len(data) > INLINE_MAX_BYTES or header is None or header.format not in INLINE_FORMATS:
         return False
     return header.width * header.height <= INLINE_MAX_PIXELS and is_face_crop_size(header.width, header.height)
 

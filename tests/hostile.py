@@ -158,6 +158,38 @@ def crafted_late_tiff(
     return head + strip + bytes(directory_at - header_bytes - len(strip)) + directory
 
 
+def tiff_layout(width: int, height: int, *, tile: int | None = None, strip_lists: int = 1) -> bytes:
+    """A hand-made grey TIFF: in one deflated `tile`×`tile` tile, or in two strips listed `strip_lists` times over."""
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (262, 3, 1, 1), (277, 3, 1, 1)]
+    if tile:
+        pixels = zlib.compress(bytes(tile * tile), 9)
+        entries += [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 8), (325, 4, 1, len(pixels))]
+        arrays = b""
+    else:
+        rows = -(-height // 2)
+        pixels = bytes(range(256)) * (width * height // 256) + bytes(width * height % 256)
+        starts, counts = [8, 8 + width * rows] * strip_lists, [width * rows, width * (height - rows)] * strip_lists
+        arrays_at = 8 + len(pixels)
+        arrays = struct.pack(f"<{len(starts)}I", *starts) + struct.pack(f"<{len(counts)}I", *counts)
+        entries += [(259, 3, 1, 1), (273, 4, len(starts), arrays_at), (278, 4, 1, rows)]
+        entries += [(279, 4, len(counts), arrays_at + 4 * len(starts))]
+    directory_at = 8 + len(pixels) + len(arrays)
+    packed = b"".join(
+        struct.pack("<HHI", tag, kind, count)
+        + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, count, value in sorted(entries)
+    )
+    return (
+        b"II*\x00"
+        + struct.pack("<I", directory_at)
+        + pixels
+        + arrays
+        + struct.pack("<H", len(entries))
+        + packed
+        + bytes(4)
+    )
+
+
 def photo(fmt: str, **params: object) -> bytes:
     return encode(Image.effect_noise((320, 240), 60).convert("RGB"), fmt, **params)
 

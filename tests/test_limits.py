@@ -25,7 +25,8 @@ from models.decoding import (
 from models.engine import Engine
 from models.errors import ImageTooLargeError, InvalidImageError, QueueFullError
 from models.pixel_admission import PixelAdmission
-from tests.hostile import bmff_disguised_as_a_crop, crafted_late_tiff
+from models.scheduling import runs_inline
+from tests.hostile import bmff_disguised_as_a_crop, crafted_late_tiff, tiff_layout
 from tests.images import encode, face_png, jpeg_with_segments_first, tiff_directory_last
 
 
@@ -195,6 +196,22 @@ def test_an_image_larger_than_its_header_declares_is_refused_before_decoding(fmt
     assert header is not None and (header.width, header.height) == (64, 48)  # what admission would count
     with pytest.raises(InvalidImageError, match="declares 64×48 pixels but holds a 320×240 image"):
         decode_photo(disguised, max_pixels=40_000_000)
+
+
+def test_tiffs_whose_tiles_or_strips_exceed_their_image_are_refused_before_decoding() -> None:
+    assert decode_photo(tiff_layout(100, 80, tile=128)).image.size == (100, 80)  # a tile padded as writers do
+    assert decode_photo(tiff_layout(100, 80)).image.size == (100, 80)
+    with pytest.raises(InvalidImageError, match="100×80 image in tiles of 2048×2048 pixels"):
+        decode_photo(tiff_layout(100, 80, tile=2048))
+    with pytest.raises(InvalidImageError, match="lists 200 strips for a 100×80 image that has 2"):
+        decode_photo(tiff_layout(100, 80, strip_lists=100))
+
+
+def test_only_formats_decoded_by_their_headers_size_are_prepared_on_the_event_loop() -> None:
+    crop = Image.new("RGB", (48, 48), (90, 80, 70))
+    for fmt, inline in (("PNG", True), ("JPEG", True), ("WEBP", True), ("AVIF", False), ("TIFF", False)):
+        data = encode(crop, fmt)
+        assert runs_inline(data, read_header(data)) is inline, fmt
 
 
 def test_a_batch_of_images_whose_headers_lie_late_is_counted_and_refused_over_its_total() -> None:
