@@ -127,7 +127,11 @@ def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
     for _ in range(MAX_ISPE_BOXES):
         if position < 4 or position + 16 > len(data):
             break
-        # size (4) "ispe" version+flags (4) width (4) height (4)
+        # size (4) = 20, "ispe", version and flags (4) = 0, width (4), height (4): the word in a
+        # photo's text ("Whispering" in its XMP) is not a box
+        if data[position - 4 : position] != b"\x00\x00\x00\x14" or data[position + 4 : position + 8] != bytes(4):
+            position = data.find(b"ispe", position + 4)
+            continue
         width = int.from_bytes(data[position + 8 : position + 12], "big")
         height = int.from_bytes(data[position + 12 : position + 16], "big")
         if width and height and (largest is None or width * height > largest[0] * largest[1]):
@@ -148,6 +152,21 @@ def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
                 return (width, height) if position + 9 <= len(data) and width and height else None
     except InvalidImageError:
         return None
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """A WebP's (width, height) from its first chunk (Pillow's WebP reader needs the whole file to open it)."""
+    if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # the canvas, 24-bit sizes minus one
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and data[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy: a key frame's 14-bit sizes
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
     return None
 
 
@@ -215,7 +234,8 @@ def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
     Pillow. A header that lies further in is found by bounded, C-level walks instead: a JPEG's
     segments by their lengths up to its frame header, a TIFF's directory at the offset its
     header gives, a HEIC's or AVIF's `ispe` boxes (where their decoders would refuse to open
-    an image over their own limits). An image counted as free would pass admission.
+    an image over their own limits), a WebP's first chunk (Pillow opens a WebP only whole). An
+    image counted as free would pass admission.
     """
     declared = declared_bmff_size(data)
     if declared is not None:
@@ -237,6 +257,8 @@ def read_header(data: bytes, max_side: int | None = None) -> ImageHeader | None:
         return ImageHeader("JPEG", *size, draft_scale("JPEG", *size, max_side))
     if data[:4] in (b"II*\x00", b"MM\x00*") and (size := _tiff_size(data)) is not None:
         return ImageHeader("TIFF", *size, 1)
+    if (size := _webp_size(data)) is not None and min(size) >= 1:
+        return ImageHeader("WEBP", *size, 1)
     return None
 
 

@@ -198,6 +198,28 @@ def test_an_image_larger_than_its_header_declares_is_refused_before_decoding(fmt
         decode_photo(disguised, max_pixels=40_000_000)
 
 
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_the_word_ispe_in_a_photos_text_is_not_taken_for_its_size(fmt: str) -> None:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><dc:title>Whispering pines</dc:title></x:xmpmeta>'
+    photo = encode(Image.new("RGB", (640, 480), (120, 110, 100)), fmt, xmp=xmp)
+    assert b"Whispering" in photo
+    header = read_header(photo)
+    assert header is not None and (header.width, header.height) == (640, 480)
+    assert decode_photo(photo, max_pixels=40_000_000).image.size == (640, 480)
+
+
+@pytest.mark.parametrize("params", [{"quality": 95}, {"lossless": True}], ids=["lossy", "lossless"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_a_webp_larger_than_the_first_look_is_counted_at_its_size(mode: str, params: dict[str, object]) -> None:
+    webp = encode(noise(1200, 900).convert(mode), "WEBP", **params)
+    assert len(webp) > COST_HEADER_BYTES  # Pillow cannot open it from the first look alone
+    header = read_header(webp)
+    assert header is not None and (header.format, header.width, header.height) == ("WEBP", 1200, 900)
+
+
 def test_tiffs_whose_tiles_or_strips_exceed_their_image_are_refused_before_decoding() -> None:
     assert decode_photo(tiff_layout(100, 80, tile=128)).image.size == (100, 80)  # a tile padded as writers do
     assert decode_photo(tiff_layout(100, 80)).image.size == (100, 80)
