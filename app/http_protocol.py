@@ -12,7 +12,8 @@ connection is closed. A request answered before its body has arrived (a 422 for 
 when busy) has the rest of its body read and dropped, as uvicorn does, within `head_timeout_s`;
 those bytes are not the next request's head, so they never earn the same request a second
 answer (431 or 408). Past the deadline, or past `max_drain_bytes` (the upload limit), the
-connection is closed without one.
+connection is closed without one; so is one that pauses longer than uvicorn's keep-alive
+(armed by the answer, stopped by each read).
 
 `server_options(settings)` is the one place where the service's uvicorn options are set, for
 `python -m app` and the in-process test server alike.
@@ -31,7 +32,7 @@ from app.errors import HeadersTooLarge, HeadersTooSlow, status_for
 from app.settings import Settings
 
 
-class TooManyPipelined(Exception):
+class ParsingStopped(Exception):
     """Raised from the parser's callback to stop parsing a connection that was just closed."""
 
 
@@ -105,12 +106,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # the rest of what a dropped connection sent is not parsed
         if self._awaiting_head:
             self._head_bytes += len(data)
-        if self._drain_timer is not None:
-            self._drained_bytes += len(data)
-            if self._drained_bytes > self.max_drain_bytes:  # more than any body the service takes: not a body
-                self._dropped = True
-                self.transport.close()
-                return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -132,6 +127,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._reading_body = True
+        self._unset_keepalive_if_required()  # a request behind a drained body, in the same read: not idle
         self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -143,7 +139,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # (2,000 pipelined heads in one read cost the event loop a second otherwise).
             self._dropped = True
             self.transport.abort()  # what it sent is dropped, and it is not reading what we send
-            raise TooManyPipelined
+            raise ParsingStopped
+
+    def on_body(self, body: bytes) -> None:
+        if self._drain_timer is not None:  # an answered request's body: counted, then dropped by uvicorn
+            self._drained_bytes += len(body)
+            if self._drained_bytes > self.max_drain_bytes:  # more than any body the service takes
+                self._dropped = True
+                self.transport.close()
+                raise ParsingStopped
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._reading_body = False

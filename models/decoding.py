@@ -188,20 +188,22 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return (size[256], size[257]) if size.get(256) and size.get(257) else None
 
 
-# A TIFF tile may hold this many pixels beyond its image (writers use fixed tiles, 256×256 or
-# 512×512, whatever the image's size); libtiff decodes whole tiles, so a larger one is a bomb.
-MAX_TIFF_TILE_PIXELS = 512 * 512
+# What a TIFF's tiles may decode in all: four times its image, or a megapixel for a small one.
+# Writers use fixed tiles (256 to 1024 px a side) whatever the image's size, and libtiff decodes
+# whole tiles, so more than that is a bomb.
+MAX_TIFF_TILE_OVERHEAD = 4
+MIN_TIFF_TILE_PIXELS = 1024 * 1024
 
 
 def check_tiff_layout(image: Image.Image) -> None:
-    """Refuse a TIFF whose tiles or strips would make libtiff decode more than its image, before any is.
+    """Refuse a TIFF whose tiles or strips would make libtiff decode far more than its image, before any is.
 
     The size in its header bounds nothing by itself: one 64×48 image can sit in a 22000×22000
-    tile (a 44 KB file that inflates to 1.4 GB), or list thousands of strips over the same rows,
-    each decoded in turn.
+    tile (a 44 KB file that inflates to 1.4 GB), a 16-pixel-wide one in thousands of 512×512
+    tiles, or an image can list thousands of strips over the same rows, each decoded in turn.
 
     Raises:
-        InvalidImageError: tiles larger than the image allows, or more tiles or strips than it has.
+        InvalidImageError: tiles that decode too much in all, or more tiles or strips than the image has.
     """
     tags = getattr(image, "tag_v2", None)
     if tags is None:
@@ -209,13 +211,14 @@ def check_tiff_layout(image: Image.Image) -> None:
     width, height = image.size
     planes = int(tags.get(277, 1)) if tags.get(284, 1) == 2 else 1  # planar: one set of strips per sample
     if 322 in tags and 323 in tags:
-        tile_width, tile_height = int(tags[322]), int(tags[323])
-        if tile_width < 1 or tile_height < 1 or tile_width * tile_height > max(width * height, MAX_TIFF_TILE_PIXELS):
-            raise InvalidImageError(
-                f"the TIFF stores its {width}×{height} image in tiles of {tile_width}×{tile_height} pixels: "
-                "the file is malformed"
-            )
+        tile_width, tile_height = max(1, int(tags[322])), max(1, int(tags[323]))
         units = -(-width // tile_width) * -(-height // tile_height) * planes
+        decoded = units // planes * tile_width * tile_height
+        if decoded > max(MAX_TIFF_TILE_OVERHEAD * width * height, MIN_TIFF_TILE_PIXELS):
+            raise InvalidImageError(
+                f"the TIFF's {width}×{height} image is stored in tiles of {tile_width}×{tile_height} that "
+                f"decode {decoded:,} pixels: the file is malformed"
+            )
         listed, kind = len(tags.get(324, ())), "tiles"
     else:
         rows = max(1, min(int(tags.get(278, height)), height))

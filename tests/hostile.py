@@ -159,12 +159,19 @@ def crafted_late_tiff(
 
 
 def tiff_layout(width: int, height: int, *, tile: int | None = None, strip_lists: int = 1) -> bytes:
-    """A hand-made grey TIFF: in one deflated `tile`×`tile` tile, or in two strips listed `strip_lists` times over."""
+    """A hand-made grey TIFF: in deflated `tile`×`tile` tiles (all one blob), or in two strips listed `strip_lists` times."""
     entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (262, 3, 1, 1), (277, 3, 1, 1)]
     if tile:
         pixels = zlib.compress(bytes(tile * tile), 9)
-        entries += [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 8), (325, 4, 1, len(pixels))]
-        arrays = b""
+        tiles = -(-width // tile) * -(-height // tile)
+        entries += [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile)]
+        if tiles == 1:  # one value fits in its entry
+            arrays = b""
+            entries += [(324, 4, 1, 8), (325, 4, 1, len(pixels))]
+        else:
+            arrays_at = 8 + len(pixels)
+            arrays = struct.pack(f"<{tiles}I", *[8] * tiles) + struct.pack(f"<{tiles}I", *[len(pixels)] * tiles)
+            entries += [(324, 4, tiles, arrays_at), (325, 4, tiles, arrays_at + 4 * tiles)]
     else:
         rows = -(-height // 2)
         pixels = bytes(range(256)) * (width * height // 256) + bytes(width * height % 256)

@@ -305,6 +305,18 @@ def test_a_request_answered_before_its_body_gets_one_answer_and_the_connection_g
     assert second.startswith(b"HTTP/1.1 200 "), second  # not a 431 for the body's bytes
 
 
+def test_a_request_pipelined_behind_an_answered_requests_body_is_answered(server: AppServer) -> None:
+    junk = b"\x89PNG" + b"\0" * 69_996  # with the dropped body, more than the 256 KiB a body may be
+    pipelined = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 70000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(VIDEO_REFUSED_BY_ITS_QUERY)
+        first = read_one_answer(sock)
+        sock.sendall(b"\0" * 200_000 + pipelined + junk)  # the body's end and the next request, in one send
+        second = read_one_answer(sock)
+    assert first.startswith(b"HTTP/1.1 422 ")
+    assert second.startswith(b"HTTP/1.1 400 ") and b"not a recognisable image" in second  # only the body counted
+
+
 def test_a_connection_idle_after_an_answered_requests_body_is_closed_quietly(server: AppServer) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(VIDEO_REFUSED_BY_ITS_QUERY)

@@ -221,10 +221,14 @@ def test_a_webp_larger_than_the_first_look_is_counted_at_its_size(mode: str, par
 
 
 def test_tiffs_whose_tiles_or_strips_exceed_their_image_are_refused_before_decoding() -> None:
-    assert decode_photo(tiff_layout(100, 80, tile=128)).image.size == (100, 80)  # a tile padded as writers do
+    # Tiles padded as writers pad them: one 1024-px tile for a small image, 256-px ones for a larger.
+    assert decode_photo(tiff_layout(100, 80, tile=1024)).image.size == (100, 80)
+    assert decode_photo(tiff_layout(600, 600, tile=256)).image.size == (600, 600)
     assert decode_photo(tiff_layout(100, 80)).image.size == (100, 80)
-    with pytest.raises(InvalidImageError, match="100×80 image in tiles of 2048×2048 pixels"):
+    with pytest.raises(InvalidImageError, match="100×80 image is stored in tiles of 2048×2048 that decode 4,194,304"):
         decode_photo(tiff_layout(100, 80, tile=2048))
+    with pytest.raises(InvalidImageError, match="16×20000 image is stored in tiles of 512×512 that decode 10,485,760"):
+        decode_photo(tiff_layout(16, 20_000, tile=512))  # each tile within bounds, their sum not
     with pytest.raises(InvalidImageError, match="lists 200 strips for a 100×80 image that has 2"):
         decode_photo(tiff_layout(100, 80, strip_lists=100))
 
