@@ -113,7 +113,7 @@ _IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*",
 
 
 def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
-    """The largest (width, height) a HEIC or AVIF file declares in its `ispe` boxes; None for other files.
+    """The largest (width, height) a HEIC or AVIF file declares in its `ispe` boxes or AV1 sequence headers; None for other files.
 
     libheif and libavif refuse an image over their own limits with a message that names no size
     ("BMFF parsing failed"); read from the boxes, such a file is 413 like any other, and
@@ -137,7 +137,160 @@ def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
         if width and height and (largest is None or width * height > largest[0] * largest[1]):
             largest = (width, height)
         position = data.find(b"ispe", position + 4)
+    # An AVIF's AV1 frame may be larger than its `ispe` box says (12000×12000 behind 64×48), and
+    # libavif decodes the frame: each item's sequence header counts too.
+    for offset in (field.value for field in item_offset_fields(data) if field.is_first_extent):
+        frame = _av1_max_frame(data[offset : offset + 256])
+        if frame and (largest is None or frame[0] * frame[1] > largest[0] * largest[1]):
+            largest = frame
     return largest
+
+
+@dataclass(frozen=True)
+class OffsetField:
+    """One absolute file offset in an ISO-BMFF `iloc` box: where it is written, in how many bytes, and its value."""
+
+    position: int
+    size: int
+    value: int
+    is_first_extent: bool  # the start of an item's data (its base, or its first extent when it has none)
+
+
+# Items and extents read from an `iloc` box, at most: an image has a few (the image, its alpha, a thumbnail).
+MAX_ILOC_ENTRIES = 256
+
+
+def bmff_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int, int]]:
+    """The ISO-BMFF boxes from `start` to `end`: (type, offset, size, header length), at most `MAX_ILOC_ENTRIES`."""
+    position = start
+    for _ in range(MAX_ILOC_ENTRIES):
+        if position + 8 > end:
+            return
+        size, kind, header = int.from_bytes(data[position : position + 4], "big"), data[position + 4 : position + 8], 8
+        if size == 1:
+            size, header = int.from_bytes(data[position + 8 : position + 16], "big"), 16
+        size = size or end - position
+        if size < header:
+            return
+        yield kind, position, size, header
+        position += size
+
+
+def item_offset_fields(data: bytes) -> list[OffsetField]:
+    """The file offsets (construction method 0) in a HEIC's or AVIF's `iloc` box; [] when there is none to read."""
+    meta = next((box for box in bmff_boxes(data, 0, len(data)) if box[0] == b"meta"), None)
+    if meta is None:
+        return []
+    inside = (meta[1] + meta[3] + 4, min(len(data), meta[1] + meta[2]))  # meta is a full box: 4 bytes of flags
+    iloc = next((box for box in bmff_boxes(data, *inside) if box[0] == b"iloc"), None)
+    if iloc is None:
+        return []
+    position, end = iloc[1] + iloc[3], min(len(data), iloc[1] + iloc[2])
+    fields: list[OffsetField] = []
+
+    def read(size: int) -> tuple[int, int]:
+        nonlocal position
+        if position + size > end:
+            raise ValueError("cut short")
+        at, position = position, position + size
+        return at, int.from_bytes(data[at:position], "big")
+
+    try:
+        version = read(4)[1] >> 24
+        sizes = read(2)[1]
+        offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
+        index_size = sizes & 15 if version in (1, 2) else 0
+        for _ in range(min(read(2 if version < 2 else 4)[1], MAX_ILOC_ENTRIES)):
+            read(2 if version < 2 else 4)  # item id
+            construction = read(2)[1] & 15 if version in (1, 2) else 0
+            read(2)  # data reference index
+            base_at, base = read(base_size)
+            extents = read(2)[1]
+            if construction == 0 and base_size and base:
+                fields.append(OffsetField(base_at, base_size, base, True))
+            for extent in range(min(extents, MAX_ILOC_ENTRIES)):
+                read(index_size)
+                offset_at, offset = read(offset_size)
+                read(length_size)
+                if construction == 0 and offset_size and not (base_size and base):
+                    fields.append(OffsetField(offset_at, offset_size, offset, extent == 0))
+    except ValueError:
+        return fields
+    return fields
+
+
+def _av1_max_frame(item: bytes) -> tuple[int, int] | None:
+    """The largest frame (width, height) the AV1 sequence header at the start of an item allows; None if there is none.
+
+    The item's first OBUs (a temporal delimiter may come first) are walked to the sequence
+    header, whose fields before max_frame_width_minus_1 are skipped as coded (AV1 specification
+    5.5); anything else or malformed gives None, and the `ispe` box then stands alone.
+    """
+    position = 0
+    for _ in range(2):
+        if position >= len(item):
+            return None
+        header = item[position]
+        kind, has_extension, has_size = (header >> 3) & 15, header & 4, header & 2
+        position += 2 if has_extension else 1
+        size, shift = 0, 0
+        while has_size and position < len(item) and shift < 56:
+            size |= (item[position] & 0x7F) << shift
+            shift += 7
+            position += 1
+            if not item[position - 1] & 0x80:
+                break
+        if kind == 1 and has_size:
+            return _sequence_header_max_frame(item[position : position + size])
+        if kind != 2 or not has_size:  # only a temporal delimiter may come before it
+            return None
+        position += size
+    return None
+
+
+def _sequence_header_max_frame(payload: bytes) -> tuple[int, int] | None:
+    bits, total, used = int.from_bytes(payload, "big"), 8 * len(payload), 0
+
+    def read(count: int) -> int:
+        nonlocal used
+        if used + count > total:
+            raise ValueError("the sequence header is cut short")
+        used += count
+        return (bits >> (total - used)) & ((1 << count) - 1)
+
+    try:
+        read(3)  # seq_profile
+        read(1)  # still_picture
+        if read(1):  # reduced_still_picture_header
+            read(5)  # seq_level_idx[0]
+        else:
+            decoder_model_info, buffer_delay_length = 0, 0
+            if read(1):  # timing_info_present_flag
+                read(32)
+                read(32)
+                if read(1):  # equal_picture_interval: num_ticks_per_picture_minus_1, uvlc
+                    zeros = 0
+                    while not read(1) and zeros < 32:
+                        zeros += 1
+                    read(zeros)
+                decoder_model_info = read(1)
+                if decoder_model_info:
+                    buffer_delay_length = read(5) + 1
+                    read(32)
+                    read(10)
+            initial_display_delay = read(1)
+            for _ in range(read(5) + 1):  # operating points
+                read(12)
+                if read(5) > 7:
+                    read(1)  # seq_tier
+                if decoder_model_info and read(1):
+                    read(2 * buffer_delay_length + 1)
+                if initial_display_delay and read(1):
+                    read(4)
+        width_bits, height_bits = read(4) + 1, read(4) + 1
+        return read(width_bits) + 1, read(height_bits) + 1
+    except ValueError:
+        return None
 
 
 def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
