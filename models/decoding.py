@@ -156,8 +156,7 @@ class OffsetField:
     is_first_extent: bool  # the start of an item's data (its base, or its first extent when it has none)
 
 
-# Boxes walked, and items and extents read from an `iloc` box, at most: an image has a few (the
-# image, its alpha, a thumbnail; a grid's tiles).
+# Items and extents read from an `iloc` box, at most: an image has a few (the image, its alpha, a thumbnail).
 MAX_ILOC_ENTRIES = 256
 
 
@@ -201,11 +200,7 @@ def item_offset_fields(data: bytes) -> list[OffsetField]:
         sizes = read(2)[1]
         offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
         index_size = sizes & 15 if version in (1, 2) else 0
-        entries = 0  # items and extents read: bounded in all, since this runs on the event loop
-        for _ in range(read(2 if version < 2 else 4)[1]):
-            entries += 1
-            if entries > MAX_ILOC_ENTRIES:
-                break
+        for _ in range(min(read(2 if version < 2 else 4)[1], MAX_ILOC_ENTRIES)):
             read(2 if version < 2 else 4)  # item id
             construction = read(2)[1] & 15 if version in (1, 2) else 0
             read(2)  # data reference index
@@ -213,10 +208,7 @@ def item_offset_fields(data: bytes) -> list[OffsetField]:
             extents = read(2)[1]
             if construction == 0 and base_size and base:
                 fields.append(OffsetField(base_at, base_size, base, True))
-            for extent in range(extents):
-                entries += 1
-                if entries > MAX_ILOC_ENTRIES:
-                    return fields
+            for extent in range(min(extents, MAX_ILOC_ENTRIES)):
                 read(index_size)
                 offset_at, offset = read(offset_size)
                 read(length_size)
