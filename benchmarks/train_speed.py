@@ -114,6 +114,23 @@ def profile_convolutions(recipe: str, is_fast: bool, images: int) -> dict[str, A
     return {"step_ms": 1000 * batch / images_per_second, "layers": layers}
 
 
+def alternate_children(recipe: str, images: int, rounds: int, *flags: str) -> dict[str, list[Any]]:
+    """Each side's child process, alternating, `rounds` times: what each printed last (JSON), by side.
+
+    A child that fails has its stderr shown before the error is raised.
+    """
+    results: dict[str, list[Any]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for side in results:
+            command = [sys.executable, "-m", "benchmarks.train_speed", "--recipe", recipe, "--images", str(images)]
+            child = subprocess.run([*command, "--child", side, *flags], capture_output=True, text=True)
+            if child.returncode:
+                sys.stderr.write(child.stderr)
+                child.check_returncode()
+            results[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def median_profile(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure over `runs` of one side."""
     layers = {
@@ -125,12 +142,7 @@ def median_profile(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def print_profiles(recipe: str, images: int, rounds: int) -> dict[str, Any]:
     """Profile both sides, alternating, in child processes; print the medians' split and the bound they set."""
-    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-    for _ in range(rounds):
-        for side in runs:
-            command = [sys.executable, "-m", "benchmarks.train_speed", "--recipe", recipe, "--images", str(images)]
-            output = subprocess.run([*command, "--child", side, "--profile"], check=True, stdout=subprocess.PIPE)
-            runs[side].append(json.loads(output.stdout.decode().strip().splitlines()[-1]))
+    runs = alternate_children(recipe, images, rounds, "--profile")
     medians = {side: median_profile(side_runs) for side, side_runs in runs.items()}
     print(f"recipe {recipe}, batch {RECIPES[recipe].batch_size}, {images} images timed a side, medians of {rounds}")
     for side, figures in medians.items():
@@ -184,13 +196,7 @@ def main() -> int:
         profiles = print_profiles(args.recipe, args.images, args.rounds)
         write_results(args.json, recipe=args.recipe, images=args.images, **profiles)
         return 0
-    rates: dict[str, list[float]] = {"before": [], "after": []}
-    for _ in range(args.rounds):
-        for side in rates:
-            command = [sys.executable, "-m", "benchmarks.train_speed", "--recipe", args.recipe]
-            command += ["--images", str(args.images), "--child", side]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rates[side].append(float(output.strip().splitlines()[-1]))
+    rates: dict[str, list[float]] = alternate_children(args.recipe, args.images, args.rounds)
     before, after = statistics.median(rates["before"]), statistics.median(rates["after"])
     print(f"recipe {args.recipe}, batch {RECIPES[args.recipe].batch_size}, {args.images} images an epoch")
     print(f"before (plain network, default allocator): {before:.0f} images/s  {[round(r) for r in rates['before']]}")
