@@ -129,12 +129,10 @@ def declared_bmff_size(data: bytes) -> tuple[int, int] | None:
             break
         # size (4) = 20, "ispe", version and flags (4) = 0, width (4), height (4): the word in a
         # photo's text ("Whispering" in its XMP) is not a box
-        if data[position - 4 : position] != b"\x00\x00\x00\x14" or data[position + 4 : position + 8] != bytes(4):
-            position = data.find(b"ispe", position + 4)
-            continue
+        is_box = data[position - 4 : position] == b"\x00\x00\x00\x14" and data[position + 4 : position + 8] == bytes(4)
         width = int.from_bytes(data[position + 8 : position + 12], "big")
         height = int.from_bytes(data[position + 12 : position + 16], "big")
-        if width and height and (largest is None or width * height > largest[0] * largest[1]):
+        if is_box and width and height and (largest is None or width * height > largest[0] * largest[1]):
             largest = (width, height)
         position = data.find(b"ispe", position + 4)
     return largest
